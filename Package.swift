@@ -1,0 +1,54 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Vector code needs the target CPU's instruction set at compile time: without it Swift lowers
+// `SIMD16<Float>` fused multiply-adds to scalar `fmaf` calls (measured 40x slower). The default
+// build targets the host (`-march=native`); `PHALANX_PORTABLE=1` builds for x86-64-v3 (AVX2+FMA,
+// any x86 server of the last decade) instead, which is what the binary for another machine
+// (the GPU host) needs. These are `unsafeFlags`: fine for the root package, which is how Phalanx
+// is meant to be used (a tool and a library you vendor), but they stop SwiftPM from accepting it
+// as a versioned dependency. See README, "Build flags".
+let portable = Context.environment["PHALANX_PORTABLE"].map { $0 == "1" } ?? false
+let cpuFlags: [SwiftSetting] = [
+    .unsafeFlags(["-Xcc", portable ? "-march=x86-64-v3" : "-march=native"],
+                 .when(platforms: [.linux])),
+]
+
+let package = Package(
+    name: "Phalanx",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "SWR", targets: ["SWR"]),
+        .library(name: "Checkpoint", targets: ["Checkpoint"]),
+        .executable(name: "phalanx", targets: ["phalanx"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CBLAS", path: "Sources/CBLAS", pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]),
+        .target(name: "CPhalanxIntrinsics"),
+        .target(name: "PhalanxRuntime", dependencies: ["CPhalanxIntrinsics"], swiftSettings: cpuFlags),
+        .target(name: "SWR", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
+        .target(name: "Checkpoint", swiftSettings: cpuFlags),
+        .target(
+            name: "PhalanxBench",
+            dependencies: [
+                "SWR", "PhalanxRuntime",
+                .target(name: "CBLAS", condition: .when(platforms: [.linux])),
+            ], swiftSettings: cpuFlags),
+        .executableTarget(
+            name: "phalanx",
+            dependencies: [
+                "SWR", "PhalanxBench",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: cpuFlags),
+        .testTarget(
+            name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime"],
+            resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
+        .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
+    ]
+)

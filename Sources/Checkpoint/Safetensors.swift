@@ -1,0 +1,167 @@
+import Foundation
+
+/// Errors from reading a safetensors file; each names the file and what was expected.
+public struct SafetensorsError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Element types of a safetensors tensor that Phalanx reads.
+public enum TensorDType: String, Sendable, CaseIterable {
+    case float64 = "F64", float32 = "F32", float16 = "F16", bfloat16 = "BF16"
+    case int64 = "I64", int32 = "I32", uint8 = "U8"
+
+    public var byteSize: Int {
+        switch self {
+        case .float64, .int64: 8
+        case .float32, .int32: 4
+        case .float16, .bfloat16: 2
+        case .uint8: 1
+        }
+    }
+}
+
+/// A tensor's entry in the header: its type, shape and byte range inside the data section.
+public struct TensorInfo: Sendable, Equatable {
+    public let dtype: TensorDType
+    public let shape: [Int]
+    /// Byte range relative to the start of the data section.
+    public let byteRange: Range<Int>
+    public var elementCount: Int { shape.reduce(1, *) }
+}
+
+/// A safetensors file held in memory (the Hugging Face format).
+///
+/// Layout: an 8-byte little-endian header length `n`, `n` bytes of JSON mapping each tensor name
+/// to `{"dtype", "shape", "data_offsets": [begin, end]}` (plus an optional `__metadata__` map of
+/// strings), then the raw little-endian data. Every offset is checked against the file size and the
+/// shape's byte count, so a truncated or malformed file fails here with its name and the reason,
+/// never later with a crash.
+public struct SafetensorsFile: Sendable {
+    public let tensors: [String: TensorInfo]
+    public let metadata: [String: String]
+    private let data: Data
+    private let dataStart: Int
+    private let origin: String
+
+    /// Reads and validates the file at `url`.
+    public init(contentsOf url: URL) throws {
+        let data: Data
+        do {
+            data = try Data(contentsOf: url, options: .mappedIfSafe)
+        } catch {
+            throw SafetensorsError("\(url.path): cannot read the file (\(error.localizedDescription))")
+        }
+        try self.init(data: data, origin: url.path)
+    }
+
+    /// Parses a safetensors image; `origin` names it in error messages.
+    public init(data: Data, origin: String = "safetensors data") throws {
+        self.origin = origin
+        self.data = data
+        guard data.count >= 8 else {
+            throw SafetensorsError("\(origin): \(data.count) bytes is too short for a safetensors file (8-byte header length expected)")
+        }
+        let headerLength = data.prefix(8).enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        guard headerLength <= UInt64(data.count - 8) else {
+            throw SafetensorsError("\(origin): header length \(headerLength) exceeds the \(data.count - 8) bytes after it (truncated file?)")
+        }
+        dataStart = 8 + Int(headerLength)
+        let json: Any
+        do {
+            json = try JSONSerialization.jsonObject(with: data.subdata(in: data.startIndex + 8 ..< data.startIndex + dataStart))
+        } catch {
+            throw SafetensorsError("\(origin): the header is not valid JSON (\(error.localizedDescription))")
+        }
+        guard let entries = json as? [String: Any] else {
+            throw SafetensorsError("\(origin): the header must be a JSON object of tensor entries")
+        }
+        let dataSize = data.count - dataStart
+        var tensors: [String: TensorInfo] = [:]
+        var metadata: [String: String] = [:]
+        for (name, value) in entries {
+            if name == "__metadata__" {
+                guard let map = value as? [String: String] else {
+                    throw SafetensorsError("\(origin): __metadata__ must map strings to strings")
+                }
+                metadata = map
+                continue
+            }
+            tensors[name] = try Self.parseEntry(name, value, dataSize: dataSize, origin: origin)
+        }
+        self.tensors = tensors
+        self.metadata = metadata
+    }
+
+    private static func parseEntry(_ name: String, _ value: Any, dataSize: Int, origin: String) throws -> TensorInfo {
+        guard let entry = value as? [String: Any], let dtypeName = entry["dtype"] as? String,
+              let shape = entry["shape"] as? [Int], let offsets = entry["data_offsets"] as? [Int],
+              offsets.count == 2
+        else {
+            throw SafetensorsError("\(origin): tensor '\(name)' needs dtype (string), shape (integers) and data_offsets ([begin, end])")
+        }
+        guard let dtype = TensorDType(rawValue: dtypeName) else {
+            throw SafetensorsError("\(origin): tensor '\(name)' has dtype \(dtypeName); supported: \(TensorDType.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard shape.allSatisfy({ $0 >= 0 }) else {
+            throw SafetensorsError("\(origin): tensor '\(name)' has a negative dimension in shape \(shape)")
+        }
+        let (begin, end) = (offsets[0], offsets[1])
+        guard 0 <= begin, begin <= end, end <= dataSize else {
+            throw SafetensorsError("\(origin): tensor '\(name)' has data_offsets [\(begin), \(end)] outside the \(dataSize)-byte data section (truncated file?)")
+        }
+        let expected = shape.reduce(dtype.byteSize, *)
+        guard end - begin == expected else {
+            throw SafetensorsError("\(origin): tensor '\(name)' spans \(end - begin) bytes, but \(dtype.rawValue) \(shape) needs \(expected)")
+        }
+        return TensorInfo(dtype: dtype, shape: shape, byteRange: begin..<end)
+    }
+
+    /// The entry for `name`, or an error listing what the file holds.
+    public func info(_ name: String) throws -> TensorInfo {
+        guard let info = tensors[name] else {
+            let known = tensors.keys.sorted().prefix(8).joined(separator: ", ")
+            throw SafetensorsError("\(origin): no tensor '\(name)' (the file holds \(tensors.count): \(known)\(tensors.count > 8 ? ", ..." : ""))")
+        }
+        return info
+    }
+
+    /// The raw bytes of tensor `name`.
+    public func bytes(_ name: String) throws -> Data {
+        let range = try info(name).byteRange
+        return data.subdata(in: data.startIndex + dataStart + range.lowerBound ..< data.startIndex + dataStart + range.upperBound)
+    }
+
+    /// Tensor `name` converted to `Float` (from F32, F64, F16 or BF16), checking the shape if given.
+    public func floats(_ name: String, shape expectedShape: [Int]? = nil) throws -> [Float] {
+        let info = try info(name)
+        if let expectedShape, expectedShape != info.shape {
+            throw SafetensorsError("\(origin): tensor '\(name)' has shape \(info.shape), expected \(expectedShape)")
+        }
+        let raw = try bytes(name)
+        return try raw.withUnsafeBytes { (p: UnsafeRawBufferPointer) -> [Float] in
+            let n = info.elementCount
+            switch info.dtype {
+            case .float32: return (0..<n).map { Float(bitPattern: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4 * $0, as: UInt32.self))) }
+            case .float64: return (0..<n).map { Float(Double(bitPattern: UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 8 * $0, as: UInt64.self)))) }
+            case .float16: return (0..<n).map { Float(Float16(bitPattern: UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 2 * $0, as: UInt16.self)))) }
+            case .bfloat16: return (0..<n).map { Float(bitPattern: UInt32(UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 2 * $0, as: UInt16.self))) << 16) }
+            default: throw SafetensorsError("\(origin): tensor '\(name)' is \(info.dtype.rawValue), not a floating-point type")
+            }
+        }
+    }
+
+    /// Tensor `name` as `Double` (exact for F64; widened otherwise).
+    public func doubles(_ name: String, shape expectedShape: [Int]? = nil) throws -> [Double] {
+        let info = try info(name)
+        if info.dtype == .float64 {
+            if let expectedShape, expectedShape != info.shape {
+                throw SafetensorsError("\(origin): tensor '\(name)' has shape \(info.shape), expected \(expectedShape)")
+            }
+            return try bytes(name).withUnsafeBytes { p in
+                (0..<info.elementCount).map { Double(bitPattern: UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 8 * $0, as: UInt64.self))) }
+            }
+        }
+        return try floats(name, shape: expectedShape).map(Double.init)
+    }
+}

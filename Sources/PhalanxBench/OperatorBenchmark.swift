@@ -1,0 +1,85 @@
+import Foundation
+import PhalanxRuntime
+import SWR
+
+/// Benchmark of the SWR operators against this machine's copy bandwidth.
+///
+/// Every operator here is memory-bound: it reads its inputs and writes its outputs once. Its
+/// effective bandwidth is (bytes it must read + bytes it must write) / median time, reported as
+/// a fraction of the copy bandwidth measured in the same run, with all threads of the pool.
+public struct OperatorBenchmark {
+    public struct Configuration: Sendable {
+        public var batch = 4
+        public var length = 65536
+        public var heads = 16
+        public var headDim = 16
+        public var repeats = 9
+        public init() {}
+    }
+
+    public struct Result: Sendable {
+        public let name: String
+        public let seconds: Double
+        public let bytes: Int
+        public var bandwidth: Double { Double(bytes) / seconds }
+    }
+
+    public let configuration: Configuration
+    public let pool: WorkerPool
+
+    public init(_ configuration: Configuration, pool: WorkerPool = .shared) {
+        self.configuration = configuration
+        self.pool = pool
+    }
+
+    /// Times every operator; `log` receives one line per result as soon as it exists.
+    public func run(log: (Result) -> Void) -> [Result] {
+        let c = configuration
+        let layout = SequenceLayout.batched(batch: c.batch, length: c.length, heads: c.heads, headDim: c.headDim)
+        let gates = BenchBuffer(count: layout.gateCount) { 0.5 + 0.49 * sin(Float($0)) }
+        let inputs = BenchBuffer(count: layout.elementCount) { cos(Float($0 % 9973)) }
+        let outputs = BenchBuffer(count: layout.elementCount) { _ in 0 }
+        let cotangent = BenchBuffer(count: layout.elementCount) { sin(Float($0 % 7919)) }
+        let inputGradient = BenchBuffer(count: layout.elementCount) { _ in 0 }
+        let gateGradient = BenchBuffer(count: layout.gateCount) { _ in 0 }
+        let gateBytes = layout.gateCount * 4, elementBytes = layout.elementCount * 4
+        // Forward: read a and u, write y. Backward: read a, u (or x) and dy, write du and da.
+        let forwardBytes = gateBytes + 2 * elementBytes
+        let backwardBytes = 2 * gateBytes + 3 * elementBytes
+
+        var results: [Result] = []
+        func measure(_ name: String, bytes: Int, _ body: () -> Void) {
+            let result = Result(name: name, seconds: Timing.median(repeats: c.repeats, body), bytes: bytes)
+            results.append(result)
+            log(result)
+        }
+        let jagged = JaggedWindow(), local = JaggedWindow(blocksSeen: 1)
+        measure("jagged k=2 forward", bytes: forwardBytes) {
+            var state = JaggedState(for: layout)
+            jagged.forward(gates: gates.readOnly, inputs: inputs.readOnly, output: outputs.pointer,
+                           layout: layout, state: &state, pool: pool)
+        }
+        measure("jagged k=2 backward", bytes: backwardBytes) {
+            jagged.backward(gates: gates.readOnly, inputs: inputs.readOnly, outputGradient: cotangent.readOnly,
+                            layout: layout, initialState: JaggedState(for: layout),
+                            inputGradient: inputGradient.pointer, gateGradient: gateGradient.pointer, pool: pool)
+        }
+        measure("jagged k=1 forward", bytes: forwardBytes) {
+            var state = JaggedState(for: layout)
+            local.forward(gates: gates.readOnly, inputs: inputs.readOnly, output: outputs.pointer,
+                          layout: layout, state: &state, pool: pool)
+        }
+        measure("exact forward", bytes: forwardBytes) {
+            var state = ExactState(for: layout)
+            ExactRecurrence().forward(gates: gates.readOnly, inputs: inputs.readOnly, output: outputs.pointer,
+                                      layout: layout, state: &state, pool: pool)
+        }
+        measure("exact backward", bytes: backwardBytes) {
+            ExactRecurrence().backward(gates: gates.readOnly, outputs: outputs.readOnly,
+                                       outputGradient: cotangent.readOnly, layout: layout,
+                                       initialState: ExactState(for: layout), inputGradient: inputGradient.pointer,
+                                       gateGradient: gateGradient.pointer, pool: pool)
+        }
+        return results
+    }
+}

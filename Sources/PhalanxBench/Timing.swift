@@ -1,0 +1,34 @@
+import Foundation
+
+/// Wall-clock timing for benchmarks: a warm-up call, then the median of `repeats` calls.
+public enum Timing {
+    /// Seconds taken by one call of `body`.
+    public static func seconds(_ body: () -> Void) -> Double {
+        let clock = ContinuousClock()
+        let elapsed = clock.measure(body)
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+    }
+
+    /// Median seconds over `repeats` calls after `warmUp` untimed calls. Medians, because the
+    /// machine is shared and noisy: one slow outlier must not move the figure.
+    public static func median(repeats: Int, warmUp: Int = 1, _ body: () -> Void) -> Double {
+        for _ in 0..<warmUp { body() }
+        let samples = (0..<max(repeats, 1)).map { _ in seconds(body) }.sorted()
+        let n = samples.count
+        return n % 2 == 1 ? samples[n / 2] : (samples[n / 2 - 1] + samples[n / 2]) / 2
+    }
+}
+
+/// A float buffer for benchmarks, filled so that every page is touched before timing.
+public final class BenchBuffer {
+    public let pointer: UnsafeMutableBufferPointer<Float>
+
+    public init(count: Int, fill: (Int) -> Float) {
+        pointer = .allocate(capacity: count)
+        for i in 0..<count { pointer[i] = fill(i) }
+    }
+
+    deinit { pointer.deallocate() }
+
+    public var readOnly: UnsafeBufferPointer<Float> { UnsafeBufferPointer(pointer) }
+}

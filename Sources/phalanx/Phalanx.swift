@@ -1,0 +1,9 @@
+import ArgumentParser
+
+@main
+struct Phalanx: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "phalanx",
+        abstract: "Sliding Window Recurrences and the Phalanx layer: operators, benchmarks, tools.",
+        subcommands: [Bench.self, HorizonCommand.self])
+}

@@ -1,0 +1,55 @@
+import Checkpoint
+import Foundation
+import Testing
+
+/// Builds a safetensors image from a header object and a data section.
+func image(header: String, data: [UInt8]) -> Data {
+    let json = Array(header.utf8)
+    var out = Data((0..<8).map { UInt8(truncatingIfNeeded: UInt64(json.count) >> (8 * $0)) })
+    out.append(contentsOf: json)
+    out.append(contentsOf: data)
+    return out
+}
+
+func bytes(_ values: [Float]) -> [UInt8] { values.flatMap { withUnsafeBytes(of: $0.bitPattern.littleEndian, Array.init) } }
+
+@Suite("Safetensors reader")
+struct SafetensorsTests {
+    @Test("reads float32, bfloat16 and float16 tensors, shapes and metadata")
+    func readsTensors() throws {
+        let f32 = bytes([1, -2.5, 3, 0.125])
+        let bf16: [UInt8] = [0x80, 0x3F, 0x00, 0xC0]  // 1.0, -2.0
+        let f16: [UInt8] = [0x00, 0x3C, 0x00, 0x38]  // 1.0, 0.5
+        let header = #"{"__metadata__":{"format":"pt"},"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"BF16","shape":[2],"data_offsets":[16,20]},"h":{"dtype":"F16","shape":[2],"data_offsets":[20,24]}}"#
+        let file = try SafetensorsFile(data: image(header: header, data: f32 + bf16 + f16))
+        #expect(try file.floats("w", shape: [2, 2]) == [1, -2.5, 3, 0.125])
+        #expect(try file.floats("b") == [1, -2])
+        #expect(try file.floats("h") == [1, 0.5])
+        #expect(file.metadata == ["format": "pt"])
+        #expect(try file.info("w").shape == [2, 2])
+    }
+
+    @Test("malformed files fail with a message naming the problem", arguments: [
+        (image(header: "{}", data: []).prefix(5), "too short"),
+        (image(header: #"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, data: [0, 0, 0, 0]), "outside"),
+        (image(header: #"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#, data: Array(repeating: 0, count: 16)), "needs 12"),
+        (image(header: #"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, data: [0]), "dtype Q4"),
+        (image(header: #"{"w": nonsense"#, data: []), "not valid JSON"),
+        (Data([255, 255, 255, 255, 0, 0, 0, 0, 1]), "exceeds"),
+    ])
+    func malformed(data: Data, expected: String) {
+        #expect {
+            try SafetensorsFile(data: data, origin: "test.safetensors")
+        } throws: { error in
+            let text = "\(error)"
+            return text.contains(expected) && text.contains("test.safetensors")
+        }
+    }
+
+    @Test("a missing tensor and a wrong shape name the key and what was expected")
+    func missingAndWrongShape() throws {
+        let file = try SafetensorsFile(data: image(header: #"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, data: bytes([1, 2])))
+        #expect { try file.floats("v") } throws: { "\($0)".contains("no tensor 'v'") && "\($0)".contains("w") }
+        #expect { try file.floats("w", shape: [3]) } throws: { "\($0)".contains("'w' has shape [2], expected [3]") }
+    }
+}

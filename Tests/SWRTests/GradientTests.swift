@@ -1,0 +1,109 @@
+import SWR
+import Testing
+
+/// Every backward kernel against central finite differences of the double-precision reference.
+@Suite("Gradients against finite differences in double precision")
+struct GradientTests {
+    /// Central difference of `f` at `x[index]`.
+    static func centralDifference(_ x: [Double], _ index: Int, step: Double = 1e-6, _ f: ([Double]) -> Double) -> Double {
+        var plus = x, minus = x
+        plus[index] += step
+        minus[index] -= step
+        return (f(plus) - f(minus)) / (2 * step)
+    }
+
+    static func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
+
+    /// Indices to probe: all of a small tensor, an even spread over a large one.
+    static func probes(_ count: Int, limit: Int = 160) -> [Int] {
+        count <= limit ? Array(0..<count) : (0..<limit).map { $0 * count / limit }
+    }
+
+    @Test("jagged window: inputs, gates and every part of a mid-block initial state",
+          arguments: [1, 2], [5, 16])
+    func jaggedWindow(blocksSeen: Int, headDim: Int) {
+        var rng = SeededGenerator(seed: UInt64(blocksSeen * 100 + headDim))
+        let window = JaggedWindow(blockLength: 8, blocksSeen: blocksSeen)
+        let layout = SequenceLayout.packed(offsets: [0, 37, 37, 50], heads: 2, headDim: headDim)
+        let gates = (0..<layout.gateCount).map { _ in Float.random(in: 0.1...0.99, using: &rng) }
+        let inputs = randomInputs(layout.elementCount, &rng)
+        let cotangent = randomInputs(layout.elementCount, &rng).map(Double.init)
+        var state = JaggedState(for: layout, blockLength: 8)
+        state.offset = [3, 0, 7]
+        state.local = randomInputs(state.local.count, &rng)
+        state.carrier = randomInputs(state.carrier.count, &rng)
+        state.gateProduct = (0..<state.gateProduct.count).map { _ in Float.random(in: 0.1...1, using: &rng) }
+
+        var du = [Float](repeating: .nan, count: inputs.count), da = [Float](repeating: .nan, count: gates.count)
+        let dy = cotangent.map(Float.init)
+        let dState = gates.withUnsafeBufferPointer { a in
+            inputs.withUnsafeBufferPointer { u in
+                dy.withUnsafeBufferPointer { dy in
+                    du.withUnsafeMutableBufferPointer { du in
+                        da.withUnsafeMutableBufferPointer { da in
+                            window.backward(gates: a, inputs: u, outputGradient: dy, layout: layout,
+                                            initialState: state, inputGradient: du, gateGradient: da)
+                        }
+                    }
+                }
+            }
+        }
+        let a64 = gates.map(Double.init), u64 = inputs.map(Double.init)
+        let s64 = Reference.JaggedState64(state)
+        func loss(a: [Double] = a64, u: [Double] = u64, s: Reference.JaggedState64 = s64) -> Double {
+            Self.dot(cotangent, Reference.jaggedWindow(gates: a, inputs: u, layout: layout, window: window, initial: s).output)
+        }
+        let checks: [(String, [Float], [Double], ([Double]) -> Double)] = [
+            ("du", du, u64, { loss(u: $0) }),
+            ("da", da, a64, { loss(a: $0) }),
+            ("d local", dState.local, s64.local, { var s = s64; s.local = $0; return loss(s: s) }),
+            ("d gateProduct", dState.gateProduct, s64.gateProduct, { var s = s64; s.gateProduct = $0; return loss(s: s) }),
+            ("d carrier", dState.carrier, s64.carrier, { var s = s64; s.carrier = $0; return loss(s: s) }),
+        ]
+        for (name, analytic, point, f) in checks {
+            let probes = Self.probes(point.count)
+            let numeric = probes.map { Self.centralDifference(point, $0, f) }
+            expectClose(probes.map { analytic[$0] }, numeric, "\(name), k=\(blocksSeen), headDim \(headDim)")
+        }
+    }
+
+    @Test("exact recurrence: inputs, gates and initial state", arguments: [3, 16])
+    func exactRecurrence(headDim: Int) {
+        var rng = SeededGenerator(seed: UInt64(headDim))
+        let layout = SequenceLayout.packed(offsets: [0, 29, 29, 45], heads: 2, headDim: headDim)
+        let gates = (0..<layout.gateCount).map { _ in Float.random(in: 0.1...0.99, using: &rng) }
+        let inputs = randomInputs(layout.elementCount, &rng)
+        let cotangent = randomInputs(layout.elementCount, &rng).map(Double.init)
+        var state = ExactState(for: layout)
+        state.x = randomInputs(state.x.count, &rng)
+        let initial = state
+        let outputs = exact(gates: gates, inputs: inputs, layout: layout, state: &state)
+
+        var du = [Float](repeating: .nan, count: inputs.count), da = [Float](repeating: .nan, count: gates.count)
+        let dy = cotangent.map(Float.init)
+        let dState = gates.withUnsafeBufferPointer { a in
+            outputs.withUnsafeBufferPointer { x in
+                dy.withUnsafeBufferPointer { dy in
+                    du.withUnsafeMutableBufferPointer { du in
+                        da.withUnsafeMutableBufferPointer { da in
+                            ExactRecurrence().backward(gates: a, outputs: x, outputGradient: dy, layout: layout,
+                                                       initialState: initial, inputGradient: du, gateGradient: da)
+                        }
+                    }
+                }
+            }
+        }
+        let a64 = gates.map(Double.init), u64 = inputs.map(Double.init), x64 = initial.x.map(Double.init)
+        func loss(a: [Double] = a64, u: [Double] = u64, x0: [Double] = x64) -> Double {
+            Self.dot(cotangent, Reference.exactRecurrence(gates: a, inputs: u, layout: layout, initial: x0).output)
+        }
+        let checks: [(String, [Float], [Double], ([Double]) -> Double)] = [
+            ("du", du, u64, { loss(u: $0) }), ("da", da, a64, { loss(a: $0) }), ("dx0", dState.x, x64, { loss(x0: $0) }),
+        ]
+        for (name, analytic, point, f) in checks {
+            let probes = Self.probes(point.count, limit: .max)
+            let numeric = probes.map { Self.centralDifference(point, $0, f) }
+            expectClose(probes.map { analytic[$0] }, numeric, "\(name), headDim \(headDim)")
+        }
+    }
+}
