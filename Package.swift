@@ -20,6 +20,7 @@ let package = Package(
     products: [
         .library(name: "SWR", targets: ["SWR"]),
         .library(name: "Checkpoint", targets: ["Checkpoint"]),
+        .library(name: "PhalanxLayers", targets: ["PhalanxLayers"]),
         .executable(name: "phalanx", targets: ["phalanx"]),
     ],
     dependencies: [
@@ -34,9 +35,16 @@ let package = Package(
         .target(name: "SWR", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "Checkpoint", swiftSettings: cpuFlags),
         .target(
+            name: "PhalanxLayers",
+            dependencies: [
+                "SWR", "Checkpoint", "PhalanxRuntime",
+                .target(name: "CBLAS", condition: .when(platforms: [.linux])),
+            ],
+            swiftSettings: cpuFlags),
+        .target(
             name: "PhalanxBench",
             dependencies: [
-                "SWR", "PhalanxRuntime",
+                "SWR", "PhalanxLayers", "PhalanxRuntime",
                 .target(name: "CBLAS", condition: .when(platforms: [.linux])),
             ], swiftSettings: cpuFlags),
         .executableTarget(
@@ -50,5 +58,8 @@ let package = Package(
             name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
+        .testTarget(
+            name: "PhalanxLayersTests", dependencies: ["PhalanxLayers", "PhalanxRuntime", "Checkpoint"],
+            resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
     ]
 )

@@ -1,3 +1,4 @@
+import PhalanxRuntime
 import SWR
 import Testing
 

@@ -1,3 +1,4 @@
+import PhalanxRuntime
 import Checkpoint
 import SWR
 import Testing

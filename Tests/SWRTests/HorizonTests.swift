@@ -1,3 +1,4 @@
+import PhalanxRuntime
 import Foundation
 import SWR
 import Testing

@@ -1,0 +1,50 @@
+import PhalanxRuntime
+
+/// A trainable tensor with its gradient and its checkpoint name.
+///
+/// Names are dotted paths that equal checkpoint keys (`layers.3.mixer.param.proj_a.weight`), so
+/// saving, loading and reference checkpoints need no mapping table. Backward passes add into
+/// `gradient`; an optimiser step reads it and the training loop zeroes it.
+public final class Parameter: @unchecked Sendable {
+    public let name: String
+    public let value: Tensor
+    public let gradient: Tensor
+    /// Whether weight decay applies (matrices yes; norms, biases and embeddings no, by default).
+    public let decays: Bool
+
+    public init(_ name: String, _ value: Tensor, decays: Bool) {
+        self.name = name
+        self.value = value
+        gradient = Tensor(zeros: value.shape)
+        self.decays = decays
+    }
+
+    /// PyTorch's default for `nn.Linear`: uniform in `±1 / sqrt(fanIn)`.
+    public static func uniform(_ name: String, shape: [Int], bound: Float, decays: Bool,
+                               using rng: inout SeededGenerator) -> Parameter {
+        let values = (0..<shape.reduce(1, *)).map { _ in Float.random(in: -bound...bound, using: &rng) }
+        return Parameter(name, Tensor(values, shape: shape), decays: decays)
+    }
+
+    public static func constant(_ name: String, shape: [Int], value: Float, decays: Bool = false) -> Parameter {
+        let t = Tensor(zeros: shape)
+        t.fill(value)
+        return Parameter(name, t, decays: decays)
+    }
+}
+
+/// Anything that owns parameters: layers, blocks, models.
+public protocol ParameterContainer: AnyObject {
+    /// Every parameter, in a stable order (the order of the checkpoint).
+    var parameters: [Parameter] { get }
+}
+
+extension ParameterContainer {
+    public func zeroGradients() { for p in parameters { p.gradient.fill(0) } }
+    public var parameterCount: Int { parameters.reduce(0) { $0 + $1.value.count } }
+}
+
+/// Joins a prefix and a name with a dot (`"layers.0"` + `"mlp"`), skipping an empty prefix.
+public func qualified(_ prefix: String, _ name: String) -> String {
+    prefix.isEmpty ? name : "\(prefix).\(name)"
+}

@@ -1,0 +1,70 @@
+import Foundation
+
+/// Float32 storage with a shape: a 64-byte aligned, row-major buffer.
+///
+/// A reference type on purpose: activations and parameters are large, and every copy should be
+/// visible in the code (`copy()`), never implicit. The last dimension is contiguous; an
+/// activation is `[batch, length, features]`, a weight `[out, in]` as in PyTorch checkpoints.
+public final class Tensor: @unchecked Sendable, CustomStringConvertible {
+    public let shape: [Int]
+    public let count: Int
+    /// The elements; valid as long as the tensor lives.
+    public let buffer: UnsafeMutableBufferPointer<Float>
+
+    /// A zero-filled tensor.
+    public init(zeros shape: [Int]) {
+        precondition(shape.allSatisfy { $0 >= 0 }, "Tensor: dimensions must be non-negative, got \(shape)")
+        self.shape = shape
+        count = shape.reduce(1, *)
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
+        buffer = UnsafeMutableBufferPointer(start: raw.bindMemory(to: Float.self, capacity: max(count, 1)), count: count)
+        buffer.initialize(repeating: 0)
+    }
+
+    /// A tensor holding `values` (row-major), which must number `shape`'s product.
+    public convenience init(_ values: [Float], shape: [Int]) {
+        self.init(zeros: shape)
+        precondition(values.count == count, "Tensor: \(values.count) values do not fill shape \(shape) (\(count) elements)")
+        _ = buffer.update(fromContentsOf: values)
+    }
+
+    deinit { UnsafeMutableRawPointer(buffer.baseAddress!).deallocate() }
+
+    public var pointer: UnsafeMutablePointer<Float> { buffer.baseAddress! }
+    public var readOnly: UnsafeBufferPointer<Float> { UnsafeBufferPointer(buffer) }
+    public var array: [Float] { Array(buffer) }
+
+    /// Elements per row: the last dimension.
+    public var columns: Int { shape.last ?? 1 }
+    /// Rows: the product of all but the last dimension.
+    public var rows: Int { columns == 0 ? 0 : count / columns }
+
+    public subscript(i: Int) -> Float {
+        get { buffer[i] }
+        set { buffer[i] = newValue }
+    }
+
+    public func copy() -> Tensor {
+        let t = Tensor(zeros: shape)
+        t.pointer.update(from: pointer, count: count)
+        return t
+    }
+
+    /// The same elements under another shape of equal size (a copy; tensors do not share storage).
+    public func reshaped(_ newShape: [Int]) -> Tensor {
+        precondition(newShape.reduce(1, *) == count, "Tensor.reshaped: \(shape) has \(count) elements, \(newShape) needs \(newShape.reduce(1, *))")
+        let t = Tensor(zeros: newShape)
+        t.pointer.update(from: pointer, count: count)
+        return t
+    }
+
+    public func fill(_ value: Float) { buffer.update(repeating: value) }
+
+    /// Adds `other` element-wise into this tensor.
+    public func add(_ other: Tensor) {
+        precondition(other.count == count, "Tensor.add: shapes \(shape) and \(other.shape) differ in size")
+        for i in 0..<count { buffer[i] += other.buffer[i] }
+    }
+
+    public var description: String { "Tensor\(shape)" }
+}
