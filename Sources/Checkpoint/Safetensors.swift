@@ -3,7 +3,7 @@ import Foundation
 /// Errors from reading a safetensors file; each names the file and what was expected.
 public struct SafetensorsError: Error, CustomStringConvertible, Equatable {
     public let description: String
-    init(_ description: String) { self.description = description }
+    public init(_ description: String) { self.description = description }
 }
 
 /// Element types of a safetensors tensor that Phalanx reads.

@@ -1,19 +1,19 @@
 /// Unaligned 16-lane loads and stores: the channel vectors of the kernels. Inputs are rows of
 /// `heads * headDim` floats, so a head's channels start at any 4-byte boundary.
-@inline(__always)
-func load16(_ p: UnsafePointer<Float>) -> SIMD16<Float> {
+@inlinable @inline(__always)
+public func load16(_ p: UnsafePointer<Float>) -> SIMD16<Float> {
     UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
 }
 
-@inline(__always)
-func store16(_ v: SIMD16<Float>, _ p: UnsafeMutablePointer<Float>) {
+@inlinable @inline(__always)
+public func store16(_ v: SIMD16<Float>, _ p: UnsafeMutablePointer<Float>) {
     UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD16<Float>.self)
 }
 
-/// Calls `body(c, width)` over the channels `0..<headDim` in 16-wide pieces, then one by one for
+/// Calls `vector(c)` over the channels `0..<headDim` in 16-wide pieces, then `scalar(c)` one by one for
 /// the tail, so any head dimension works and 16 (the default) compiles to a single vector step.
-@inline(__always)
-func forEachChannelChunk(_ headDim: Int, vector: (Int) -> Void, scalar: (Int) -> Void) {
+@inlinable @inline(__always)
+public func forEachChannelChunk(_ headDim: Int, vector: (Int) -> Void, scalar: (Int) -> Void) {
     var c = 0
     while c + 16 <= headDim {
         vector(c)

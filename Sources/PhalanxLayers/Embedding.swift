@@ -1,0 +1,44 @@
+import PhalanxRuntime
+
+/// A token embedding table: row `t` of `weight` `[vocabulary, dim]` for each token `t`.
+///
+///     y[b, i, :] = W[tokens[b, i], :]          backward: dW[t, :] += sum over positions of t of dy
+///
+/// Parameter `<name>.weight`, initialised from a normal distribution with standard deviation
+/// `initScale` (0.02 by default, as GPT-2), not decayed.
+public final class Embedding: ParameterContainer {
+    public let vocabulary: Int
+    public let dim: Int
+    public let weight: Parameter
+
+    public init(_ name: String, vocabulary: Int, dim: Int, initScale: Float = 0.02, rng: inout SeededGenerator) {
+        precondition(vocabulary >= 1 && dim >= 1, "Embedding \(name): sizes must be positive, got \(vocabulary) x \(dim)")
+        self.vocabulary = vocabulary
+        self.dim = dim
+        let values = (0..<(vocabulary * dim)).map { _ in rng.normal() * initScale }
+        weight = Parameter(qualified(name, "weight"), Tensor(values, shape: [vocabulary, dim]), decays: false)
+    }
+
+    public var parameters: [Parameter] { [weight] }
+
+    /// `tokens` `[batch, length]` (row-major) to `[batch, length, dim]`.
+    public func forward(_ tokens: [Int32], batch: Int, length: Int) -> Tensor {
+        precondition(tokens.count == batch * length, "Embedding: \(tokens.count) tokens for [\(batch), \(length)]")
+        let y = Tensor(zeros: [batch, length, dim])
+        for (i, t) in tokens.enumerated() {
+            precondition(t >= 0 && Int(t) < vocabulary, "Embedding \(weight.name): token \(t) at position \(i) is outside 0..<\(vocabulary)")
+            (y.pointer + i * dim).update(from: weight.value.pointer + Int(t) * dim, count: dim)
+        }
+        return y
+    }
+
+    /// Adds the cotangent of each position into its token's row.
+    public func backward(_ dy: Tensor, tokens: [Int32]) {
+        precondition(dy.rows == tokens.count && dy.columns == dim, "Embedding.backward: cotangent \(dy.shape) for \(tokens.count) tokens")
+        let dw = weight.gradient.pointer
+        for (i, t) in tokens.enumerated() {
+            let row = dw + Int(t) * dim, g = dy.pointer + i * dim
+            for c in 0..<dim { row[c] += g[c] }
+        }
+    }
+}

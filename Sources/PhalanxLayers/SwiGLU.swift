@@ -1,0 +1,73 @@
+import Foundation
+import PhalanxRuntime
+
+/// The SwiGLU feed-forward block:
+///
+///     y = down( silu(gate(x)) * up(x) )      gate, up: dim -> hidden;  down: hidden -> dim
+///     silu(z) = z * sigmoid(z)
+///
+/// Backward, with `g = gate(x)`, `u = up(x)`, `dh = dy W_down`:
+///
+///     du = dh * silu(g),   dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+///
+/// Parameters `<name>.gate_proj.weight`, `<name>.up_proj.weight`, `<name>.down_proj.weight`
+/// (no biases, as in Llama).
+public final class SwiGLU: ParameterContainer {
+    public struct Cache {
+        let input: Tensor
+        /// `[rows, hidden]` pre-activations of the gate and up projections, and their product.
+        let gate: Tensor, up: Tensor, hidden: Tensor
+    }
+
+    public let gateProj: Linear, upProj: Linear, downProj: Linear
+    let pool: WorkerPool
+
+    public init(_ name: String, dim: Int, hidden: Int, rng: inout SeededGenerator, pool: WorkerPool = .shared) {
+        gateProj = Linear(qualified(name, "gate_proj"), inputs: dim, outputs: hidden, bias: false, rng: &rng)
+        upProj = Linear(qualified(name, "up_proj"), inputs: dim, outputs: hidden, bias: false, rng: &rng)
+        downProj = Linear(qualified(name, "down_proj"), inputs: hidden, outputs: dim, bias: false, rng: &rng)
+        self.pool = pool
+    }
+
+    public var parameters: [Parameter] { [gateProj, upProj, downProj].flatMap(\.parameters) }
+
+    public func forward(_ x: Tensor) -> (Tensor, Cache) {
+        let rows = x.rows, hiddenSize = gateProj.outputs
+        let gate = Tensor(zeros: [rows, hiddenSize]), up = Tensor(zeros: [rows, hiddenSize])
+        gateProj.forward(x.pointer, rows: rows, into: gate.pointer)
+        upProj.forward(x.pointer, rows: rows, into: up.pointer)
+        let hidden = Tensor(zeros: [rows, hiddenSize])
+        let gp = gate.pointer, up_ = up.pointer, hp = hidden.pointer, n = rows * hiddenSize
+        forEachRange(n) { range in
+            for i in range { hp[i] = gp[i] / (1 + exp(-gp[i])) * up_[i] }
+        }
+        let y = Tensor(zeros: x.shape)
+        downProj.forward(hidden.pointer, rows: rows, into: y.pointer)
+        return (y, Cache(input: x, gate: gate, up: up, hidden: hidden))
+    }
+
+    public func backward(_ dy: Tensor, cache: Cache) -> Tensor {
+        let rows = cache.input.rows, hiddenSize = gateProj.outputs
+        let dh = Tensor(zeros: [rows, hiddenSize])
+        downProj.backward(dy.pointer, input: cache.hidden.pointer, rows: rows, inputGradient: dh.pointer)
+        // dh becomes d(gate); d(up) goes to its own buffer.
+        let dUp = Tensor(zeros: [rows, hiddenSize])
+        let gp = cache.gate.pointer, up = cache.up.pointer, dhp = dh.pointer, dup = dUp.pointer
+        forEachRange(rows * hiddenSize) { range in
+            for i in range {
+                let g = gp[i], s = 1 / (1 + exp(-g))
+                dup[i] = dhp[i] * g * s
+                dhp[i] = dhp[i] * up[i] * s * (1 + g * (1 - s))
+            }
+        }
+        let dx = Tensor(zeros: cache.input.shape)
+        gateProj.backward(dh.pointer, input: cache.input.pointer, rows: rows, inputGradient: dx.pointer)
+        upProj.backward(dUp.pointer, input: cache.input.pointer, rows: rows, inputGradient: dx.pointer, accumulate: true)
+        return dx
+    }
+
+    private func forEachRange(_ count: Int, _ body: (Range<Int>) -> Void) {
+        let parts = min(pool.threadCount, max(count / 4096, 1))
+        pool.run(parts) { p in body((p * count / parts)..<((p + 1) * count / parts)) }
+    }
+}
