@@ -32,7 +32,7 @@ let package = Package(
             providers: [.apt(["libopenblas-dev"])]),
         .target(name: "CPhalanxIntrinsics"),
         .target(name: "PhalanxRuntime", dependencies: ["CPhalanxIntrinsics"], swiftSettings: cpuFlags),
-        .target(name: "SWR", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
+        .target(name: "SWR", dependencies: ["PhalanxRuntime", "CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "Checkpoint", swiftSettings: cpuFlags),
         .target(
             name: "PhalanxLayers",

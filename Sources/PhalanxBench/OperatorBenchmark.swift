@@ -14,6 +14,8 @@ public struct OperatorBenchmark {
         public var heads = 16
         public var headDim = 16
         public var repeats = 9
+        /// Only operators whose name contains this text (all when nil).
+        public var only: String?
         public init() {}
     }
 
@@ -49,6 +51,7 @@ public struct OperatorBenchmark {
 
         var results: [Result] = []
         func measure(_ name: String, bytes: Int, _ body: () -> Void) {
+            if let only = c.only, !name.contains(only) { return }
             let result = Result(name: name, seconds: Timing.median(repeats: c.repeats, body), bytes: bytes)
             results.append(result)
             log(result)

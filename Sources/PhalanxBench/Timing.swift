@@ -24,11 +24,13 @@ public final class BenchBuffer {
     public let pointer: UnsafeMutableBufferPointer<Float>
 
     public init(count: Int, fill: (Int) -> Float) {
-        pointer = .allocate(capacity: count)
+        // 64-byte aligned, as `Tensor`, so kernels may use aligned (streaming) stores.
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
+        pointer = UnsafeMutableBufferPointer(start: raw.bindMemory(to: Float.self, capacity: count), count: count)
         for i in 0..<count { pointer[i] = fill(i) }
     }
 
-    deinit { pointer.deallocate() }
+    deinit { UnsafeMutableRawPointer(pointer.baseAddress!).deallocate() }
 
     public var readOnly: UnsafeBufferPointer<Float> { UnsafeBufferPointer(pointer) }
 }

@@ -1,3 +1,5 @@
+import CPhalanxIntrinsics
+
 /// Unaligned 16-lane loads and stores: the channel vectors of the kernels. Inputs are rows of
 /// `heads * headDim` floats, so a head's channels start at any 4-byte boundary.
 @inlinable @inline(__always)
@@ -23,4 +25,24 @@ public func forEachChannelChunk(_ headDim: Int, vector: (Int) -> Void, scalar: (
         scalar(c)
         c += 1
     }
+}
+
+/// The sum of the 16 lanes, as a pairwise tree of vector adds (see `phalanx_sum16`).
+@inlinable @inline(__always)
+public func horizontalSum(_ v: SIMD16<Float>) -> Float { phalanx_sum16(v) }
+
+/// A head width known to the compiler: kernels generic over it are specialised, so that
+/// `Sixteen` (the default head dimension) becomes straight-line vector code.
+public protocol ChannelWidth {
+    static func count(_ runtime: Int) -> Int
+}
+
+/// Exactly 16 channels per head.
+public enum Sixteen: ChannelWidth {
+    @inlinable @inline(__always) public static func count(_: Int) -> Int { 16 }
+}
+
+/// Any number of channels, known at run time.
+public enum AnyWidth: ChannelWidth {
+    @inlinable @inline(__always) public static func count(_ runtime: Int) -> Int { runtime }
 }

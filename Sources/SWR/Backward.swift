@@ -1,3 +1,4 @@
+import CPhalanxIntrinsics
 import PhalanxRuntime
 
 extension JaggedWindow {
@@ -71,142 +72,185 @@ private func jaggedBackwardSequence(
     heads H: Int, headRange: Range<Int>, headDim D: Int, blockLength l: Int, neighbour: Bool,
     sequence s: Int, initial: StatePointers, gradient: StatePointers
 ) {
-    // Constant head width and reach let the compiler drop the channel loop and the branches.
+    // A constant head width and reach let the compiler unroll the channels and drop branches.
     switch (D == 16, neighbour) {
     case (true, true):
-        jaggedBackwardSequence(a: a, u: u, dy: dy, du: du, da: da, rows: rows, heads: H, headRange: headRange,
-                               D: 16, blockLength: l, neighbour: true, sequence: s, initial: initial, gradient: gradient)
+        JaggedBackwardSweep<Sixteen>(a: a, u: u, dy: dy, du: du, da: da, rows: rows, heads: H, headRange: headRange,
+                                     headDim: D, blockLength: l, neighbour: true).run(sequence: s, initial: initial, gradient: gradient)
     case (true, false):
-        jaggedBackwardSequence(a: a, u: u, dy: dy, du: du, da: da, rows: rows, heads: H, headRange: headRange,
-                               D: 16, blockLength: l, neighbour: false, sequence: s, initial: initial, gradient: gradient)
+        JaggedBackwardSweep<Sixteen>(a: a, u: u, dy: dy, du: du, da: da, rows: rows, heads: H, headRange: headRange,
+                                     headDim: D, blockLength: l, neighbour: false).run(sequence: s, initial: initial, gradient: gradient)
     default:
-        jaggedBackwardSequence(a: a, u: u, dy: dy, du: du, da: da, rows: rows, heads: H, headRange: headRange,
-                               D: D, blockLength: l, neighbour: neighbour, sequence: s, initial: initial, gradient: gradient)
+        JaggedBackwardSweep<AnyWidth>(a: a, u: u, dy: dy, du: du, da: da, rows: rows, heads: H, headRange: headRange,
+                                      headDim: D, blockLength: l, neighbour: neighbour).run(sequence: s, initial: initial, gradient: gradient)
     }
 }
 
-@inline(__always)
-private func jaggedBackwardSequence(
-    a: UnsafePointer<Float>, u: UnsafePointer<Float>, dy: UnsafePointer<Float>,
-    du: UnsafeMutablePointer<Float>, da: UnsafeMutablePointer<Float>, rows: Int,
-    heads H: Int, headRange: Range<Int>, D: Int, blockLength l: Int, neighbour: Bool,
-    sequence s: Int, initial: StatePointers, gradient: StatePointers
-) {
-    let n = headRange.count, h0 = headRange.lowerBound
-    let first = s * H + h0
-    // W[j] is the local state before row j of the block (W[0] its start), G likewise.
-    let W = UnsafeMutablePointer<Float>.allocate(capacity: (l + 1) * n * D)
-    let G = UnsafeMutablePointer<Float>.allocate(capacity: (l + 1) * n)
-    let carrier = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
-    let dp = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
-    let lw = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
-    // lg kept per channel (lg = sum over channels), so that da needs one horizontal sum, not two.
-    let lgv = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
-    defer { for p in [W, G, carrier, dp, lw, lgv] { p.deallocate() } }
+/// The backward pass of one sequence, streaming forward through memory with a one-block lag.
+///
+/// At block `t` one ascending pass over its rows recomputes the local states `W` and gate
+/// products `G` (kept for the block) and the carrier adjoint `dp_t = sum g_i dy_i`; then block
+/// `t-1` is swept in reverse with `dp_t` as its last row's carry-in, reading its `dy` back from
+/// cache. Every input and output crosses memory once, in ascending order.
+private struct JaggedBackwardSweep<Width: ChannelWidth> {
+    let a: UnsafePointer<Float>, u: UnsafePointer<Float>, dy: UnsafePointer<Float>
+    let du: UnsafeMutablePointer<Float>, da: UnsafeMutablePointer<Float>
+    let rows: Int, H: Int, h0: Int, n: Int, headDim: Int, l: Int, neighbour: Bool
+    /// Channels per head: a constant for `Sixteen`, so the channel loops unroll.
+    var D: Int { Width.count(headDim) }
+    /// `du` is written with non-temporal stores when every head's vector is 64-byte aligned.
+    let streamsOutput: Bool
 
-    W.update(from: initial.local + first * D, count: n * D)
-    G.update(from: initial.gateProduct + first, count: n)
-    carrier.update(from: initial.carrier + first * D, count: n * D)
-    (gradient.local + first * D).update(repeating: 0, count: n * D)
-    (gradient.gateProduct + first).update(repeating: 0, count: n)
-    (gradient.carrier + first * D).update(repeating: 0, count: n * D)
+    init(a: UnsafePointer<Float>, u: UnsafePointer<Float>, dy: UnsafePointer<Float>,
+         du: UnsafeMutablePointer<Float>, da: UnsafeMutablePointer<Float>, rows: Int,
+         heads: Int, headRange: Range<Int>, headDim: Int, blockLength: Int, neighbour: Bool) {
+        (self.a, self.u, self.dy, self.du, self.da) = (a, u, dy, du, da)
+        (self.rows, H, h0, n, self.headDim, l) = (rows, heads, headRange.lowerBound, headRange.count, headDim, blockLength)
+        self.neighbour = neighbour
+        streamsOutput = Width.count(headDim) == 16 && Int(bitPattern: du) % 64 == 0
+    }
 
-    /// dp = sum_{i in rows} g_i dy_i, with g running from `start[k]` (or 1) over the rows' gates.
-    func carrierAdjoint(_ range: Range<Int>, start: UnsafePointer<Float>?, into out: UnsafeMutablePointer<Float>) {
-        out.update(repeating: 0, count: n * D)
-        for k in 0..<n {
-            var g: Float = start?[k] ?? 1
-            let outk = out + k * D
-            for i in range {
-                g *= a[i * H + h0 + k]
-                let dyh = dy + (i * H + h0 + k) * D
+    /// Per block: `W[j]` the local state before row `j` (`W[0]` the block's start), `G` likewise.
+    struct Block {
+        let W: UnsafeMutablePointer<Float>, G: UnsafeMutablePointer<Float>
+        var first = 0, count = 0
+    }
+
+    func run(sequence s: Int, initial: StatePointers, gradient: StatePointers) {
+        let first = s * H + h0
+        var current = Block(W: .allocate(capacity: (l + 1) * n * D), G: .allocate(capacity: (l + 1) * n))
+        var previous = Block(W: .allocate(capacity: (l + 1) * n * D), G: .allocate(capacity: (l + 1) * n))
+        let carrier = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
+        let dp = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
+        let lw = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
+        let lg = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
+        defer { for p in [current.W, current.G, previous.W, previous.G, carrier, dp, lw, lg] { p.deallocate() } }
+
+        current.W.update(from: initial.local + first * D, count: n * D)
+        current.G.update(from: initial.gateProduct + first, count: n)
+        carrier.update(from: initial.carrier + first * D, count: n * D)
+        (gradient.local + first * D).update(repeating: 0, count: n * D)
+        (gradient.gateProduct + first).update(repeating: 0, count: n)
+        (gradient.carrier + first * D).update(repeating: 0, count: n * D)
+
+        var start = 0
+        var end = min(rows, l - initial.offset[s])
+        while start < rows {
+            current.first = start
+            current.count = end - start
+            ascend(current, dp: dp)
+            if start == 0 {
+                if neighbour { (gradient.carrier + first * D).update(from: dp, count: n * D) }
+            } else {
+                sweep(previous, carryIn: dp, carrier: carrier, lw: lw, lg: lg)
+                if previous.first == 0 { writeInitialGradient(lw: lw, lg: lg, to: gradient, first: first) }
+                carrier.update(from: previous.W + previous.count * n * D, count: n * D)
+            }
+            swap(&current, &previous)
+            current.W.update(repeating: 0, count: n * D)
+            current.G.update(repeating: 1, count: n)
+            start = end
+            end = min(rows, end + l)
+        }
+        if rows > 0 {
+            dp.update(repeating: 0, count: n * D)
+            sweep(previous, carryIn: dp, carrier: carrier, lw: lw, lg: lg)
+            if previous.first == 0 { writeInitialGradient(lw: lw, lg: lg, to: gradient, first: first) }
+        }
+        if streamsOutput { phalanx_stream_fence() }
+    }
+
+    /// Ascending pass over a block: `W`, `G`, and `dp = sum g_i dy_i` (when the window reaches
+    /// the previous block).
+    @inline(__always)
+    func ascend(_ block: Block, dp: UnsafeMutablePointer<Float>) {
+        dp.update(repeating: 0, count: n * D)
+        for j in 0..<block.count {
+            let i = block.first + j
+            for k in 0..<n {
+                let h = h0 + k
+                let ah = a[i * H + h]
+                let g = ah * block.G[j * n + k]
+                block.G[(j + 1) * n + k] = g
+                let wPrev = block.W + (j * n + k) * D, wNext = block.W + ((j + 1) * n + k) * D
+                let uh = u + (i * H + h) * D, dyh = dy + (i * H + h) * D, dpk = dp + k * D
+                // The sweep that follows issues no loads of its own: keep the streams coming, one
+                // block ahead for the inputs, and claim the lines the sweep of the block before
+                // will write.
+                if i + l < rows {
+                    phalanx_prefetch(uh + l * H * D)
+                    phalanx_prefetch(dyh + l * H * D)
+                }
+                if i >= l && !streamsOutput { phalanx_prefetch_for_write(du + ((i - l) * H + h) * D) }
                 forEachChannelChunk(D, vector: { c in
-                    store16(load16(outk + c).addingProduct(SIMD16(repeating: g), load16(dyh + c)), outk + c)
-                }, scalar: { c in outk[c] += g * dyh[c] })
+                    store16(load16(uh + c).addingProduct(SIMD16(repeating: ah), load16(wPrev + c)), wNext + c)
+                    if neighbour { store16(load16(dpk + c).addingProduct(SIMD16(repeating: g), load16(dyh + c)), dpk + c) }
+                }, scalar: { c in
+                    wNext[c] = uh[c] + ah * wPrev[c]
+                    if neighbour { dpk[c] += g * dyh[c] }
+                })
             }
         }
     }
 
-    var r0 = 0
-    var segmentEnd = min(rows, l - initial.offset[s])
-    if neighbour { carrierAdjoint(0..<segmentEnd, start: G, into: gradient.carrier + first * D) }
-    while r0 < rows {
-        let m = segmentEnd - r0
-        // 1. Local states of this block, kept for the reverse sweep.
-        for j in 0..<m {
-            let aRow = a + (r0 + j) * H, uRow = u + (r0 + j) * H * D
-            for k in 0..<n {
-                let ah = aRow[h0 + k]
-                G[(j + 1) * n + k] = ah * G[j * n + k]
-                let wPrev = W + (j * n + k) * D, wNext = W + ((j + 1) * n + k) * D, uh = uRow + (h0 + k) * D
-                forEachChannelChunk(D, vector: { c in
-                    store16(load16(uh + c).addingProduct(SIMD16(repeating: ah), load16(wPrev + c)), wNext + c)
-                }, scalar: { c in wNext[c] = uh[c] + ah * wPrev[c] })
-            }
-        }
-        // 2. Read ahead: the next block's carrier adjoint enters lw at this block's last row.
-        let nextEnd = min(rows, segmentEnd + l)
-        if neighbour && segmentEnd < rows {
-            carrierAdjoint(segmentEnd..<nextEnd, start: nil, into: lw)
-        } else {
-            lw.update(repeating: 0, count: n * D)
-        }
-        lgv.update(repeating: 0, count: n * D)
-        // 3. Reverse sweep; at the last row the carry factor is 1 (lw holds dp, lg is 0).
-        for j in stride(from: m - 1, through: 0, by: -1) {
-            let i = r0 + j
-            let isLast = j == m - 1
-            let aNextRow = a + (i + 1) * H
+    /// Reverse sweep over a block whose last row receives `carryIn` (the next block's `dp`):
+    ///
+    ///     lw_i = dy_i + a_{i+1} lw_{i+1},   lg_i = dy_i * p + a_{i+1} lg_{i+1}   (per channel)
+    ///     du_i = lw_i,   da_i = sum_c (lw_i * W_{i-1} + lg_i * G_{i-1})
+    @inline(__always)
+    func sweep(_ block: Block, carryIn: UnsafePointer<Float>, carrier p: UnsafePointer<Float>,
+               lw: UnsafeMutablePointer<Float>, lg: UnsafeMutablePointer<Float>) {
+        lw.update(from: carryIn, count: n * D)
+        lg.update(repeating: 0, count: n * D)
+        for j in stride(from: block.count - 1, through: 0, by: -1) {
+            let i = block.first + j
+            let isLast = j == block.count - 1
             for k in 0..<n {
                 let h = h0 + k
-                let aNext: Float = isLast ? 1 : aNextRow[h]
+                let aNext: Float = isLast ? 1 : a[(i + 1) * H + h]
                 let dyh = dy + (i * H + h) * D, duh = du + (i * H + h) * D
-                let lwh = lw + k * D, lgh = lgv + k * D, ph = carrier + k * D, wPrev = W + (j * n + k) * D
-                let gPrev = G[j * n + k]
-                var dot: Float = 0
+                let lwk = lw + k * D, lgk = lg + k * D, pk = p + k * D, wPrev = block.W + (j * n + k) * D
+                let gPrev = block.G[j * n + k]
+                var terms = SIMD16<Float>.zero
+                var tail: Float = 0
                 forEachChannelChunk(D, vector: { c in
                     let dyc = load16(dyh + c)
-                    let lwc = dyc.addingProduct(SIMD16(repeating: aNext), load16(lwh + c))
-                    store16(lwc, lwh + c)
-                    store16(lwc, duh + c)
-                    var terms = lwc * load16(wPrev + c)
+                    let lwc = dyc.addingProduct(SIMD16(repeating: aNext), load16(lwk + c))
+                    store16(lwc, lwk + c)
+                    if streamsOutput { phalanx_stream16(duh + c, lwc) } else { store16(lwc, duh + c) }
+                    terms = terms.addingProduct(lwc, load16(wPrev + c))
                     if neighbour {
-                        let lgc = (dyc * load16(ph + c)).addingProduct(SIMD16(repeating: aNext), load16(lgh + c))
-                        store16(lgc, lgh + c)
+                        let lgc = (dyc * load16(pk + c)).addingProduct(SIMD16(repeating: aNext), load16(lgk + c))
+                        store16(lgc, lgk + c)
                         terms = terms.addingProduct(lgc, SIMD16(repeating: gPrev))
                     }
-                    dot += terms.sum()
                 }, scalar: { c in
-                    let lwc = dyh[c] + aNext * lwh[c]
-                    lwh[c] = lwc
+                    let lwc = dyh[c] + aNext * lwk[c]
+                    lwk[c] = lwc
                     duh[c] = lwc
-                    dot += lwc * wPrev[c]
+                    tail += lwc * wPrev[c]
                     if neighbour {
-                        let lgc = dyh[c] * ph[c] + aNext * lgh[c]
-                        lgh[c] = lgc
-                        dot += lgc * gPrev
+                        let lgc = dyh[c] * pk[c] + aNext * lgk[c]
+                        lgk[c] = lgc
+                        tail += lgc * gPrev
                     }
                 })
-                da[i * H + h] = dot
+                da[i * H + h] = horizontalSum(terms) + tail
             }
         }
-        if r0 == 0 {
-            for k in 0..<n {
-                let a0 = a[h0 + k]
-                var lg: Float = 0
-                for c in 0..<D {
-                    gradient.local[(first + k) * D + c] = a0 * lw[k * D + c]
-                    lg += lgv[k * D + c]
-                }
-                gradient.gateProduct[first + k] = a0 * lg
+    }
+
+    /// The first block continues from the initial state: `dw = a_0 lw_0`, `dg = a_0 lg_0`.
+    func writeInitialGradient(lw: UnsafePointer<Float>, lg: UnsafePointer<Float>, to gradient: StatePointers, first: Int) {
+        for k in 0..<n {
+            let a0 = a[h0 + k]
+            var lgSum: Float = 0
+            for c in 0..<D {
+                gradient.local[(first + k) * D + c] = a0 * lw[k * D + c]
+                lgSum += lg[k * D + c]
             }
+            gradient.gateProduct[first + k] = a0 * lgSum
         }
-        // The block's terminal local state is the next block's carrier; the next block starts fresh.
-        carrier.update(from: W + m * n * D, count: n * D)
-        W.update(repeating: 0, count: n * D)
-        G.update(repeating: 1, count: n)
-        r0 = segmentEnd
-        segmentEnd = nextEnd
     }
 }
 
@@ -274,6 +318,8 @@ private func exactBackwardSequence(
     x0: UnsafePointer<Float>, dx0: UnsafeMutablePointer<Float>
 ) {
     let n = headRange.count, h0 = headRange.lowerBound
+    // Rows ahead (in the backward direction) to prefetch: about 100 ns of memory latency.
+    let prefetchRows = 8
     // lam lives in dx0 (this item's slice): it ends as lam_0, then scaled by a_0.
     let lam = dx0
     lam.update(repeating: 0, count: n * D)
@@ -283,18 +329,26 @@ private func exactBackwardSequence(
             let aNext: Float = i + 1 < rows ? a[(i + 1) * H + h] : 0
             let lamh = lam + k * D, dxh = dx + (i * H + h) * D, duh = du + (i * H + h) * D
             let xPrev = i > 0 ? x + ((i - 1) * H + h) * D : x0 + k * D
+            if i >= prefetchRows {
+                let ahead = ((i - prefetchRows) * H + h) * D
+                phalanx_prefetch(x + ahead)
+                phalanx_prefetch(dx + ahead)
+                phalanx_prefetch_for_write(du + ahead)
+            }
             var dot: Float = 0
-            forEachChannelChunk(D, vector: { c in
-                let v = load16(dxh + c).addingProduct(SIMD16(repeating: aNext), load16(lamh + c))
-                store16(v, lamh + c)
-                store16(v, duh + c)
-                dot += (v * load16(xPrev + c)).sum()
-            }, scalar: { c in
-                let v = dxh[c] + aNext * lamh[c]
-                lamh[c] = v
-                duh[c] = v
-                dot += v * xPrev[c]
-            })
+            if D == 16 {
+                let v = load16(dxh).addingProduct(SIMD16(repeating: aNext), load16(lamh))
+                store16(v, lamh)
+                store16(v, duh)
+                dot = horizontalSum(v * load16(xPrev))
+            } else {
+                for c in 0..<D {
+                    let v = dxh[c] + aNext * lamh[c]
+                    lamh[c] = v
+                    duh[c] = v
+                    dot += v * xPrev[c]
+                }
+            }
             da[i * H + h] = dot
         }
     }

@@ -19,6 +19,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Heads.") var heads = 16
     @Option(help: "Channels per head.") var headDim = 16
     @Option(help: "Timed repeats per figure (the median is reported).") var repeats = 9
+    @Option(help: "Only the operators whose name contains this text (for example 'backward').") var only: String?
 
     func validate() throws {
         for (name, value) in [("--batch", batch), ("--length", length), ("--heads", heads),
@@ -45,6 +46,7 @@ struct Bench: ParsableCommand {
         configuration.heads = heads
         configuration.headDim = headDim
         configuration.repeats = repeats
+        configuration.only = only
         print("\nSWR operators: batch \(batch), length \(length), \(heads) heads x \(headDim), float32, median of \(repeats)")
         print("  operator                  time      bandwidth   of copy")
         let results = OperatorBenchmark(configuration, pool: pool).run { r in

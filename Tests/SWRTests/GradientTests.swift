@@ -108,3 +108,35 @@ struct GradientTests {
         }
     }
 }
+
+@Suite("Backward output alignment")
+struct BackwardAlignmentTests {
+    @Test("64-byte aligned gradient buffers (written with streaming stores) equal unaligned ones")
+    func alignedEqualsUnaligned() {
+        var rng = SeededGenerator(seed: 77)
+        let layout = SequenceLayout.batched(batch: 2, length: 70, heads: 3, headDim: 16)
+        let gates = GateRegime.uniform.draw(layout.gateCount, &rng)
+        let inputs = randomInputs(layout.elementCount, &rng), dy = randomInputs(layout.elementCount, &rng)
+        let window = JaggedWindow()
+        func gradients(offset: Int) -> [Float] {
+            // `offset` floats past a 64-byte boundary: 0 takes the streaming path, 1 cannot.
+            let raw = UnsafeMutableRawPointer.allocate(byteCount: (layout.elementCount + 16) * 4, alignment: 64)
+            defer { raw.deallocate() }
+            let du = UnsafeMutableBufferPointer(start: raw.bindMemory(to: Float.self, capacity: layout.elementCount + 16) + offset,
+                                                count: layout.elementCount)
+            var da = [Float](repeating: 0, count: layout.gateCount)
+            gates.withUnsafeBufferPointer { a in
+                inputs.withUnsafeBufferPointer { u in
+                    dy.withUnsafeBufferPointer { dy in
+                        da.withUnsafeMutableBufferPointer { da in
+                            _ = window.backward(gates: a, inputs: u, outputGradient: dy, layout: layout,
+                                                initialState: JaggedState(for: layout), inputGradient: du, gateGradient: da)
+                        }
+                    }
+                }
+            }
+            return Array(du) + da
+        }
+        #expect(gradients(offset: 0) == gradients(offset: 1))
+    }
+}

@@ -12,4 +12,45 @@ static inline __attribute__((always_inline)) void phalanx_spin_pause(void) {
 #endif
 }
 
+/// Asks for the cache line holding `address` ahead of use (read). Kernels that walk memory
+/// backwards need it: hardware prefetchers follow ascending streams far better than descending.
+static inline __attribute__((always_inline)) void phalanx_prefetch(const void *address) {
+    __builtin_prefetch(address, 0, 3);
+}
+
+/// The same for a line about to be written.
+static inline __attribute__((always_inline)) void phalanx_prefetch_for_write(const void *address) {
+    __builtin_prefetch(address, 1, 3);
+}
+
+typedef float phalanx_float16 __attribute__((ext_vector_type(16)));
+typedef float phalanx_float8 __attribute__((ext_vector_type(8)));
+typedef float phalanx_float4 __attribute__((ext_vector_type(4)));
+
+/// The sum of 16 lanes as a pairwise tree of vector adds (Swift sees `SIMD16<Float>`). Written in
+/// C because Swift's `SIMD16.sum()` is a chain of 15 scalar adds, and a tree spelled with
+/// `lowHalf`/`highHalf` makes the compiler split the multiply feeding it into 2-lane pieces.
+static inline __attribute__((always_inline)) float phalanx_sum16(phalanx_float16 v) {
+    phalanx_float8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+                     + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    phalanx_float4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    b = b + __builtin_shufflevector(b, b, 2, 3, 0, 1);
+    return b[0] + b[1];
+}
+
+/// Stores 16 floats at a 64-byte aligned address without reading the line first and without
+/// keeping it in cache (a non-temporal store): for outputs far larger than the caches, it saves
+/// the read that an ordinary store of a missing line costs.
+static inline __attribute__((always_inline)) void phalanx_stream16(float *address, phalanx_float16 v) {
+    __builtin_nontemporal_store(v, (phalanx_float16 *)address);
+}
+
+/// Orders earlier non-temporal stores before later stores (x86 `sfence`); call once after a
+/// streaming loop, before another thread may read its output.
+static inline __attribute__((always_inline)) void phalanx_stream_fence(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_sfence();
+#endif
+}
+
 #endif
