@@ -12,7 +12,7 @@ public final class Embedding: ParameterContainer {
     public let weight: Parameter
 
     public init(_ name: String, vocabulary: Int, dim: Int, initScale: Float = 0.02, rng: inout SeededGenerator) {
-        precondition(vocabulary >= 1 && dim >= 1, "Embedding \(name): sizes must be positive, got \(vocabulary) x \(dim)")
+        require(vocabulary >= 1 && dim >= 1, "Embedding \(name): sizes must be positive, got \(vocabulary) x \(dim)")
         self.vocabulary = vocabulary
         self.dim = dim
         let values = (0..<(vocabulary * dim)).map { _ in rng.normal() * initScale }
@@ -23,10 +23,10 @@ public final class Embedding: ParameterContainer {
 
     /// `tokens` `[batch, length]` (row-major) to `[batch, length, dim]`.
     public func forward(_ tokens: [Int32], batch: Int, length: Int) -> Tensor {
-        precondition(tokens.count == batch * length, "Embedding: \(tokens.count) tokens for [\(batch), \(length)]")
+        require(tokens.count == batch * length, "Embedding: \(tokens.count) tokens for [\(batch), \(length)]")
         let y = Tensor(zeros: [batch, length, dim])
         for (i, t) in tokens.enumerated() {
-            precondition(t >= 0 && Int(t) < vocabulary, "Embedding \(weight.name): token \(t) at position \(i) is outside 0..<\(vocabulary)")
+            require(t >= 0 && Int(t) < vocabulary, "Embedding \(weight.name): token \(t) at position \(i) is outside 0..<\(vocabulary)")
             (y.pointer + i * dim).update(from: weight.value.pointer + Int(t) * dim, count: dim)
         }
         return y
@@ -34,7 +34,7 @@ public final class Embedding: ParameterContainer {
 
     /// Adds the cotangent of each position into its token's row.
     public func backward(_ dy: Tensor, tokens: [Int32]) {
-        precondition(dy.rows == tokens.count && dy.columns == dim, "Embedding.backward: cotangent \(dy.shape) for \(tokens.count) tokens")
+        require(dy.rows == tokens.count && dy.columns == dim, "Embedding.backward: cotangent \(dy.shape) for \(tokens.count) tokens")
         let dw = weight.gradient.pointer
         for (i, t) in tokens.enumerated() {
             let row = dw + Int(t) * dim, g = dy.pointer + i * dim

@@ -18,7 +18,7 @@ public final class Linear: ParameterContainer {
 
     /// PyTorch's default initialisation: weight and bias uniform in `±1/sqrt(inputs)`.
     public init(_ name: String, inputs: Int, outputs: Int, bias: Bool, rng: inout SeededGenerator) {
-        precondition(inputs >= 1 && outputs >= 1, "Linear \(name): sizes must be positive, got \(inputs) -> \(outputs)")
+        require(inputs >= 1 && outputs >= 1, "Linear \(name): sizes must be positive, got \(inputs) -> \(outputs)")
         self.inputs = inputs
         self.outputs = outputs
         let bound = 1 / Float(inputs).squareRoot()
@@ -30,7 +30,7 @@ public final class Linear: ParameterContainer {
 
     /// `y = x W^T + b`; `x` has `inputs` columns, `y` keeps `x`'s leading shape.
     public func forward(_ x: Tensor) -> Tensor {
-        precondition(x.columns == inputs, "Linear \(weight.name): input has \(x.columns) features, expected \(inputs) (shape \(x.shape))")
+        require(x.columns == inputs, "Linear \(weight.name): input has \(x.columns) features, expected \(inputs) (shape \(x.shape))")
         let y = Tensor(zeros: Array(x.shape.dropLast()) + [outputs])
         forward(x.pointer, rows: x.rows, into: y.pointer)
         return y
@@ -47,7 +47,7 @@ public final class Linear: ParameterContainer {
 
     /// Adds the parameter gradients for input `x` and output cotangent `dy`; returns `dx`.
     public func backward(_ dy: Tensor, input x: Tensor) -> Tensor {
-        precondition(dy.columns == outputs && dy.rows == x.rows,
+        require(dy.columns == outputs && dy.rows == x.rows,
                      "Linear \(weight.name): cotangent \(dy.shape) does not match input \(x.shape) -> \(outputs) features")
         let dx = Tensor(zeros: x.shape)
         backward(dy.pointer, input: x.pointer, rows: x.rows, inputGradient: dx.pointer)

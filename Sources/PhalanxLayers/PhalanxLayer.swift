@@ -59,10 +59,10 @@ public final class PhalanxLayer: ParameterContainer {
 
     public init(_ name: String, _ configuration: Configuration, rng: inout SeededGenerator, pool: WorkerPool = .shared) {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
-        precondition(dim % Configuration.headDim == 0 && dim > 0,
+        require(dim % Configuration.headDim == 0 && dim > 0,
                      "PhalanxLayer \(name): dim must be a positive multiple of 16 (heads of 16 channels), got \(dim)")
-        precondition(KVH >= 1 && H % KVH == 0, "PhalanxLayer \(name): \(H) heads are not divisible into \(KVH) key/value heads")
-        precondition(configuration.gateScale > 0 && configuration.gateScale <= 1,
+        require(KVH >= 1 && H % KVH == 0, "PhalanxLayer \(name): \(H) heads are not divisible into \(KVH) key/value heads")
+        require(configuration.gateScale > 0 && configuration.gateScale <= 1,
                      "PhalanxLayer \(name): gateScale must be in (0, 1], got \(configuration.gateScale)")
         self.configuration = configuration
         let p = qualified(name, "param")
@@ -80,7 +80,7 @@ public final class PhalanxLayer: ParameterContainer {
     /// `x` `[batch, length, dim]` to `y` `[batch, length, dim]`.
     public func forward(_ x: Tensor) -> (Tensor, Cache) {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
-        precondition(x.shape.count == 3 && x.shape[2] == dim,
+        require(x.shape.count == 3 && x.shape[2] == dim,
                      "PhalanxLayer: input must be [batch, length, \(dim)], got \(x.shape)")
         let (batch, length) = (x.shape[0], x.shape[1])
         let rows = batch * length
@@ -135,7 +135,7 @@ public final class PhalanxLayer: ParameterContainer {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
         let (batch, length) = cache.shape
         let rows = batch * length
-        precondition(dy.shape == [batch, length, dim], "PhalanxLayer.backward: cotangent \(dy.shape), expected \([batch, length, dim])")
+        require(dy.shape == [batch, length, dim], "PhalanxLayer.backward: cotangent \(dy.shape), expected \([batch, length, dim])")
         let group = H / KVH, scale = configuration.gateScale
 
         // d(mixed) = dy W_out; dW_out += dy^T mixed.

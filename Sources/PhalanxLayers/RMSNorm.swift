@@ -26,7 +26,7 @@ public final class RMSNorm: ParameterContainer {
 
     /// Normalises each row of `x` (last dimension `dim`).
     public func forward(_ x: Tensor) -> Tensor {
-        precondition(x.columns == dim, "RMSNorm \(weight.name): input has \(x.columns) features, expected \(dim)")
+        require(x.columns == dim, "RMSNorm \(weight.name): input has \(x.columns) features, expected \(dim)")
         let y = Tensor(zeros: x.shape)
         let xp = x.pointer, yp = y.pointer, w = weight.value.pointer, dim = dim, eps = eps
         forEachRowRange(x.rows) { range in
@@ -43,7 +43,7 @@ public final class RMSNorm: ParameterContainer {
 
     /// Adds `dw` for input `x` and cotangent `dy`; returns `dx`.
     public func backward(_ dy: Tensor, input x: Tensor) -> Tensor {
-        precondition(dy.shape == x.shape, "RMSNorm \(weight.name): cotangent \(dy.shape) does not match input \(x.shape)")
+        require(dy.shape == x.shape, "RMSNorm \(weight.name): cotangent \(dy.shape) does not match input \(x.shape)")
         let dx = Tensor(zeros: x.shape)
         let rows = x.rows, dim = dim, eps = eps
         let xp = x.pointer, dyp = dy.pointer, dxp = dx.pointer, w = weight.value.pointer

@@ -1,3 +1,4 @@
+import PhalanxRuntime
 import Foundation
 
 /// Float32 storage with a shape: a 64-byte aligned, row-major buffer.
@@ -13,7 +14,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
 
     /// A zero-filled tensor.
     public init(zeros shape: [Int]) {
-        precondition(shape.allSatisfy { $0 >= 0 }, "Tensor: dimensions must be non-negative, got \(shape)")
+        require(shape.allSatisfy { $0 >= 0 }, "Tensor: dimensions must be non-negative, got \(shape)")
         self.shape = shape
         count = shape.reduce(1, *)
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
@@ -24,7 +25,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     /// A tensor holding `values` (row-major), which must number `shape`'s product.
     public convenience init(_ values: [Float], shape: [Int]) {
         self.init(zeros: shape)
-        precondition(values.count == count, "Tensor: \(values.count) values do not fill shape \(shape) (\(count) elements)")
+        require(values.count == count, "Tensor: \(values.count) values do not fill shape \(shape) (\(count) elements)")
         _ = buffer.update(fromContentsOf: values)
     }
 
@@ -52,7 +53,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
 
     /// The same elements under another shape of equal size (a copy; tensors do not share storage).
     public func reshaped(_ newShape: [Int]) -> Tensor {
-        precondition(newShape.reduce(1, *) == count, "Tensor.reshaped: \(shape) has \(count) elements, \(newShape) needs \(newShape.reduce(1, *))")
+        require(newShape.reduce(1, *) == count, "Tensor.reshaped: \(shape) has \(count) elements, \(newShape) needs \(newShape.reduce(1, *))")
         let t = Tensor(zeros: newShape)
         t.pointer.update(from: pointer, count: count)
         return t
@@ -62,7 +63,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
 
     /// Adds `other` element-wise into this tensor.
     public func add(_ other: Tensor) {
-        precondition(other.count == count, "Tensor.add: shapes \(shape) and \(other.shape) differ in size")
+        require(other.count == count, "Tensor.add: shapes \(shape) and \(other.shape) differ in size")
         for i in 0..<count { buffer[i] += other.buffer[i] }
     }
 

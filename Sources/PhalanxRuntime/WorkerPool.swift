@@ -54,7 +54,7 @@ public final class WorkerPool: @unchecked Sendable {
 
     /// Creates a pool; `threadCount - 1` worker threads are started (the caller is the last one).
     public init(threadCount: Int) {
-        precondition(threadCount >= 1, "WorkerPool needs at least one thread, got \(threadCount)")
+        require(threadCount >= 1, "WorkerPool needs at least one thread, got \(threadCount)")
         self.threadCount = threadCount
         workers = (1..<threadCount).map { _ in Worker() }
         parkLock = .allocate(capacity: 1)

@@ -26,7 +26,7 @@ extension ExactRecurrence {
         layout.check("inputs", count: inputs.count, expected: layout.elementCount, name)
         layout.check("output", count: output.count, expected: layout.elementCount, name)
         state.check(against: layout, name)
-        precondition(blockLengths.allSatisfy { $0 >= 1 }, "\(name): block lengths must be at least 1, got \(blockLengths)")
+        require(blockLengths.allSatisfy { $0 >= 1 }, "\(name): block lengths must be at least 1, got \(blockLengths)")
 
         let H = layout.heads, D = layout.headDim
         let a = gates.baseAddress!, u = inputs.baseAddress!, y = output.baseAddress!

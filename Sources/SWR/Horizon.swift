@@ -1,3 +1,4 @@
+import PhalanxRuntime
 import Foundation
 
 /// The computational horizon of a decaying linear recurrence (SWR.md section 3).
@@ -21,8 +22,8 @@ public struct Horizon: Sendable, Equatable {
     public let eps: Double
 
     public init(rho: Double, eps: Double) {
-        precondition(rho >= 0 && rho < 1, "Horizon: rho must be in [0, 1), got \(rho) (gates of 1 never decay: no finite horizon)")
-        precondition(eps > 0 && eps < 1, "Horizon: eps must be in (0, 1), got \(eps)")
+        require(rho >= 0 && rho < 1, "Horizon: rho must be in [0, 1), got \(rho) (gates of 1 never decay: no finite horizon)")
+        require(eps > 0 && eps < 1, "Horizon: eps must be in (0, 1), got \(eps)")
         self.rho = rho
         self.eps = eps
     }

@@ -27,8 +27,8 @@ public struct JaggedWindow: Hashable, Sendable {
     public let blocksSeen: Int
 
     public init(blockLength: Int = 16, blocksSeen: Int = 2) {
-        precondition(blockLength >= 1, "JaggedWindow: blockLength must be at least 1, got \(blockLength)")
-        precondition(blocksSeen == 1 || blocksSeen == 2,
+        require(blockLength >= 1, "JaggedWindow: blockLength must be at least 1, got \(blockLength)")
+        require(blocksSeen == 1 || blocksSeen == 2,
                      "JaggedWindow: blocksSeen (the reference's k) must be 1 or 2, got \(blocksSeen); use ExactRecurrence for the untruncated scan")
         self.blockLength = blockLength
         self.blocksSeen = blocksSeen

@@ -1,3 +1,4 @@
+import PhalanxRuntime
 /// Where the sequences of a call live in memory, for every recurrence operator.
 ///
 /// Layout (row-major, channels contiguous, the natural output of a Linear layer):
@@ -21,7 +22,7 @@ public struct SequenceLayout: Hashable, Sendable, CustomStringConvertible {
 
     /// A uniform batch: `[batch, length, heads, headDim]` inputs, `[batch, length, heads]` gates.
     public static func batched(batch: Int, length: Int, heads: Int, headDim: Int) -> SequenceLayout {
-        precondition(batch >= 0 && length >= 0,
+        require(batch >= 0 && length >= 0,
                      "SequenceLayout: batch and length must be non-negative, got batch \(batch), length \(length)")
         return SequenceLayout(
             starts: (0..<batch).map { $0 * length }, lengths: Array(repeating: length, count: batch),
@@ -33,10 +34,10 @@ public struct SequenceLayout: Hashable, Sendable, CustomStringConvertible {
     /// - Parameter offsets: `sequenceCount + 1` non-decreasing row offsets starting at 0 (the
     ///   cumulative sequence lengths, as in `cu_seqlens`).
     public static func packed(offsets: [Int], heads: Int, headDim: Int) -> SequenceLayout {
-        precondition(offsets.first == 0,
+        require(offsets.first == 0,
                      "SequenceLayout.packed: offsets must start at 0 (cumulative lengths), got \(offsets.prefix(3))")
         for s in 1..<offsets.count {
-            precondition(offsets[s] >= offsets[s - 1],
+            require(offsets[s] >= offsets[s - 1],
                          "SequenceLayout.packed: offsets must not decrease, but offsets[\(s)] = \(offsets[s]) < offsets[\(s - 1)] = \(offsets[s - 1])")
         }
         return SequenceLayout(
@@ -45,7 +46,7 @@ public struct SequenceLayout: Hashable, Sendable, CustomStringConvertible {
     }
 
     private init(starts: [Int], lengths: [Int], heads: Int, headDim: Int, rowCount: Int) {
-        precondition(heads >= 1 && headDim >= 1,
+        require(heads >= 1 && headDim >= 1,
                      "SequenceLayout: heads and headDim must be at least 1, got heads \(heads), headDim \(headDim)")
         self.starts = starts
         self.lengths = lengths
@@ -70,7 +71,7 @@ public struct SequenceLayout: Hashable, Sendable, CustomStringConvertible {
 
     /// Stops with a message naming the buffer and the expected size when a count is wrong.
     func check(_ name: String, count: Int, expected: Int, _ function: String) {
-        precondition(count == expected,
+        require(count == expected,
                      "\(function): \(name) holds \(count) floats, expected \(expected) for \(self)")
     }
 }

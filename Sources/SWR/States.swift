@@ -1,3 +1,4 @@
+import PhalanxRuntime
 /// The state of the exact recurrence `x_i = a_i x_{i-1} + u_i` between two calls.
 ///
 /// `x` is `[sequences, heads, headDim]`: the last state of each sequence (the initial state `x0`
@@ -24,9 +25,9 @@ public struct ExactState: Hashable, Sendable {
     }
 
     func check(against layout: SequenceLayout, _ function: String) {
-        precondition(sequences == layout.sequenceCount && heads == layout.heads && headDim == layout.headDim,
+        require(sequences == layout.sequenceCount && heads == layout.heads && headDim == layout.headDim,
                      "\(function): state is for \(sequences) sequences, \(heads) heads x \(headDim), but the layout is \(layout)")
-        precondition(x.count == sequences * heads * headDim,
+        require(x.count == sequences * heads * headDim,
                      "\(function): state.x holds \(x.count) floats, expected \(sequences * heads * headDim)")
     }
 }
@@ -58,7 +59,7 @@ public struct JaggedState: Hashable, Sendable {
 
     /// The state at the start of every sequence: offset 0, carrier 0 (no history).
     public init(sequences: Int, heads: Int, headDim: Int, blockLength: Int = 16) {
-        precondition(blockLength >= 1, "JaggedState: blockLength must be at least 1, got \(blockLength)")
+        require(blockLength >= 1, "JaggedState: blockLength must be at least 1, got \(blockLength)")
         self.sequences = sequences
         self.heads = heads
         self.headDim = headDim
@@ -80,14 +81,14 @@ public struct JaggedState: Hashable, Sendable {
     public var bytesPerSequence: Int { (2 * headDim + 1) * heads * MemoryLayout<Float>.stride }
 
     func check(against layout: SequenceLayout, blockLength: Int, _ function: String) {
-        precondition(sequences == layout.sequenceCount && heads == layout.heads && headDim == layout.headDim,
+        require(sequences == layout.sequenceCount && heads == layout.heads && headDim == layout.headDim,
                      "\(function): state is for \(sequences) sequences, \(heads) heads x \(headDim), but the layout is \(layout)")
-        precondition(self.blockLength == blockLength,
+        require(self.blockLength == blockLength,
                      "\(function): state has block length \(self.blockLength), the operator \(blockLength)")
-        precondition(local.count == sequences * heads * headDim && carrier.count == local.count
+        require(local.count == sequences * heads * headDim && carrier.count == local.count
                         && gateProduct.count == sequences * heads && offset.count == sequences,
                      "\(function): state arrays do not match \(sequences) sequences, \(heads) heads x \(headDim)")
-        precondition(offset.allSatisfy { (0..<blockLength).contains($0) },
+        require(offset.allSatisfy { (0..<blockLength).contains($0) },
                      "\(function): state offsets must lie in 0..<\(blockLength), got \(offset)")
     }
 }
