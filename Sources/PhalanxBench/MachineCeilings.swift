@@ -4,6 +4,7 @@ import Accelerate
 import CBLAS
 #endif
 import Foundation
+import PhalanxLayers
 import PhalanxRuntime
 
 /// What this machine can do, measured in the same run as the results that are divided by it.
@@ -25,50 +26,40 @@ public enum MachineCeilings {
         return Double(2 * bytes) / seconds
     }
 
-    /// Single-precision matrix product rate (FLOP/s) of the platform BLAS, square `n x n`.
+    /// Single-precision matrix product rate (FLOP/s), square `n x n`: the better of the BLAS's own
+    /// threading and `Gemm.multiply` (single-threaded BLAS split over the worker pool, which the
+    /// layers use), so that no layer is compared with a ceiling lower than the machine's.
     public static func sgemmRate(n: Int = 1024, repeats: Int = 7) -> Double {
         let a = BenchBuffer(count: n * n) { Float($0 % 7) * 0.01 }
         let b = BenchBuffer(count: n * n) { Float($0 % 5) * 0.01 }
         let c = BenchBuffer(count: n * n) { _ in 0 }
-        let seconds = Timing.median(repeats: repeats) {
+        let ap = a.pointer.baseAddress!, bp = b.pointer.baseAddress!, cp = c.pointer.baseAddress!
+        let blasThreads = Timing.median(repeats: repeats) {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(n), Int32(n), 1,
-                        a.pointer.baseAddress, Int32(n), b.pointer.baseAddress, Int32(n), 0,
-                        c.pointer.baseAddress, Int32(n))
+                        ap, Int32(n), bp, Int32(n), 0, cp, Int32(n))
         }
-        return 2 * Double(n * n * n) / seconds
+        let pool = Timing.median(repeats: repeats) { Gemm.multiply(m: n, n: n, k: n, ap, bp, into: cp) }
+        return 2 * Double(n * n * n) / min(blasThreads, pool)
     }
 
-    /// One core's rate (FLOP/s) of 16-lane fused multiply-adds on a 16 x 16 tile product held in
-    /// registers. It proves the vector fast path is compiled in: with the target CPU's
-    /// instruction set this runs at tens of GFLOP/s; without it, `addingProduct` becomes 16 calls
-    /// to `fmaf` and the rate falls about 40-fold, to near 1 GFLOP/s.
-    public static func vectorFMARate(iterations: Int = 2_000_000) -> Double {
-        var rows = (0..<16).map { SIMD16<Float>(repeating: Float($0) * 1e-3) }
-        let columns = (0..<16).map { Float($0) * 1e-4 }
-        var accumulators = [SIMD16<Float>](repeating: .zero, count: 16)
+    /// One core's rate (FLOP/s) of a 16 x 16 tile product `C += A B` in 16-lane fused
+    /// multiply-adds, the operands in memory. It proves the vector fast path is compiled in:
+    /// with the target CPU's instruction set this runs at tens of GFLOP/s; without it,
+    /// `addingProduct` becomes 16 calls to `fmaf` and the rate falls about 40-fold, near 1 GFLOP/s.
+    public static func vectorFMARate(products: Int = 100_000) -> Double {
+        let a = BenchBuffer(count: 256) { Float($0 % 17) * 1e-3 }
+        let b = BenchBuffer(count: 256) { Float($0 % 13) * 1e-3 }
+        let c = BenchBuffer(count: 256) { _ in 0 }
+        let ap = a.pointer.baseAddress!, bp = b.pointer.baseAddress!, cp = c.pointer.baseAddress!
         let seconds = Timing.median(repeats: 5) {
-            rows.withUnsafeMutableBufferPointer { r in
-                accumulators.withUnsafeMutableBufferPointer { acc in
-                    var c0 = acc[0], c1 = acc[1], c2 = acc[2], c3 = acc[3]
-                    var c4 = acc[4], c5 = acc[5], c6 = acc[6], c7 = acc[7]
-                    for i in 0..<iterations {
-                        let x = r[i & 15]
-                        let k = columns[i & 15]
-                        c0 = c0.addingProduct(x, SIMD16(repeating: k))
-                        c1 = c1.addingProduct(x, SIMD16(repeating: k + 1))
-                        c2 = c2.addingProduct(x, SIMD16(repeating: k + 2))
-                        c3 = c3.addingProduct(x, SIMD16(repeating: k + 3))
-                        c4 = c4.addingProduct(x, SIMD16(repeating: k + 4))
-                        c5 = c5.addingProduct(x, SIMD16(repeating: k + 5))
-                        c6 = c6.addingProduct(x, SIMD16(repeating: k + 6))
-                        c7 = c7.addingProduct(x, SIMD16(repeating: k + 7))
-                    }
-                    acc[0] = c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7
+            for _ in 0..<products {
+                for i in 0..<16 {
+                    var row = load16(cp + 16 * i)
+                    for k in 0..<16 { row = row.addingProduct(SIMD16(repeating: ap[16 * i + k]), load16(bp + 16 * k)) }
+                    store16(row, cp + 16 * i)
                 }
             }
         }
-        // Keep the result alive so the loop cannot be removed.
-        if accumulators[0].sum() == .infinity { print("") }
-        return Double(iterations) * 8 * 16 * 2 / seconds
+        return Double(products) * 16 * 16 * 16 * 2 / seconds
     }
 }

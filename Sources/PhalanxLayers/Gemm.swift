@@ -3,30 +3,67 @@ import Accelerate
 #else
 import CBLAS
 #endif
+import PhalanxRuntime
 
-/// Single-precision matrix products on the platform BLAS, row-major.
+/// Single-precision matrix products on the platform BLAS, row-major, spread over the worker pool.
+///
+/// The BLAS runs single-threaded and `WorkerPool` splits each product into one block of rows (or
+/// columns) per thread. One threading system for the whole process: when OpenBLAS ran its own
+/// threads, they and the pool's spinning workers fought over the same cores between calls.
 public enum Gemm {
     /// `C = alpha * op(A) * op(B) + beta * C` with `op(A)` `[m, k]`, `op(B)` `[k, n]`, `C` `[m, n]`,
-    /// all row-major with leading dimensions equal to their stored widths.
+    /// all row-major; leading dimensions default to the stored widths.
     ///
     /// - Parameters:
     ///   - transposeA: `A` is stored `[k, m]`; `transposeB`: `B` is stored `[n, k]`.
-    @inline(__always)
     public static func multiply(
         m: Int, n: Int, k: Int,
         _ a: UnsafePointer<Float>, transposeA: Bool = false,
         _ b: UnsafePointer<Float>, transposeB: Bool = false,
         into c: UnsafeMutablePointer<Float>, alpha: Float = 1, beta: Float = 0,
-        lda: Int? = nil, ldb: Int? = nil, ldc: Int? = nil
+        lda: Int? = nil, ldb: Int? = nil, ldc: Int? = nil, pool: WorkerPool = .shared
     ) {
         guard m > 0, n > 0 else { return }
+        _ = singleThreadedBLAS
+        let lda = lda ?? (transposeA ? m : k), ldb = ldb ?? (transposeB ? k : n), ldc = ldc ?? n
         if k == 0 {
-            for i in 0..<(m * n) { c[i] *= beta }
+            for i in 0..<m { for j in 0..<n { c[i * ldc + j] *= beta } }
             return
         }
-        cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
-                    Int32(m), Int32(n), Int32(k), alpha,
-                    a, Int32(lda ?? (transposeA ? m : k)), b, Int32(ldb ?? (transposeB ? k : n)),
-                    beta, c, Int32(ldc ?? n))
+        // Split the longer side of C; blocks of 16 keep the BLAS kernels on full tiles.
+        let parts = min(pool.threadCount, max(m, n) / 32)
+        guard parts > 1 else {
+            sgemm(m, n, k, a, transposeA, lda, b, transposeB, ldb, c, ldc, alpha, beta)
+            return
+        }
+        let splitRows = m >= n
+        let total = splitRows ? m : n
+        pool.run(parts) { p in
+            let lower = (p * total / parts) & ~15, upper = p == parts - 1 ? total : ((p + 1) * total / parts) & ~15
+            guard upper > lower else { return }
+            if splitRows {
+                // Rows lower..<upper of op(A) and of C.
+                let aBlock = transposeA ? a + lower : a + lower * lda
+                sgemm(upper - lower, n, k, aBlock, transposeA, lda, b, transposeB, ldb, c + lower * ldc, ldc, alpha, beta)
+            } else {
+                // Columns lower..<upper of op(B) and of C.
+                let bBlock = transposeB ? b + lower * ldb : b + lower
+                sgemm(m, upper - lower, k, a, transposeA, lda, bBlock, transposeB, ldb, c + lower, ldc, alpha, beta)
+            }
+        }
     }
+
+    @inline(__always)
+    private static func sgemm(_ m: Int, _ n: Int, _ k: Int, _ a: UnsafePointer<Float>, _ ta: Bool, _ lda: Int,
+                              _ b: UnsafePointer<Float>, _ tb: Bool, _ ldb: Int,
+                              _ c: UnsafeMutablePointer<Float>, _ ldc: Int, _ alpha: Float, _ beta: Float) {
+        cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    private static let singleThreadedBLAS: Void = {
+        #if !canImport(Accelerate)
+        openblas_set_num_threads(1)
+        #endif
+    }()
 }

@@ -12,10 +12,16 @@ public final class Parameter: @unchecked Sendable {
     /// Whether weight decay applies (matrices yes; norms, biases and embeddings no, by default).
     public let decays: Bool
 
-    public init(_ name: String, _ value: Tensor, decays: Bool) {
+    public convenience init(_ name: String, _ value: Tensor, decays: Bool) {
+        self.init(name, value, gradient: Tensor(zeros: value.shape), decays: decays)
+    }
+
+    /// A parameter over given storage, for example views into a fused matrix.
+    public init(_ name: String, _ value: Tensor, gradient: Tensor, decays: Bool) {
+        require(value.shape == gradient.shape, "Parameter \(name): value \(value.shape) and gradient \(gradient.shape) differ")
         self.name = name
         self.value = value
-        gradient = Tensor(zeros: value.shape)
+        self.gradient = gradient
         self.decays = decays
     }
 

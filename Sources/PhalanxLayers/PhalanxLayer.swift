@@ -19,8 +19,10 @@ import SWR
 /// with bias, `param.proj_b` and `param.proj_c` `(KVH*16, dim)` with bias, `param.proj_v`
 /// `(H*16, dim)` and `proj_out` `(dim, dim)` without.
 ///
-/// The four input projections write into one `[rows, H + 2*KVH*16 + H*16]` buffer; the gates,
-/// the products `b * v` and the post-gating `s * c + v` are each one fused, row-parallel pass.
+/// Speed: the four input projections are views into one `[P, dim]` matrix,
+/// `P = H + 2*KVH*16 + H*16`, so forward is one matrix product into `z` `[rows, P]` (columns
+/// `a | b | c | v`) and backward one for `dx` and one for the weights. Gates, `b * v` and the
+/// post-gating are each one row-parallel pass; backward mirrors it.
 public final class PhalanxLayer: ParameterContainer {
     public struct Configuration: Codable, Hashable, Sendable {
         public var dim: Int
@@ -38,164 +40,255 @@ public final class PhalanxLayer: ParameterContainer {
 
         public static let headDim = 16
         public var heads: Int { dim / Self.headDim }
+        /// Columns of the fused input projection: `a | b | c | v`.
+        var projectionWidth: Int { heads + 2 * kvHeads * 16 + heads * 16 }
     }
 
-    /// What backward needs from forward, for one call; its intermediates can be inspected.
+    /// Column offsets of `a`, `b`, `c`, `v` inside the fused projection output.
+    struct Columns {
+        let a = 0, b: Int, c: Int, v: Int, width: Int
+        init(_ configuration: Configuration) {
+            b = configuration.heads
+            c = b + configuration.kvHeads * 16
+            v = c + configuration.kvHeads * 16
+            width = configuration.projectionWidth
+        }
+    }
+
+    /// What backward needs from forward, for one call.
     public struct Cache {
         public let input: Tensor
         public let shape: (batch: Int, length: Int)
-        /// `[rows, H]` gates after the sigmoid and scale.
+        /// `[rows, P]`: the activated projections, columns `a | b | c | v` (a after the sigmoid
+        /// and scale, b after the sigmoid).
+        let projections: Tensor
+        /// `[rows, H]`: the gates again, contiguous for the recurrence.
         public let gates: Tensor
-        /// `[rows, KVH*16]` sigmoid(proj_b), `[rows, KVH*16]` proj_c, `[rows, H*16]` proj_v.
-        public let b: Tensor, c: Tensor, v: Tensor
         /// `[rows, H*16]`: `b * v` (the recurrence input), `s`, and `s * c + v`.
         public let recurrenceInput: Tensor, recurrence: Tensor, mixed: Tensor
+        let columns: Columns
+
+        /// `[rows, KVH*16]` sigmoid(proj_b(x)), a copy for inspection.
+        public var b: Tensor { slice(columns.b, columns.c) }
+        /// `[rows, KVH*16]` proj_c(x), a copy for inspection.
+        public var c: Tensor { slice(columns.c, columns.v) }
+        /// `[rows, H*16]` proj_v(x), a copy for inspection.
+        public var v: Tensor { slice(columns.v, columns.width) }
+
+        private func slice(_ from: Int, _ to: Int) -> Tensor {
+            let rows = projections.rows
+            let out = Tensor(uninitialized: [rows, to - from])
+            for r in 0..<rows {
+                (out.pointer + r * (to - from)).update(from: projections.pointer + r * columns.width + from, count: to - from)
+            }
+            return out
+        }
     }
 
     public let configuration: Configuration
-    public let projA: Linear, projB: Linear, projC: Linear, projV: Linear, projOut: Linear
+    /// The fused input projection `[P, dim]` and the biases of `a | b | c` (`v` has none).
+    let inputWeight: Parameter, inputBias: Parameter
+    public let projA: Parameter, projABias: Parameter, projB: Parameter, projBBias: Parameter
+    public let projC: Parameter, projCBias: Parameter, projV: Parameter
+    public let projOut: Linear
     public let window: JaggedWindow
+    let columns: Columns
     let pool: WorkerPool
 
+    /// Initialises every projection as PyTorch's `nn.Linear` does (uniform in `±1/sqrt(dim)`).
     public init(_ name: String, _ configuration: Configuration, rng: inout SeededGenerator, pool: WorkerPool = .shared) {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
         require(dim % Configuration.headDim == 0 && dim > 0,
-                     "PhalanxLayer \(name): dim must be a positive multiple of 16 (heads of 16 channels), got \(dim)")
+                "PhalanxLayer \(name): dim must be a positive multiple of 16 (heads of 16 channels), got \(dim)")
         require(KVH >= 1 && H % KVH == 0, "PhalanxLayer \(name): \(H) heads are not divisible into \(KVH) key/value heads")
         require(configuration.gateScale > 0 && configuration.gateScale <= 1,
-                     "PhalanxLayer \(name): gateScale must be in (0, 1], got \(configuration.gateScale)")
+                "PhalanxLayer \(name): gateScale must be in (0, 1], got \(configuration.gateScale)")
         self.configuration = configuration
+        let cols = Columns(configuration)
+        columns = cols
         let p = qualified(name, "param")
-        projA = Linear(qualified(p, "proj_a"), inputs: dim, outputs: H, bias: true, rng: &rng)
-        projB = Linear(qualified(p, "proj_b"), inputs: dim, outputs: KVH * 16, bias: true, rng: &rng)
-        projC = Linear(qualified(p, "proj_c"), inputs: dim, outputs: KVH * 16, bias: true, rng: &rng)
-        projV = Linear(qualified(p, "proj_v"), inputs: dim, outputs: H * 16, bias: false, rng: &rng)
+        let weight = Tensor(zeros: [cols.width, dim]), weightGradient = Tensor(zeros: [cols.width, dim])
+        let bias = Tensor(zeros: [cols.v]), biasGradient = Tensor(zeros: [cols.v])
+        func view(_ key: String, rows: Range<Int>, bias hasBias: Bool) -> (Parameter, Parameter?) {
+            let w = Parameter(qualified(p, "\(key).weight"),
+                              Tensor(viewing: weight, offset: rows.lowerBound * dim, shape: [rows.count, dim]),
+                              gradient: Tensor(viewing: weightGradient, offset: rows.lowerBound * dim, shape: [rows.count, dim]),
+                              decays: true)
+            let b = hasBias ? Parameter(qualified(p, "\(key).bias"),
+                                        Tensor(viewing: bias, offset: rows.lowerBound, shape: [rows.count]),
+                                        gradient: Tensor(viewing: biasGradient, offset: rows.lowerBound, shape: [rows.count]),
+                                        decays: false) : nil
+            let bound = 1 / Float(dim).squareRoot()
+            for i in 0..<w.value.count { w.value[i] = Float.random(in: -bound...bound, using: &rng) }
+            if let b { for i in 0..<b.value.count { b.value[i] = Float.random(in: -bound...bound, using: &rng) } }
+            return (w, b)
+        }
+        let a = view("proj_a", rows: 0..<cols.b, bias: true)
+        let b = view("proj_b", rows: cols.b..<cols.c, bias: true)
+        let c = view("proj_c", rows: cols.c..<cols.v, bias: true)
+        (projA, projABias, projB, projBBias, projC, projCBias) = (a.0, a.1!, b.0, b.1!, c.0, c.1!)
+        projV = view("proj_v", rows: cols.v..<cols.width, bias: false).0
+        inputWeight = Parameter(qualified(p, "fused_input.weight"), weight, gradient: weightGradient, decays: true)
+        inputBias = Parameter(qualified(p, "fused_input.bias"), bias, gradient: biasGradient, decays: false)
         projOut = Linear(qualified(name, "proj_out"), inputs: dim, outputs: dim, bias: false, rng: &rng)
         window = JaggedWindow(blockLength: configuration.blockLength, blocksSeen: 2)
         self.pool = pool
     }
 
-    public var parameters: [Parameter] { [projA, projB, projC, projV, projOut].flatMap(\.parameters) }
+    /// In checkpoint order, as the reference names them (the fused matrix is storage only).
+    public var parameters: [Parameter] {
+        [projA, projABias, projB, projBBias, projC, projCBias, projV] + projOut.parameters
+    }
 
     /// `x` `[batch, length, dim]` to `y` `[batch, length, dim]`.
     public func forward(_ x: Tensor) -> (Tensor, Cache) {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
-        require(x.shape.count == 3 && x.shape[2] == dim,
-                     "PhalanxLayer: input must be [batch, length, \(dim)], got \(x.shape)")
+        require(x.shape.count == 3 && x.shape[2] == dim, "PhalanxLayer: input must be [batch, length, \(dim)], got \(x.shape)")
         let (batch, length) = (x.shape[0], x.shape[1])
-        let rows = batch * length
-        let gates = Tensor(zeros: [rows, H])
-        let b = Tensor(zeros: [rows, KVH * 16]), c = Tensor(zeros: [rows, KVH * 16]), v = Tensor(zeros: [rows, H * 16])
-        projA.forward(x.pointer, rows: rows, into: gates.pointer)
-        projB.forward(x.pointer, rows: rows, into: b.pointer)
-        projC.forward(x.pointer, rows: rows, into: c.pointer)
-        projV.forward(x.pointer, rows: rows, into: v.pointer)
+        let rows = batch * length, P = columns.width, cols = columns
 
-        // Gates and the recurrence input b * v, one pass over rows.
-        let recurrenceInput = Tensor(zeros: [rows, H * 16])
-        let scale = configuration.gateScale, group = H / KVH
-        let gp = gates.pointer, bp = b.pointer, vp = v.pointer, ip = recurrenceInput.pointer
+        // z = x W^T + bias, all four projections in one product.
+        let z = Tensor(uninitialized: [rows, P])
+        let zp = z.pointer, bias = inputBias.value.pointer
         forEachRowChunk(rows) { range in
             for r in range {
-                for h in 0..<H { gp[r * H + h] = scale * sigmoid(gp[r * H + h]) }
-                for k in 0..<(KVH * 16) { bp[r * KVH * 16 + k] = sigmoid(bp[r * KVH * 16 + k]) }
+                (zp + r * P).update(from: bias, count: cols.v)
+                (zp + r * P + cols.v).update(repeating: 0, count: P - cols.v)
+            }
+        }
+        Gemm.multiply(m: rows, n: P, k: dim, x.pointer, inputWeight.value.pointer, transposeB: true,
+                      into: zp, beta: 1, pool: pool)
+
+        // Activations in place, the gates copied out contiguous, and the recurrence input b * v.
+        let gates = Tensor(uninitialized: [rows, H]), recurrenceInput = Tensor(uninitialized: [rows, H * 16])
+        let scale = configuration.gateScale, group = H / KVH
+        let gp = gates.pointer, ip = recurrenceInput.pointer
+        forEachRowChunk(rows) { range in
+            for r in range {
+                let row = zp + r * P
                 for h in 0..<H {
-                    let bh = load16(bp + r * KVH * 16 + (h / group) * 16)
-                    store16(bh * load16(vp + (r * H + h) * 16), ip + (r * H + h) * 16)
+                    let g = scale * sigmoid(row[h])
+                    row[h] = g
+                    gp[r * H + h] = g
+                }
+                for k in cols.b..<cols.c { row[k] = sigmoid(row[k]) }
+                for h in 0..<H {
+                    let bh = load16(row + cols.b + (h / group) * 16)
+                    store16(bh * load16(row + cols.v + h * 16), ip + (r * H + h) * 16)
                 }
             }
         }
 
-        let recurrence = Tensor(zeros: [rows, H * 16])
+        let recurrence = Tensor(uninitialized: [rows, H * 16])
         let layout = SequenceLayout.batched(batch: batch, length: length, heads: H, headDim: 16)
         var state = JaggedState(for: layout, blockLength: configuration.blockLength)
         window.forward(gates: gates.readOnly, inputs: recurrenceInput.readOnly, output: recurrence.buffer,
                        layout: layout, state: &state, pool: pool)
 
         // Post-gating s * c + v.
-        let mixed = Tensor(zeros: [rows, H * 16])
-        let sp = recurrence.pointer, cp = c.pointer, mp = mixed.pointer
+        let mixed = Tensor(uninitialized: [rows, H * 16])
+        let sp = recurrence.pointer, mp = mixed.pointer
         forEachRowChunk(rows) { range in
             for r in range {
+                let row = zp + r * P
                 for h in 0..<H {
                     let o = (r * H + h) * 16
-                    let ch = load16(cp + r * KVH * 16 + (h / group) * 16)
-                    store16(load16(vp + o).addingProduct(load16(sp + o), ch), mp + o)
+                    store16(load16(row + cols.v + h * 16).addingProduct(load16(sp + o), load16(row + cols.c + (h / group) * 16)), mp + o)
                 }
             }
         }
-        let y = Tensor(zeros: [batch, length, dim])
+        let y = Tensor(uninitialized: [batch, length, dim])
         projOut.forward(mixed.pointer, rows: rows, into: y.pointer)
-        return (y, Cache(input: x, shape: (batch, length), gates: gates, b: b, c: c, v: v,
-                         recurrenceInput: recurrenceInput, recurrence: recurrence, mixed: mixed))
+        return (y, Cache(input: x, shape: (batch, length), projections: z, gates: gates,
+                         recurrenceInput: recurrenceInput, recurrence: recurrence, mixed: mixed, columns: cols))
     }
 
     /// Adds every parameter gradient for output cotangent `dy` `[batch, length, dim]`; returns `dx`.
+    ///
+    ///     dmixed = dy W_out;   ds = dmixed * c;   dc = sum_group dmixed * s
+    ///     (du, da) = SWR_jagged backward of ds
+    ///     dz_a = da * a * (1 - a / gateScale);   dz_b = sum_group du * v * b * (1 - b)
+    ///     dz_v = dmixed + du * b;   dz_c = dc
+    ///     dW_in += dz^T x;   db_in += sum_rows dz;   dx = dz W_in
     public func backward(_ dy: Tensor, cache: Cache) -> Tensor {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
         let (batch, length) = cache.shape
-        let rows = batch * length
+        let rows = batch * length, P = columns.width, cols = columns
         require(dy.shape == [batch, length, dim], "PhalanxLayer.backward: cotangent \(dy.shape), expected \([batch, length, dim])")
         let group = H / KVH, scale = configuration.gateScale
 
-        // d(mixed) = dy W_out; dW_out += dy^T mixed.
-        let dMixed = Tensor(zeros: [rows, H * 16])
+        let dMixed = Tensor(uninitialized: [rows, H * 16])
         projOut.backward(dy.pointer, input: cache.mixed.pointer, rows: rows, inputGradient: dMixed.pointer)
 
-        // ds = dmixed * c; dc = sum over the group of dmixed * s; dv = dmixed (direct path).
-        let ds = Tensor(zeros: [rows, H * 16]), dc = Tensor(zeros: [rows, KVH * 16])
-        let dmp = dMixed.pointer, dsp = ds.pointer, dcp = dc.pointer
-        let sp = cache.recurrence.pointer, cp = cache.c.pointer
+        // dz collects the gradient of every projection; the c columns get sum_group dmixed * s.
+        let dz = Tensor(uninitialized: [rows, P]), ds = Tensor(uninitialized: [rows, H * 16])
+        let z = cache.projections.pointer, dzp = dz.pointer, dmp = dMixed.pointer, dsp = ds.pointer
+        let sp = cache.recurrence.pointer
         forEachRowChunk(rows) { range in
             for r in range {
+                let row = z + r * P, drow = dzp + r * P
+                (drow + cols.c).update(repeating: 0, count: cols.v - cols.c)
                 for h in 0..<H {
-                    let o = (r * H + h) * 16, kv = r * KVH * 16 + (h / group) * 16
+                    let o = (r * H + h) * 16, kv = (h / group) * 16
                     let dm = load16(dmp + o)
-                    store16(dm * load16(cp + kv), dsp + o)
-                    store16(load16(dcp + kv).addingProduct(dm, load16(sp + o)), dcp + kv)
+                    store16(dm * load16(row + cols.c + kv), dsp + o)
+                    store16(load16(drow + cols.c + kv).addingProduct(dm, load16(sp + o)), drow + cols.c + kv)
                 }
             }
         }
 
-        // Through the recurrence.
-        let dInput = Tensor(zeros: [rows, H * 16]), dGates = Tensor(zeros: [rows, H])
+        let dInput = Tensor(uninitialized: [rows, H * 16]), dGates = Tensor(uninitialized: [rows, H])
         let layout = SequenceLayout.batched(batch: batch, length: length, heads: H, headDim: 16)
         window.backward(gates: cache.gates.readOnly, inputs: cache.recurrenceInput.readOnly,
                         outputGradient: ds.readOnly, layout: layout,
                         initialState: JaggedState(for: layout, blockLength: configuration.blockLength),
                         inputGradient: dInput.buffer, gateGradient: dGates.buffer, pool: pool)
 
-        // Pre-activation gradients: a = scale*sigmoid(z) -> dz = da * a * (1 - a/scale);
-        // input = b*v -> db = sum_group dinput*v, dv = dmixed + dinput*b; b = sigmoid -> * b(1-b).
-        let dv = dMixed  // reused in place: dv = dmixed + dinput * b
-        let db = Tensor(zeros: [rows, KVH * 16])
-        let gp = cache.gates.pointer, dgp = dGates.pointer, bp = cache.b.pointer, vp = cache.v.pointer
-        let dip = dInput.pointer, dbp = db.pointer, dvp = dv.pointer
+        let dip = dInput.pointer, dgp = dGates.pointer
         forEachRowChunk(rows) { range in
             for r in range {
+                let row = z + r * P, drow = dzp + r * P
                 for h in 0..<H {
-                    let a = gp[r * H + h]
-                    dgp[r * H + h] *= a * (1 - a / scale)
-                    let o = (r * H + h) * 16, kv = r * KVH * 16 + (h / group) * 16
-                    let di = load16(dip + o), bh = load16(bp + kv)
-                    store16(load16(dbp + kv).addingProduct(di, load16(vp + o)), dbp + kv)
-                    store16(load16(dvp + o).addingProduct(di, bh), dvp + o)
+                    let a = row[h]
+                    drow[h] = dgp[r * H + h] * a * (1 - a / scale)
                 }
-                for k in 0..<(KVH * 16) {
-                    let s = bp[r * KVH * 16 + k]
-                    dbp[r * KVH * 16 + k] *= s * (1 - s)
+                (drow + cols.b).update(repeating: 0, count: cols.c - cols.b)
+                for h in 0..<H {
+                    let o = (r * H + h) * 16, kv = cols.b + (h / group) * 16
+                    let di = load16(dip + o)
+                    store16(load16(drow + kv).addingProduct(di, load16(row + cols.v + h * 16)), drow + kv)
+                    store16(load16(dmp + o).addingProduct(di, load16(row + kv)), drow + cols.v + h * 16)
+                }
+                for k in cols.b..<cols.c {
+                    let b = row[k]
+                    drow[k] *= b * (1 - b)
                 }
             }
         }
 
-        // Into the input projections: dx = sum of dz W; dW += dz^T x.
-        let dx = Tensor(zeros: [batch, length, dim])
-        let x = cache.input.pointer
-        projA.backward(dGates.pointer, input: x, rows: rows, inputGradient: dx.pointer, accumulate: true)
-        projB.backward(db.pointer, input: x, rows: rows, inputGradient: dx.pointer, accumulate: true)
-        projC.backward(dc.pointer, input: x, rows: rows, inputGradient: dx.pointer, accumulate: true)
-        projV.backward(dv.pointer, input: x, rows: rows, inputGradient: dx.pointer, accumulate: true)
+        // Weights and biases of all four projections at once, then dx.
+        Gemm.multiply(m: P, n: dim, k: rows, dzp, transposeA: true, cache.input.pointer,
+                      into: inputWeight.gradient.pointer, beta: 1, pool: pool)
+        addColumnSums(of: dz, columns: cols.v, into: inputBias.gradient.pointer)
+        let dx = Tensor(uninitialized: [batch, length, dim])
+        Gemm.multiply(m: rows, n: dim, k: P, dzp, inputWeight.value.pointer, into: dx.pointer, pool: pool)
         return dx
+    }
+
+    /// `out[j] += sum_r t[r, j]` for the first `columns` columns, with per-thread partial sums.
+    private func addColumnSums(of t: Tensor, columns: Int, into out: UnsafeMutablePointer<Float>) {
+        let rows = t.rows, width = t.columns
+        let parts = min(pool.threadCount, max(rows / 64, 1))
+        let partial = Tensor(zeros: [parts, columns])
+        let pp = partial.pointer, tp = t.pointer
+        pool.run(parts) { p in
+            let sum = pp + p * columns
+            for r in (p * rows / parts)..<((p + 1) * rows / parts) {
+                let row = tp + r * width
+                for j in 0..<columns { sum[j] += row[j] }
+            }
+        }
+        for p in 0..<parts { for j in 0..<columns { out[j] += pp[p * columns + j] } }
     }
 
     /// Runs `body` over `rows` split into one contiguous range per pool thread.

@@ -1,5 +1,6 @@
 import PhalanxRuntime
 import Foundation
+import CPhalanxIntrinsics
 
 /// Float32 storage with a shape: a 64-byte aligned, row-major buffer.
 ///
@@ -11,16 +12,45 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     public let count: Int
     /// The elements; valid as long as the tensor lives.
     public let buffer: UnsafeMutableBufferPointer<Float>
+    /// The tensor whose storage a view shares (kept alive by the view); nil when this one owns it.
+    private let base: Tensor?
 
     /// A zero-filled tensor.
-    public init(zeros shape: [Int]) {
+    public convenience init(zeros shape: [Int]) {
+        self.init(uninitialized: shape)
+        buffer.update(repeating: 0)
+    }
+
+    /// A tensor whose elements are arbitrary until written: for outputs that a kernel or a
+    /// matrix product overwrites completely.
+    public init(uninitialized shape: [Int]) {
         require(shape.allSatisfy { $0 >= 0 }, "Tensor: dimensions must be non-negative, got \(shape)")
+        _ = Tensor.allocatorConfigured
         self.shape = shape
         count = shape.reduce(1, *)
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
         buffer = UnsafeMutableBufferPointer(start: raw.bindMemory(to: Float.self, capacity: max(count, 1)), count: count)
-        buffer.initialize(repeating: 0)
+        base = nil
     }
+
+    /// A view of `count(shape)` contiguous elements of `base` starting at `offset`: writes through
+    /// either are seen by both. Layers use views to keep several parameters in one matrix (one
+    /// matrix product instead of several) while each keeps its own checkpoint name.
+    public init(viewing base: Tensor, offset: Int, shape: [Int]) {
+        let count = shape.reduce(1, *)
+        require(offset >= 0 && offset + count <= base.count,
+                "Tensor view: \(shape) at offset \(offset) does not fit in \(base.shape)")
+        self.shape = shape
+        self.count = count
+        buffer = UnsafeMutableBufferPointer(start: base.pointer + offset, count: count)
+        self.base = base
+    }
+
+    /// Activations of a few MB are allocated and freed on every step. By default glibc serves
+    /// them with fresh `mmap`s, so every step pays page faults and the kernel's page zeroing
+    /// (measured: more time than the matrix products of a Phalanx layer). Raising the mmap and
+    /// trim thresholds makes freed blocks reusable.
+    private static let allocatorConfigured: Void = phalanx_keep_freed_memory()
 
     /// A tensor holding `values` (row-major), which must number `shape`'s product.
     public convenience init(_ values: [Float], shape: [Int]) {
@@ -29,7 +59,9 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
         _ = buffer.update(fromContentsOf: values)
     }
 
-    deinit { UnsafeMutableRawPointer(buffer.baseAddress!).deallocate() }
+    deinit {
+        if base == nil { UnsafeMutableRawPointer(buffer.baseAddress!).deallocate() }
+    }
 
     public var pointer: UnsafeMutablePointer<Float> { buffer.baseAddress! }
     public var readOnly: UnsafeBufferPointer<Float> { UnsafeBufferPointer(buffer) }
@@ -46,7 +78,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     }
 
     public func copy() -> Tensor {
-        let t = Tensor(zeros: shape)
+        let t = Tensor(uninitialized: shape)
         t.pointer.update(from: pointer, count: count)
         return t
     }
@@ -54,7 +86,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     /// The same elements under another shape of equal size (a copy; tensors do not share storage).
     public func reshaped(_ newShape: [Int]) -> Tensor {
         require(newShape.reduce(1, *) == count, "Tensor.reshaped: \(shape) has \(count) elements, \(newShape) needs \(newShape.reduce(1, *))")
-        let t = Tensor(zeros: newShape)
+        let t = Tensor(uninitialized: newShape)
         t.pointer.update(from: pointer, count: count)
         return t
     }

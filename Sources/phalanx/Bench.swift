@@ -6,12 +6,50 @@ import PhalanxRuntime
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
-        abstract: "Measure the machine's ceilings, then the SWR operators as fractions of them.",
+        abstract: "Benchmarks that measure this machine's ceilings and report every result as a fraction of them.",
+        subcommands: [BenchOperators.self, BenchLayers.self],
+        defaultSubcommand: BenchOperators.self)
+}
+
+/// The machine's own ceilings, measured at the start of every benchmark run.
+struct Ceilings {
+    let threads: Int, copy: Double, sgemm: Double, fma: Double
+
+    static func measure() -> Ceilings {
+        let pool = WorkerPool.shared
+        print("Machine: \(pool.threadCount) threads")
+        let copy = MachineCeilings.copyBandwidth(pool: pool)
+        print(String(format: "  copy bandwidth      %7.1f GB/s (read + write, all threads)", copy / 1e9))
+        let sgemm = MachineCeilings.sgemmRate()
+        print(String(format: "  sgemm 1024^3        %7.1f GFLOP/s", sgemm / 1e9))
+        let fma = MachineCeilings.vectorFMARate()
+        print(String(format: "  SIMD16 FMA, 1 core  %7.1f GFLOP/s  (%@)", fma / 1e9,
+                     fma > 8e9 ? "vector fast path compiled in" : "SLOW: built without the target CPU's vector instructions"))
+        return Ceilings(threads: pool.threadCount, copy: copy, sgemm: sgemm, fma: fma)
+    }
+
+    var json: [String: Any] {
+        ["threads": threads, "copy_gbps": copy / 1e9, "sgemm_gflops": sgemm / 1e9, "simd16_fma_gflops": fma / 1e9]
+    }
+}
+
+/// Prints one JSON object on its own line: the machine-readable end of every benchmark.
+func printJSONLine(_ object: [String: Any]) {
+    let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    print(String(decoding: data, as: UTF8.self))
+}
+
+func jsonKey(_ name: String) -> String {
+    name.replacingOccurrences(of: " ", with: "_").replacingOccurrences(of: "=", with: "")
+}
+
+struct BenchOperators: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "operators",
+        abstract: "The SWR operators against the measured copy bandwidth (the default benchmark).",
         discussion: """
-        Prints the copy bandwidth and sgemm rate of this machine, a check that 16-lane vector \
-        multiply-adds are compiled in, then each operator's median time and effective bandwidth \
-        (bytes it must read and write / time) as a fraction of the copy bandwidth. The last line \
-        is one JSON object with every figure.
+        Each operator's median time and effective bandwidth (bytes it must read and write / time) \
+        as a fraction of the copy bandwidth measured in the same run. Ends with one JSON line.
         """)
 
     @Option(help: "Sequences per call.") var batch = 4
@@ -29,17 +67,7 @@ struct Bench: ParsableCommand {
     }
 
     func run() {
-        let pool = WorkerPool.shared
-        print("Machine: \(pool.threadCount) threads")
-        let copy = MachineCeilings.copyBandwidth(pool: pool)
-        print(String(format: "  copy bandwidth      %7.1f GB/s (read + write, all threads)", copy / 1e9))
-        let sgemm = MachineCeilings.sgemmRate()
-        print(String(format: "  sgemm 1024^3        %7.1f GFLOP/s", sgemm / 1e9))
-        let fma = MachineCeilings.vectorFMARate()
-        let vectorOK = fma > 8e9
-        print(String(format: "  SIMD16 FMA, 1 core  %7.1f GFLOP/s  (%@)", fma / 1e9,
-                     vectorOK ? "vector fast path compiled in" : "SLOW: built without the target CPU's vector instructions"))
-
+        let ceilings = Ceilings.measure()
         var configuration = OperatorBenchmark.Configuration()
         configuration.batch = batch
         configuration.length = length
@@ -49,24 +77,59 @@ struct Bench: ParsableCommand {
         configuration.only = only
         print("\nSWR operators: batch \(batch), length \(length), \(heads) heads x \(headDim), float32, median of \(repeats)")
         print("  operator                  time      bandwidth   of copy")
-        let results = OperatorBenchmark(configuration, pool: pool).run { r in
+        let results = OperatorBenchmark(configuration).run { r in
             print(String(format: "  %-22@ %7.2f ms  %7.1f GB/s  %5.1f%%", r.name, r.seconds * 1e3,
-                         r.bandwidth / 1e9, 100 * r.bandwidth / copy))
+                         r.bandwidth / 1e9, 100 * r.bandwidth / ceilings.copy))
         }
         let seconds = Dictionary(uniqueKeysWithValues: results.map { ($0.name, $0.seconds) })
         if let exact = seconds["exact forward"], let jagged = seconds["jagged k=2 forward"] {
             print(String(format: "  exact forward / jagged forward: %.2fx", exact / jagged))
         }
-        var json: [String: Any] = [
-            "benchmark": "swr-operators", "threads": pool.threadCount,
-            "copy_gbps": copy / 1e9, "sgemm_gflops": sgemm / 1e9, "simd16_fma_gflops": fma / 1e9,
-            "shape": ["batch": batch, "length": length, "heads": heads, "head_dim": headDim],
-        ]
+        var json = ceilings.json
+        json["benchmark"] = "swr-operators"
+        json["shape"] = ["batch": batch, "length": length, "heads": heads, "head_dim": headDim]
         for r in results {
-            let key = r.name.replacingOccurrences(of: " ", with: "_").replacingOccurrences(of: "=", with: "")
-            json[key] = ["ms": r.seconds * 1e3, "gbps": r.bandwidth / 1e9, "fraction_of_copy": r.bandwidth / copy]
+            json[jsonKey(r.name)] = ["ms": r.seconds * 1e3, "gbps": r.bandwidth / 1e9, "fraction_of_copy": r.bandwidth / ceilings.copy]
         }
-        let data = try! JSONSerialization.data(withJSONObject: json, options: [.sortedKeys])
-        print(String(decoding: data, as: UTF8.self))
+        printJSONLine(json)
+    }
+}
+
+struct BenchLayers: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "layers",
+        abstract: "Layers' forward and forward+backward against their matrix-product floor.",
+        discussion: """
+        The floor of a layer is the FLOPs of its matrix products (forward, and twice that for \
+        backward) divided by the sgemm rate measured in the same run. Ends with one JSON line.
+        """)
+
+    @Option(help: "Model width (heads of 16 channels for Phalanx).") var dim = 256
+    @Option(help: "Key/value heads of the Phalanx layer (default: as many as heads).") var kvHeads: Int?
+    @Option(help: "Sequence length.") var length = 4096
+    @Option(help: "Timed repeats per figure (the median is reported).") var repeats = 7
+
+    func validate() throws {
+        guard dim >= 16 && dim % 16 == 0 else { throw ValidationError("--dim must be a positive multiple of 16; got \(dim).") }
+        if let kvHeads, kvHeads < 1 || (dim / 16) % kvHeads != 0 {
+            throw ValidationError("--kv-heads must divide the \(dim / 16) heads; got \(kvHeads).")
+        }
+        guard length >= 1 else { throw ValidationError("--length must be at least 1; got \(length).") }
+    }
+
+    func run() {
+        let ceilings = Ceilings.measure()
+        let kv = kvHeads ?? dim / 16
+        print("\nLayers: dim \(dim), length \(length), batch 1, float32, median of \(repeats)")
+        print("  layer        forward   fwd+bwd    GEMM floor  ratio")
+        let t = LayerBenchmark.phalanx(dim: dim, kvHeads: kv, length: length, repeats: repeats)
+        let floor = 3 * t.forwardGemmFlops / ceilings.sgemm
+        print(String(format: "  %-10@ %7.2f ms %7.2f ms  %7.2f ms  %5.2fx", t.name, t.forward * 1e3,
+                     t.forwardBackward * 1e3, floor * 1e3, t.floorRatio(sgemmRate: ceilings.sgemm)))
+        var json = ceilings.json
+        json["benchmark"] = "layers"
+        json[t.name] = ["forward_ms": t.forward * 1e3, "forward_backward_ms": t.forwardBackward * 1e3,
+                        "gemm_floor_ms": floor * 1e3, "floor_ratio": t.floorRatio(sgemmRate: ceilings.sgemm)]
+        printJSONLine(json)
     }
 }

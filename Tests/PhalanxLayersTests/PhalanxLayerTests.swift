@@ -101,7 +101,7 @@ struct PhalanxLayerTests {
         let (batch, length, dim) = (2, 37, 32)
         let layer = PhalanxLayer("mixer", .init(dim: dim, kvHeads: kvHeads, gateScale: gateScale), rng: &rng)
         // Biases that push some gates near 1, so the carrier between blocks matters.
-        layer.projA.bias!.value.buffer.update(fromContentsOf: [3, -1])
+        layer.projABias.value.buffer.update(fromContentsOf: [3, -1])
         let x = randomTensor([batch, length, dim], _: &rng)
         let dy = randomTensor([batch, length, dim], _: &rng)
         let (_, cache) = layer.forward(x)

@@ -1,0 +1,36 @@
+import Foundation
+import PhalanxLayers
+import PhalanxRuntime
+
+/// Times a layer's forward and forward+backward and relates them to its matrix-product floor:
+/// the FLOPs of its GEMMs divided by the sgemm rate measured in the same run.
+public struct LayerTiming: Sendable {
+    public let name: String
+    public let length: Int
+    public let forward: Double
+    public let forwardBackward: Double
+    /// FLOPs of the forward's matrix products; backward's are twice these.
+    public let forwardGemmFlops: Double
+
+    /// Ratio of the measured forward+backward time to the matrix-product floor.
+    public func floorRatio(sgemmRate: Double) -> Double { forwardBackward / (3 * forwardGemmFlops / sgemmRate) }
+}
+
+public enum LayerBenchmark {
+    /// The Phalanx layer at `dim` (heads of 16, `kvHeads` key/value heads), one sequence of `length`.
+    public static func phalanx(dim: Int, kvHeads: Int, batch: Int = 1, length: Int, repeats: Int) -> LayerTiming {
+        var rng = SeededGenerator(seed: 1)
+        let layer = PhalanxLayer("bench", .init(dim: dim, kvHeads: kvHeads), rng: &rng)
+        let x = Tensor((0..<(batch * length * dim)).map { _ in Float.random(in: -1...1, using: &rng) }, shape: [batch, length, dim])
+        let dy = Tensor((0..<(batch * length * dim)).map { _ in Float.random(in: -1...1, using: &rng) }, shape: [batch, length, dim])
+        let forward = Timing.median(repeats: repeats) { _ = layer.forward(x) }
+        let both = Timing.median(repeats: repeats) {
+            let (_, cache) = layer.forward(x)
+            _ = layer.backward(dy, cache: cache)
+        }
+        let H = dim / 16
+        let projections = H + 2 * kvHeads * 16 + H * 16 + dim
+        let flops = 2 * Double(batch * length) * Double(dim) * Double(projections)
+        return LayerTiming(name: "phalanx", length: length, forward: forward, forwardBackward: both, forwardGemmFlops: flops)
+    }
+}
