@@ -53,3 +53,26 @@ struct SafetensorsTests {
         #expect { try file.floats("w", shape: [3]) } throws: { "\($0)".contains("'w' has shape [2], expected [3]") }
     }
 }
+
+@Suite("Safetensors writer")
+struct SafetensorsWriterTests {
+    @Test("what is written reads back: values, shapes, metadata, aligned data")
+    func roundTrip() throws {
+        var writer = SafetensorsWriter()
+        writer.add("b", floats: [1, 2, 3], shape: [3])
+        writer.add("a.weight", floats: [0.5, -1, 2, 4, 8, 16], shape: [2, 3])
+        writer.metadata = ["config": "{\"dim\":4}"]
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("phalanx-\(UUID().uuidString)/x.safetensors")
+        try writer.write(to: url)
+        try writer.write(to: url)  // overwriting an existing file works too
+        let file = try SafetensorsFile(contentsOf: url)
+        #expect(try file.floats("a.weight", shape: [2, 3]) == [0.5, -1, 2, 4, 8, 16])
+        #expect(try file.floats("b") == [1, 2, 3])
+        #expect(file.metadata["config"] == "{\"dim\":4}")
+        let raw = try Data(contentsOf: url)
+        let headerLength = raw.prefix(8).enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
+        #expect((8 + headerLength) % 8 == 0)
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: url.deletingLastPathComponent().path)
+        #expect(leftovers == ["x.safetensors"])
+    }
+}

@@ -1,0 +1,77 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Writes safetensors files: an 8-byte little-endian header length, the JSON header (tensor
+/// name -> dtype, shape, data offsets; optional `__metadata__` strings), then the raw
+/// little-endian data, each tensor's bytes 8-byte aligned by padding the header with spaces.
+///
+/// `write(to:)` is atomic: the file is written under a temporary name in the same folder and
+/// renamed over the destination, so an interrupted write never leaves a truncated file.
+public struct SafetensorsWriter {
+    private var entries: [(name: String, dtype: TensorDType, shape: [Int], bytes: Data)] = []
+    public var metadata: [String: String] = [:]
+
+    public init() {}
+
+    /// Adds a float32 tensor; `values` must number `shape`'s product.
+    public mutating func add(_ name: String, floats values: [Float], shape: [Int]) {
+        precondition(values.count == shape.reduce(1, *), "SafetensorsWriter: '\(name)' has \(values.count) values for shape \(shape)")
+        var data = Data(count: values.count * 4)
+        data.withUnsafeMutableBytes { raw in
+            for (i, v) in values.enumerated() { raw.storeBytes(of: v.bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
+        }
+        add(name, dtype: .float32, shape: shape, bytes: data)
+    }
+
+    /// Adds raw little-endian bytes of a tensor.
+    public mutating func add(_ name: String, dtype: TensorDType, shape: [Int], bytes: Data) {
+        precondition(!entries.contains { $0.name == name } && name != "__metadata__", "SafetensorsWriter: duplicate or reserved name '\(name)'")
+        precondition(bytes.count == shape.reduce(dtype.byteSize, *), "SafetensorsWriter: '\(name)' has \(bytes.count) bytes for \(dtype.rawValue) \(shape)")
+        entries.append((name, dtype, shape, bytes))
+    }
+
+    /// The complete file image.
+    public func serialized() throws -> Data {
+        var header: [String: Any] = [:]
+        var offset = 0
+        for e in entries {
+            header[e.name] = ["dtype": e.dtype.rawValue, "shape": e.shape, "data_offsets": [offset, offset + e.bytes.count]]
+            offset += e.bytes.count
+        }
+        if !metadata.isEmpty { header["__metadata__"] = metadata }
+        var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
+        while (8 + json.count) % 8 != 0 { json.append(0x20) }
+        var out = Data(capacity: 8 + json.count + offset)
+        withUnsafeBytes(of: UInt64(json.count).littleEndian) { out.append(contentsOf: $0) }
+        out.append(json)
+        for e in entries { out.append(e.bytes) }
+        return out
+    }
+
+    /// Writes the file atomically (temporary file in the same folder, then rename).
+    public func write(to url: URL) throws {
+        try writeAtomically(try serialized(), to: url)
+    }
+}
+
+/// Writes `data` under a temporary name beside `url`, flushes it, then renames it over `url`.
+public func writeAtomically(_ data: Data, to url: URL) throws {
+    let folder = url.deletingLastPathComponent()
+    try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+    let temporary = folder.appendingPathComponent(".\(url.lastPathComponent).\(UUID().uuidString).partial")
+    do {
+        try data.write(to: temporary)
+        let handle = try FileHandle(forWritingTo: temporary)
+        try handle.synchronize()
+        try handle.close()
+        // rename(2) replaces the destination atomically.
+        guard rename(temporary.path, url.path) == 0 else {
+            throw SafetensorsError("rename failed with errno \(errno)")
+        }
+    } catch {
+        try? FileManager.default.removeItem(at: temporary)
+        throw SafetensorsError("\(url.path): could not write (\(error.localizedDescription))")
+    }
+}
