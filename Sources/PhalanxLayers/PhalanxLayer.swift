@@ -66,6 +66,8 @@ public final class PhalanxLayer: ParameterContainer {
         public let gates: Tensor
         /// `[rows, H*16]`: `b * v` (the recurrence input), `s`, and `s * c + v`.
         public let recurrenceInput: Tensor, recurrence: Tensor, mixed: Tensor
+        /// The recurrence state the call started from.
+        let initialState: JaggedState
         let columns: Columns
 
         /// `[rows, KVH*16]` sigmoid(proj_b(x)), a copy for inspection.
@@ -140,11 +142,25 @@ public final class PhalanxLayer: ParameterContainer {
         [projA, projABias, projB, projBBias, projC, projCBias, projV] + projOut.parameters
     }
 
-    /// `x` `[batch, length, dim]` to `y` `[batch, length, dim]`.
+    /// `x` `[batch, length, dim]` to `y` `[batch, length, dim]`, every sequence from the start.
     public func forward(_ x: Tensor) -> (Tensor, Cache) {
+        var state = makeState(batch: x.shape.first ?? 0)
+        return forward(x, state: &state)
+    }
+
+    /// The recurrence state of `batch` sequences at their start: what decoding carries from one
+    /// call to the next (`(2 * 16 + 1) * heads` floats per sequence, whatever the context).
+    public func makeState(batch: Int) -> JaggedState {
+        JaggedState(sequences: batch, heads: configuration.heads, headDim: 16, blockLength: configuration.blockLength)
+    }
+
+    /// Continues every sequence from `state` and leaves in it the state after the last position:
+    /// a prefill split into chunks of any size, or one-position decode steps, equal one pass.
+    public func forward(_ x: Tensor, state: inout JaggedState) -> (Tensor, Cache) {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
         require(x.shape.count == 3 && x.shape[2] == dim, "PhalanxLayer: input must be [batch, length, \(dim)], got \(x.shape)")
         let (batch, length) = (x.shape[0], x.shape[1])
+        let initialState = state
         let rows = batch * length, P = columns.width, cols = columns
 
         // z = x W^T + bias, all four projections in one product.
@@ -181,7 +197,6 @@ public final class PhalanxLayer: ParameterContainer {
 
         let recurrence = Tensor(uninitialized: [rows, H * 16])
         let layout = SequenceLayout.batched(batch: batch, length: length, heads: H, headDim: 16)
-        var state = JaggedState(for: layout, blockLength: configuration.blockLength)
         window.forward(gates: gates.readOnly, inputs: recurrenceInput.readOnly, output: recurrence.buffer,
                        layout: layout, state: &state, pool: pool)
 
@@ -200,7 +215,8 @@ public final class PhalanxLayer: ParameterContainer {
         let y = Tensor(uninitialized: [batch, length, dim])
         projOut.forward(mixed.pointer, rows: rows, into: y.pointer)
         return (y, Cache(input: x, shape: (batch, length), projections: z, gates: gates,
-                         recurrenceInput: recurrenceInput, recurrence: recurrence, mixed: mixed, columns: cols))
+                         recurrenceInput: recurrenceInput, recurrence: recurrence, mixed: mixed,
+                         initialState: initialState, columns: cols))
     }
 
     /// Adds every parameter gradient for output cotangent `dy` `[batch, length, dim]`; returns `dx`.
@@ -241,8 +257,7 @@ public final class PhalanxLayer: ParameterContainer {
         let layout = SequenceLayout.batched(batch: batch, length: length, heads: H, headDim: 16)
         window.backward(gates: cache.gates.readOnly, inputs: cache.recurrenceInput.readOnly,
                         outputGradient: ds.readOnly, layout: layout,
-                        initialState: JaggedState(for: layout, blockLength: configuration.blockLength),
-                        inputGradient: dInput.buffer, gateGradient: dGates.buffer, pool: pool)
+                        initialState: cache.initialState, inputGradient: dInput.buffer, gateGradient: dGates.buffer, pool: pool)
 
         let dip = dInput.pointer, dgp = dGates.pointer
         forEachRowChunk(rows) { range in

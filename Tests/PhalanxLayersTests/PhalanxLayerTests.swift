@@ -158,3 +158,37 @@ struct PhalanxLayerTests {
         }
     }
 }
+
+@Suite("Phalanx layer: state across calls")
+struct PhalanxLayerStateTests {
+    @Test("a prefill in ragged chunks, then one-token steps, equals one pass", arguments: [0, 1, 15, 16, 17, 40, 48])
+    func chunksAndSteps(prompt: Int) {
+        var rng = SeededGenerator(seed: 9)
+        let layer = PhalanxLayer("", .init(dim: 32, kvHeads: 1), rng: &rng)
+        layer.projABias.value.buffer.update(fromContentsOf: [4, 2])
+        let (batch, length, dim) = (2, 70, 32)
+        let x = randomTensor([batch, length, dim], _: &rng)
+        let (full, _) = layer.forward(x)
+        func rows(_ t: Tensor, _ range: Range<Int>) -> Tensor {
+            let out = Tensor(zeros: [batch, range.count, dim])
+            for b in 0..<batch {
+                (out.pointer + b * range.count * dim).update(from: t.pointer + (b * length + range.lowerBound) * dim, count: range.count * dim)
+            }
+            return out
+        }
+        var state = layer.makeState(batch: batch)
+        var start = 0, chunk = 0
+        while start < prompt {
+            let size = min([5, 0, 11][chunk % 3], prompt - start)
+            chunk += 1
+            let (y, _) = layer.forward(rows(x, start..<(start + size)), state: &state)
+            expectClose(y.array, rows(full, start..<(start + size)).array.map(Double.init), tolerance: 1e-6, "prefill chunk at \(start)")
+            start += size
+        }
+        for i in prompt..<length {
+            let (y, _) = layer.forward(rows(x, i..<(i + 1)), state: &state)
+            expectClose(y.array, rows(full, i..<(i + 1)).array.map(Double.init), tolerance: 1e-6, "step \(i)")
+        }
+        #expect(state.local.count == batch * 2 * 16, "the state stays (2 heads x 16) per sequence")
+    }
+}
