@@ -34,6 +34,7 @@ let package = Package(
         .target(name: "PhalanxRuntime", dependencies: ["CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "SWR", dependencies: ["PhalanxRuntime", "CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "Checkpoint", swiftSettings: cpuFlags),
+        .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(
             name: "PhalanxLayers",
             dependencies: [
@@ -42,15 +43,22 @@ let package = Package(
             ],
             swiftSettings: cpuFlags),
         .target(
+            name: "PhalanxModels", dependencies: ["PhalanxLayers", "PhalanxRuntime", "Checkpoint"],
+            swiftSettings: cpuFlags),
+        .target(
+            name: "PhalanxTraining",
+            dependencies: ["PhalanxModels", "PhalanxLayers", "PhalanxData", "PhalanxRuntime", "Checkpoint"],
+            swiftSettings: cpuFlags),
+        .target(
             name: "PhalanxBench",
             dependencies: [
-                "SWR", "PhalanxLayers", "PhalanxRuntime",
+                "SWR", "PhalanxLayers", "PhalanxModels", "PhalanxTraining", "PhalanxRuntime",
                 .target(name: "CBLAS", condition: .when(platforms: [.linux])),
             ], swiftSettings: cpuFlags),
         .executableTarget(
             name: "phalanx",
             dependencies: [
-                "SWR", "PhalanxBench",
+                "SWR", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: cpuFlags),
@@ -58,6 +66,11 @@ let package = Package(
             name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
+        .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime"], swiftSettings: cpuFlags),
+        .testTarget(
+            name: "PhalanxModelsTests",
+            dependencies: ["PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxLayers", "PhalanxRuntime", "Checkpoint"],
+            swiftSettings: cpuFlags),
         .testTarget(
             name: "PhalanxLayersTests", dependencies: ["PhalanxLayers", "PhalanxRuntime", "Checkpoint"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),

@@ -21,8 +21,11 @@ public struct OperatorBenchmark {
 
     public struct Result: Sendable {
         public let name: String
+        /// Median time of the operator.
         public let seconds: Double
         public let bytes: Int
+        /// Median over repeats of (operator bandwidth / copy bandwidth measured just before it).
+        public let fractionOfCopy: Double
         public var bandwidth: Double { Double(bytes) / seconds }
     }
 
@@ -50,9 +53,31 @@ public struct OperatorBenchmark {
         let backwardBytes = 2 * gateBytes + 3 * elementBytes
 
         var results: [Result] = []
+        // The machine is shared and its bandwidth drifts: every repeat times a copy of the same
+        // number of bytes right before the operator, and the ratio is taken pairwise.
+        let copySource = BenchBuffer(count: backwardBytes / 8) { Float($0 & 1023) }
+        let copyDestination = BenchBuffer(count: backwardBytes / 8) { _ in 0 }
+        func copy(_ bytes: Int) -> Double {
+            let count = bytes / 8, parts = pool.threadCount
+            let src = copySource.pointer.baseAddress!, dst = copyDestination.pointer.baseAddress!
+            return Timing.seconds {
+                pool.run(parts) { p in
+                    let begin = p * count / parts, end = (p + 1) * count / parts
+                    (dst + begin).update(from: src + begin, count: end - begin)
+                }
+            }
+        }
         func measure(_ name: String, bytes: Int, _ body: () -> Void) {
             if let only = c.only, !name.contains(only) { return }
-            let result = Result(name: name, seconds: Timing.median(repeats: c.repeats, body), bytes: bytes)
+            body()
+            var times: [Double] = [], ratios: [Double] = []
+            for _ in 0..<c.repeats {
+                let copySeconds = copy(bytes)
+                let seconds = Timing.seconds(body)
+                times.append(seconds)
+                ratios.append(copySeconds / seconds)
+            }
+            let result = Result(name: name, seconds: median(times), bytes: bytes, fractionOfCopy: median(ratios))
             results.append(result)
             log(result)
         }
@@ -84,5 +109,11 @@ public struct OperatorBenchmark {
                                        gateGradient: gateGradient.pointer, pool: pool)
         }
         return results
+    }
+
+    private func median(_ values: [Double]) -> Double {
+        let sorted = values.sorted()
+        let n = sorted.count
+        return n % 2 == 1 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2
     }
 }

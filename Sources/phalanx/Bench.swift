@@ -1,13 +1,14 @@
 import ArgumentParser
 import Foundation
 import PhalanxBench
+import PhalanxModels
 import PhalanxRuntime
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that measure this machine's ceilings and report every result as a fraction of them.",
-        subcommands: [BenchOperators.self, BenchLayers.self],
+        subcommands: [BenchOperators.self, BenchLayers.self, BenchTraining.self],
         defaultSubcommand: BenchOperators.self)
 }
 
@@ -49,7 +50,9 @@ struct BenchOperators: ParsableCommand {
         abstract: "The SWR operators against the measured copy bandwidth (the default benchmark).",
         discussion: """
         Each operator's median time and effective bandwidth (bytes it must read and write / time) \
-        as a fraction of the copy bandwidth measured in the same run. Ends with one JSON line.
+        as a fraction of the copy bandwidth: every repeat copies the same number of bytes with all \
+        threads right before the operator, and the median of those paired ratios is reported \
+        (the machine is shared; its bandwidth drifts). Ends with one JSON line.
         """)
 
     @Option(help: "Sequences per call.") var batch = 4
@@ -76,10 +79,10 @@ struct BenchOperators: ParsableCommand {
         configuration.repeats = repeats
         configuration.only = only
         print("\nSWR operators: batch \(batch), length \(length), \(heads) heads x \(headDim), float32, median of \(repeats)")
-        print("  operator                  time      bandwidth   of copy")
+        print("  operator                  time      bandwidth   of copy (paired)")
         let results = OperatorBenchmark(configuration).run { r in
             print(String(format: "  %-22@ %7.2f ms  %7.1f GB/s  %5.1f%%", r.name, r.seconds * 1e3,
-                         r.bandwidth / 1e9, 100 * r.bandwidth / ceilings.copy))
+                         r.bandwidth / 1e9, 100 * r.fractionOfCopy))
         }
         let seconds = Dictionary(uniqueKeysWithValues: results.map { ($0.name, $0.seconds) })
         if let exact = seconds["exact forward"], let jagged = seconds["jagged k=2 forward"] {
@@ -89,7 +92,7 @@ struct BenchOperators: ParsableCommand {
         json["benchmark"] = "swr-operators"
         json["shape"] = ["batch": batch, "length": length, "heads": heads, "head_dim": headDim]
         for r in results {
-            json[jsonKey(r.name)] = ["ms": r.seconds * 1e3, "gbps": r.bandwidth / 1e9, "fraction_of_copy": r.bandwidth / ceilings.copy]
+            json[jsonKey(r.name)] = ["ms": r.seconds * 1e3, "gbps": r.bandwidth / 1e9, "fraction_of_copy": r.fractionOfCopy]
         }
         printJSONLine(json)
     }
@@ -130,6 +133,63 @@ struct BenchLayers: ParsableCommand {
         json["benchmark"] = "layers"
         json[t.name] = ["forward_ms": t.forward * 1e3, "forward_backward_ms": t.forwardBackward * 1e3,
                         "gemm_floor_ms": floor * 1e3, "floor_ratio": t.floorRatio(sgemmRate: ceilings.sgemm)]
+        printJSONLine(json)
+    }
+}
+
+struct BenchTraining: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "train",
+        abstract: "Training-step speed (forward, backward, AdamW) of the presets at several context lengths.",
+        discussion: """
+        Batch 1, random byte tokens. Reports tokens/s, model-FLOPs utilisation (model FLOPs per \
+        second over the sgemm rate measured in the same run), each preset's speed-up over the \
+        first preset, and over PyTorch 2.15 on this machine for the same models (2 threads, \
+        float32; figures measured outside this program and quoted in the issue). Ends with one JSON line.
+        """)
+
+    @Option(parsing: .upToNextOption, help: "Presets to compare (the first is the baseline of the ratios).")
+    var presets = ["transformer-small", "swa-hybrid-small", "phalanx-hybrid-small"]
+    @Option(parsing: .upToNextOption, help: "Context lengths.") var contexts = [2048, 8192, 32768]
+    @Option(help: "Timed steps per figure (the median is reported).") var steps = 3
+    @Option(help: "Sliding-window attention window.") var window = 512
+
+    /// PyTorch 2.15, 2 threads, float32, batch 1, forward+backward+AdamW, tokens/s (issue 4).
+    static let pytorch: [String: [Int: Double]] = [
+        "transformer-small": [2048: 3971, 8192: 1569, 32768: 450],
+        "swa-hybrid-small": [2048: 3671, 8192: 2412, 32768: 1062],
+        "phalanx-hybrid-small": [2048: 4710, 8192: 3102, 32768: 1243],
+    ]
+
+    func validate() throws {
+        for p in presets { _ = try ModelConfiguration.preset(p) }
+        guard contexts.allSatisfy({ $0 >= 16 }), steps >= 1 else { throw ValidationError("--contexts must be >= 16 and --steps >= 1.") }
+    }
+
+    func run() throws {
+        let ceilings = Ceilings.measure()
+        print("\nTraining step, batch 1, median of \(steps) (window \(window) for S layers)")
+        print("  preset                 context   ms/step    tokens/s   MFU     vs \(presets[0])   vs PyTorch")
+        var json = ceilings.json
+        json["benchmark"] = "training-step"
+        var baseline: [Int: Double] = [:]
+        var rows: [[String: Any]] = []
+        for context in contexts {
+            for preset in presets {
+                let r = try TrainingBenchmark.measure(preset: preset, context: context, steps: steps, window: window)
+                if preset == presets[0] { baseline[context] = r.tokensPerSecond }
+                let speedup = r.tokensPerSecond / (baseline[context] ?? r.tokensPerSecond)
+                let torch = Self.pytorch[preset]?[context]
+                print(String(format: "  %-22@ %7d %9.1f %11.0f   %4.1f%%   %6.2fx       %@", preset, context, r.secondsPerStep * 1e3,
+                             r.tokensPerSecond, 100 * r.utilisation(sgemmRate: ceilings.sgemm), speedup,
+                             torch.map { String(format: "%.2fx", r.tokensPerSecond / $0) } ?? "-"))
+                var row: [String: Any] = ["preset": preset, "context": context, "tokens_per_second": r.tokensPerSecond,
+                                          "mfu": r.utilisation(sgemmRate: ceilings.sgemm), "speedup_vs_first": speedup]
+                if let torch { row["speedup_vs_pytorch"] = r.tokensPerSecond / torch }
+                rows.append(row)
+            }
+        }
+        json["results"] = rows
         printJSONLine(json)
     }
 }

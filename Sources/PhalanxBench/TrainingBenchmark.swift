@@ -1,0 +1,63 @@
+import Foundation
+import PhalanxLayers
+import PhalanxModels
+import PhalanxRuntime
+import PhalanxTraining
+
+/// Times training steps (forward, backward, AdamW) of a model on random tokens.
+public enum TrainingBenchmark {
+    public struct Result: Sendable {
+        public let preset: String
+        public let context: Int
+        public let secondsPerStep: Double
+        public let tokensPerStep: Int
+        public let modelFlopsPerStep: Double
+        public var tokensPerSecond: Double { Double(tokensPerStep) / secondsPerStep }
+        /// Model FLOPs per second over the sgemm rate.
+        public func utilisation(sgemmRate: Double) -> Double { modelFlopsPerStep / secondsPerStep / sgemmRate }
+    }
+
+    /// Model FLOPs of one training step over `tokens` tokens of context `context`:
+    ///
+    ///     6 * N * T   (every weight: a multiply-add forward, two backward; N includes the tied head)
+    ///   + 6 * 2 * T * span * d_attn per attention layer   (scores and values; span = L/2 causal,
+    ///                                                      min(w, L) - w^2/2L sliding window)
+    public static func modelFlops(_ model: LanguageModel, tokens: Int, context: Int) -> Double {
+        let c = model.configuration
+        let n = Double(model.parameterCount)
+        var flops = 6 * n * Double(tokens)
+        let width = Double(c.attentionHeads * c.attentionHeadDim)
+        for kind in model.mixerKinds {
+            let L = Double(context)
+            let span: Double
+            switch kind {
+            case .phalanx: continue
+            case .attention: span = L / 2
+            case .slidingWindow:
+                let w = min(Double(c.window), L)
+                span = w - w * w / (2 * L)
+            }
+            flops += 6 * 2 * Double(tokens) * span * width
+        }
+        return flops
+    }
+
+    public static func measure(preset: String, context: Int, steps: Int, window: Int? = nil) throws -> Result {
+        var configuration = try ModelConfiguration.preset(preset)
+        if let window { configuration.window = window }
+        let model = try LanguageModel(configuration, seed: 1)
+        let optimizer = AdamW(model.parameters)
+        var rng = SeededGenerator(seed: 2)
+        let tokens = (0..<(context + 1)).map { _ in Int32.random(in: 0..<Int32(configuration.vocabulary), using: &rng) }
+        let inputs = Array(tokens.prefix(context)), targets = Array(tokens.dropFirst())
+        let seconds = Timing.median(repeats: steps) {
+            model.zeroGradients()
+            let cache = model.forward(tokens: inputs, batch: 1, length: context)
+            _ = model.loss(cache, targets: targets)
+            model.backward(cache)
+            optimizer.update(learningRate: 1e-4)
+        }
+        return Result(preset: preset, context: context, secondsPerStep: seconds, tokensPerStep: context,
+                      modelFlopsPerStep: modelFlops(model, tokens: context, context: context))
+    }
+}

@@ -1,0 +1,105 @@
+import PhalanxRuntime
+
+/// Next-token examples: row `b` of `inputs` is a window of the corpus, and `targets[b, t]` is the
+/// token that follows `inputs[b, t]`.
+///
+/// Layout: `inputs` and `targets` are `[batchSize, contextLength]`, row-major.
+public struct Batch: Sendable, Equatable {
+    public var batchSize: Int
+    public var contextLength: Int
+    public var inputs: [Int32]
+    public var targets: [Int32]
+
+    /// A batch whose rows are the windows of `contextLength + 1` tokens starting at `starts`.
+    init(split: TokenSplit, starts: [Int], contextLength: Int) {
+        let t = contextLength
+        batchSize = starts.count
+        self.contextLength = t
+        inputs = [Int32](repeating: 0, count: starts.count * t)
+        targets = inputs
+        inputs.withUnsafeMutableBufferPointer { inputs in
+            targets.withUnsafeMutableBufferPointer { targets in
+                for (b, start) in starts.enumerated() {
+                    split.copy(start ..< start + t, into: inputs.baseAddress! + b * t)
+                    split.copy(start + 1 ..< start + t + 1, into: targets.baseAddress! + b * t)
+                }
+            }
+        }
+    }
+}
+
+/// Draws training batches: `batchSize` windows of `contextLength + 1` tokens at uniformly random
+/// starts in `0 ... split.count - contextLength - 1` (with replacement), from a seeded generator.
+///
+/// The whole state is the three stored properties, and it is `Codable`: save it with a checkpoint
+/// and a resumed run draws exactly the batches the uninterrupted run would have drawn. Starts are
+/// drawn with Lemire's multiply-and-reject method written out here, not `Int.random(in:)`, so the
+/// stream does not depend on the standard library's implementation.
+public struct BatchSampler: Codable, Sendable, Equatable {
+    public let batchSize: Int
+    public let contextLength: Int
+    public var generator: SeededGenerator
+
+    public init(batchSize: Int, contextLength: Int, seed: UInt64) {
+        precondition(batchSize > 0 && contextLength > 0, "BatchSampler: batchSize and contextLength must be positive, got \(batchSize) and \(contextLength)")
+        self.batchSize = batchSize
+        self.contextLength = contextLength
+        generator = SeededGenerator(seed: seed)
+    }
+
+    /// The next batch from `split`, which must hold at least `contextLength + 1` tokens.
+    public mutating func next(from split: TokenSplit) -> Batch {
+        precondition(split.count > contextLength, "BatchSampler: a split of \(split.count) tokens is too short for windows of contextLength + 1 = \(contextLength + 1)")
+        let positions = UInt64(split.count - contextLength)
+        let starts = (0..<batchSize).map { _ in Int(uniform(below: positions)) }
+        return Batch(split: split, starts: starts, contextLength: contextLength)
+    }
+
+    /// A uniform draw from `0 ..< n` (Lemire, "Fast Random Integer Generation in an Interval", 2019).
+    private mutating func uniform(below n: UInt64) -> UInt64 {
+        var product = generator.next().multipliedFullWidth(by: n)
+        if product.low < n {
+            let threshold = (0 &- n) % n
+            while product.low < threshold { product = generator.next().multipliedFullWidth(by: n) }
+        }
+        return product.high
+    }
+}
+
+/// Evaluation batches over a whole split in non-overlapping windows, in order.
+///
+/// Window `w` has inputs at positions `w*T ..< (w+1)*T` and targets one further on, so every
+/// token at positions `1 ... windowCount*T` is predicted exactly once, each from at most `T`
+/// tokens of context (the context restarts at every window). The last `(count - 1) % T` tokens
+/// are not scored (fewer than one window); a split shorter than `T + 1` gives no windows. Each
+/// batch holds `batchSize` windows, the last one possibly fewer. Run it once per context length
+/// to compare a model at several lengths.
+public struct EvaluationBatches: Sequence, IteratorProtocol, Sendable {
+    public let split: TokenSplit
+    public let contextLength: Int
+    public let batchSize: Int
+    /// How many windows are scored: `(count - 1) / contextLength`, capped by `maxWindows`.
+    public let windowCount: Int
+    private var nextWindow = 0
+
+    /// - Parameter maxWindows: score only the first this many windows (for a quick evaluation).
+    public init(split: TokenSplit, contextLength: Int, batchSize: Int, maxWindows: Int? = nil) {
+        precondition(batchSize > 0 && contextLength > 0, "EvaluationBatches: batchSize and contextLength must be positive, got \(batchSize) and \(contextLength)")
+        precondition((maxWindows ?? 0) >= 0, "EvaluationBatches: maxWindows must not be negative")
+        self.split = split
+        self.contextLength = contextLength
+        self.batchSize = batchSize
+        let all = Swift.max(0, split.count - 1) / contextLength
+        windowCount = Swift.min(all, maxWindows ?? all)
+    }
+
+    /// The number of tokens scored: `windowCount * contextLength`.
+    public var targetCount: Int { windowCount * contextLength }
+
+    public mutating func next() -> Batch? {
+        guard nextWindow < windowCount else { return nil }
+        let windows = nextWindow ..< Swift.min(nextWindow + batchSize, windowCount)
+        nextWindow = windows.upperBound
+        return Batch(split: split, starts: windows.map { $0 * contextLength }, contextLength: contextLength)
+    }
+}

@@ -1,0 +1,196 @@
+import Foundation
+import PhalanxLayers
+import PhalanxRuntime
+
+/// A mixer of any kind, its cache type erased, so blocks of different kinds share one array.
+struct AnyMixer {
+    let layer: any ParameterContainer
+    let forward: (Tensor) -> (Tensor, Any)
+    let backward: (Tensor, Any) -> Tensor
+
+    init<Mixer: SequenceMixer>(_ mixer: Mixer) {
+        layer = mixer
+        forward = { x in
+            let (y, cache) = mixer.forward(x)
+            return (y, cache)
+        }
+        backward = { dy, cache in mixer.backward(dy, cache: cache as! Mixer.Cache) }
+    }
+}
+
+/// One block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`.
+final class Block: ParameterContainer {
+    let kind: MixerKind
+    let mixerNorm: RMSNorm, mixer: AnyMixer, mlpNorm: RMSNorm, mlp: SwiGLU
+
+    struct Cache {
+        let input: Tensor, mixer: Any, afterMixer: Tensor, mlp: SwiGLU.Cache
+    }
+
+    init(_ name: String, kind: MixerKind, mixer: AnyMixer, configuration c: ModelConfiguration, rng: inout SeededGenerator) {
+        self.kind = kind
+        mixerNorm = RMSNorm(qualified(name, "mixer_norm"), dim: c.dim)
+        self.mixer = mixer
+        mlpNorm = RMSNorm(qualified(name, "mlp_norm"), dim: c.dim)
+        mlp = SwiGLU(qualified(name, "mlp"), dim: c.dim, hidden: c.mlpHidden, rng: &rng)
+    }
+
+    var parameters: [Parameter] { mixerNorm.parameters + mixer.layer.parameters + mlpNorm.parameters + mlp.parameters }
+
+    func forward(_ x: Tensor) -> (Tensor, Cache) {
+        let (mixed, mixerCache) = mixer.forward(mixerNorm.forward(x))
+        mixed.add(x)
+        let (out, mlpCache) = mlp.forward(mlpNorm.forward(mixed))
+        out.add(mixed)
+        return (out, Cache(input: x, mixer: mixerCache, afterMixer: mixed, mlp: mlpCache))
+    }
+
+    func backward(_ dy: Tensor, cache: Cache) -> Tensor {
+        // Through the MLP branch, plus the residual.
+        let dMixed = mlpNorm.backward(mlp.backward(dy, cache: cache.mlp), input: cache.afterMixer)
+        dMixed.add(dy)
+        // Through the mixer branch, plus the residual.
+        let dx = mixerNorm.backward(mixer.backward(dMixed, cache.mixer), input: cache.input)
+        dx.add(dMixed)
+        return dx
+    }
+}
+
+/// A hybrid language model (see `ModelConfiguration`), forward and hand-written backward.
+///
+/// Parameter names: `embed_tokens.weight`, `layers.{i}.mixer_norm.weight`,
+/// `layers.{i}.mixer.*` (Phalanx: `param.proj_a.weight` ...; attention: `q_proj.weight` ...),
+/// `layers.{i}.mlp_norm.weight`, `layers.{i}.mlp.{gate,up,down}_proj.weight`, `norm.weight`,
+/// and `lm_head.weight` when the head is not tied to the embedding.
+public final class LanguageModel: ParameterContainer {
+    public let configuration: ModelConfiguration
+    let embedding: Embedding
+    let blocks: [Block]
+    let finalNorm: RMSNorm
+    let head: Linear?
+    let pool: WorkerPool
+
+    public struct Cache {
+        public let batch: Int, length: Int
+        let tokens: [Int32]
+        let blocks: [Block.Cache]
+        let finalInput: Tensor, normalized: Tensor
+        /// `[batch * length, vocabulary]`: logits after `forward`; their gradient after `loss`.
+        public let logits: Tensor
+    }
+
+    /// Builds a model with seeded initialisation; `mixerFactory` lets the caller supply mixers
+    /// of a kind this module cannot build itself (for example attention).
+    public init(_ configuration: ModelConfiguration, seed: UInt64, pool: WorkerPool = .shared) throws {
+        try configuration.validate()
+        self.configuration = configuration
+        self.pool = pool
+        var rng = SeededGenerator(seed: seed)
+        embedding = Embedding("embed_tokens", vocabulary: configuration.vocabulary, dim: configuration.dim, rng: &rng)
+        blocks = configuration.mixers.enumerated().map { i, kind in
+            let name = "layers.\(i)"
+            let mixer = Self.makeMixer(kind, name: qualified(name, "mixer"), configuration, rng: &rng)
+            return Block(name, kind: kind, mixer: mixer, configuration: configuration, rng: &rng)
+        }
+        finalNorm = RMSNorm("norm", dim: configuration.dim)
+        head = configuration.tiedEmbedding ? nil
+            : Linear("lm_head", inputs: configuration.dim, outputs: configuration.vocabulary, bias: false, rng: &rng)
+    }
+
+    static func makeMixer(_ kind: MixerKind, name: String, _ c: ModelConfiguration, rng: inout SeededGenerator) -> AnyMixer {
+        switch kind {
+        case .phalanx:
+            return AnyMixer(PhalanxLayer(name, .init(dim: c.dim, kvHeads: c.phalanxKVHeads, gateScale: c.gateScale), rng: &rng))
+        case .attention, .slidingWindow:
+            return AnyMixer(Attention(name, dim: c.dim, heads: c.attentionHeads, kvHeads: c.attentionKVHeads,
+                                      headDim: c.attentionHeadDim, window: kind == .slidingWindow ? c.window : nil,
+                                      ropeBase: c.ropeBase, rng: &rng))
+        }
+    }
+
+    public var parameters: [Parameter] {
+        embedding.parameters + blocks.flatMap(\.parameters) + finalNorm.parameters + (head?.parameters ?? [])
+    }
+
+    /// Logits `[batch * length, vocabulary]` for `tokens` `[batch, length]`.
+    public func forward(tokens: [Int32], batch: Int, length: Int) -> Cache {
+        var x = embedding.forward(tokens, batch: batch, length: length)
+        var caches: [Block.Cache] = []
+        for block in blocks {
+            let (y, cache) = block.forward(x)
+            caches.append(cache)
+            x = y
+        }
+        let normalized = finalNorm.forward(x)
+        let rows = batch * length, V = configuration.vocabulary, dim = configuration.dim
+        let logits = Tensor(uninitialized: [rows, V])
+        if let head {
+            head.forward(normalized.pointer, rows: rows, into: logits.pointer)
+        } else {
+            Gemm.multiply(m: rows, n: V, k: dim, normalized.pointer, embedding.weight.value.pointer, transposeB: true,
+                          into: logits.pointer, pool: pool)
+        }
+        return Cache(batch: batch, length: length, tokens: tokens, blocks: caches, finalInput: x,
+                     normalized: normalized, logits: logits)
+    }
+
+    /// Mean cross-entropy (nats per token) of `targets` under the logits of `cache`, and the
+    /// logits' gradient left in `cache.logits`, scaled by `gradientScale / count`:
+    ///
+    ///     loss = mean_r ( logsumexp(z_r) - z_r[t_r] ),   dz_r = (softmax(z_r) - onehot(t_r)) * scale / count
+    public func loss(_ cache: Cache, targets: [Int32], gradientScale: Float = 1) -> Float {
+        let rows = cache.batch * cache.length, V = configuration.vocabulary
+        require(targets.count == rows, "LanguageModel.loss: \(targets.count) targets for \(rows) positions")
+        let z = cache.logits.pointer
+        let parts = min(pool.threadCount, max(rows / 16, 1))
+        var partial = [Double](repeating: 0, count: parts)
+        let scale = gradientScale / Float(rows)
+        partial.withUnsafeMutableBufferPointer { partial in
+            targets.withUnsafeBufferPointer { t in
+                pool.run(parts) { p in
+                    var sum = 0.0
+                    for r in (p * rows / parts)..<((p + 1) * rows / parts) {
+                        let row = z + r * V
+                        var maxLogit = -Float.infinity
+                        for j in 0..<V { maxLogit = max(maxLogit, row[j]) }
+                        var total: Float = 0
+                        for j in 0..<V {
+                            let e = exp(row[j] - maxLogit)
+                            row[j] = e
+                            total += e
+                        }
+                        let target = Int(t[r])
+                        sum += Double(log(total) - log(row[target]))
+                        let inverse = scale / total
+                        for j in 0..<V { row[j] *= inverse }
+                        row[target] -= scale
+                    }
+                    partial[p] = sum
+                }
+            }
+        }
+        return Float(partial.reduce(0, +) / Double(rows))
+    }
+
+    /// Adds every parameter gradient, from the logits' gradient that `loss` left in the cache.
+    public func backward(_ cache: Cache) {
+        let rows = cache.batch * cache.length, V = configuration.vocabulary, dim = configuration.dim
+        let dNormalized = Tensor(uninitialized: [cache.batch, cache.length, dim])
+        if let head {
+            head.backward(cache.logits.pointer, input: cache.normalized.pointer, rows: rows, inputGradient: dNormalized.pointer)
+        } else {
+            Gemm.multiply(m: V, n: dim, k: rows, cache.logits.pointer, transposeA: true, cache.normalized.pointer,
+                          into: embedding.weight.gradient.pointer, beta: 1, pool: pool)
+            Gemm.multiply(m: rows, n: dim, k: V, cache.logits.pointer, embedding.weight.value.pointer,
+                          into: dNormalized.pointer, pool: pool)
+        }
+        var dx = finalNorm.backward(dNormalized, input: cache.finalInput)
+        for (block, blockCache) in zip(blocks, cache.blocks).reversed() {
+            dx = block.backward(dx, cache: blockCache)
+        }
+        embedding.backward(dx, tokens: cache.tokens)
+    }
+
+    /// The mixer kinds of the blocks, in order.
+    public var mixerKinds: [MixerKind] { blocks.map(\.kind) }
+}

@@ -1,0 +1,110 @@
+import Foundation
+import PhalanxLayers
+import PhalanxRuntime
+
+/// AdamW (Loshchilov and Hutter): Adam with decoupled weight decay.
+///
+///     m = b1 m + (1 - b1) g
+///     v = b2 v + (1 - b2) g^2
+///     p -= lr * ( m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p )     (wd only where `decays`)
+///
+/// Weight decay applies to parameters marked `decays` (matrices); norms, biases and embeddings
+/// are exempt unless `decayAll` is set.
+public final class AdamW {
+    public struct Hyperparameters: Codable, Hashable, Sendable {
+        public var beta1: Float = 0.9
+        public var beta2: Float = 0.95
+        public var epsilon: Float = 1e-8
+        public var weightDecay: Float = 0.1
+        /// Decay every parameter, not only those marked `decays`.
+        public var decayAll = false
+        public init() {}
+    }
+
+    public let hyperparameters: Hyperparameters
+    public let parameters: [Parameter]
+    /// First and second moments, one per parameter, in `parameters` order.
+    public let firstMoments: [Tensor], secondMoments: [Tensor]
+    /// Steps taken (`t` of the bias corrections).
+    public var step = 0
+    let pool: WorkerPool
+
+    public init(_ parameters: [Parameter], hyperparameters: Hyperparameters = .init(), pool: WorkerPool = .shared) {
+        self.parameters = parameters
+        self.hyperparameters = hyperparameters
+        firstMoments = parameters.map { Tensor(zeros: $0.value.shape) }
+        secondMoments = parameters.map { Tensor(zeros: $0.value.shape) }
+        self.pool = pool
+    }
+
+    /// Applies one update with learning rate `lr` from the current gradients.
+    public func update(learningRate lr: Float) {
+        step += 1
+        let h = hyperparameters
+        let correction1 = 1 - pow(h.beta1, Float(step)), correction2 = 1 - pow(h.beta2, Float(step))
+        for (i, p) in parameters.enumerated() {
+            let decay = (p.decays || h.decayAll) ? h.weightDecay : 0
+            let w = p.value.pointer, g = p.gradient.pointer
+            let m = firstMoments[i].pointer, v = secondMoments[i].pointer
+            let n = p.value.count
+            let parts = min(pool.threadCount, max(n / 16384, 1))
+            pool.run(parts) { part in
+                for j in (part * n / parts)..<((part + 1) * n / parts) {
+                    let gj = g[j]
+                    let mj = h.beta1 * m[j] + (1 - h.beta1) * gj
+                    let vj = h.beta2 * v[j] + (1 - h.beta2) * gj * gj
+                    m[j] = mj
+                    v[j] = vj
+                    w[j] -= lr * ((mj / correction1) / ((vj / correction2).squareRoot() + h.epsilon) + decay * w[j])
+                }
+            }
+        }
+    }
+}
+
+/// Scales all gradients so that their global L2 norm is at most `maxNorm`; returns the norm
+/// before clipping (reported in the progress line).
+@discardableResult
+public func clipGradients(_ parameters: [Parameter], maxNorm: Float) -> Float {
+    var sum = 0.0
+    for p in parameters {
+        let g = p.gradient.pointer
+        var s: Float = 0
+        for j in 0..<p.gradient.count { s += g[j] * g[j] }
+        sum += Double(s)
+    }
+    let norm = Float(sum.squareRoot())
+    if maxNorm > 0, norm > maxNorm, norm.isFinite {
+        let scale = maxNorm / norm
+        for p in parameters {
+            let g = p.gradient.pointer
+            for j in 0..<p.gradient.count { g[j] *= scale }
+        }
+    }
+    return norm
+}
+
+/// Linear warm-up to `peak`, then cosine decay to `peak * finalFraction` at `totalSteps`:
+///
+///     lr(s) = peak * (s + 1) / warmup                                    s < warmup
+///     lr(s) = peak * (f + (1 - f) * (1 + cos(pi * progress)) / 2)         otherwise
+public struct LearningRateSchedule: Codable, Hashable, Sendable {
+    public var peak: Float
+    public var warmupSteps: Int
+    public var totalSteps: Int
+    public var finalFraction: Float
+
+    public init(peak: Float, warmupSteps: Int, totalSteps: Int, finalFraction: Float = 0.1) {
+        self.peak = peak
+        self.warmupSteps = warmupSteps
+        self.totalSteps = totalSteps
+        self.finalFraction = finalFraction
+    }
+
+    public func callAsFunction(_ step: Int) -> Float {
+        if step < warmupSteps { return peak * Float(step + 1) / Float(warmupSteps) }
+        let span = max(totalSteps - warmupSteps, 1)
+        let progress = min(Float(step - warmupSteps) / Float(span), 1)
+        return peak * (finalFraction + (1 - finalFraction) * (1 + cos(Float.pi * progress)) / 2)
+    }
+}

@@ -1,0 +1,129 @@
+import Checkpoint
+import Foundation
+import PhalanxData
+import PhalanxLayers
+import PhalanxModels
+
+/// The training loop: sample, forward, loss, backward (accumulated), clip, AdamW step; evaluate
+/// and checkpoint at intervals; stop cleanly on request or on a non-finite loss.
+///
+/// A run is fully determined by its checkpoint: weights, optimizer moments, step, sampler state.
+/// Resuming from a checkpoint therefore reproduces the uninterrupted run's losses exactly.
+public final class Trainer {
+    public let model: LanguageModel
+    public let optimizer: AdamW
+    public private(set) var state: TrainingState
+    public let data: TokenFile
+    /// Folder of `checkpoint.safetensors` and `loss.svg`.
+    public let runFolder: URL
+
+    public var checkpointURL: URL { runFolder.appendingPathComponent("checkpoint.safetensors") }
+    public var plotURL: URL { runFolder.appendingPathComponent("loss.svg") }
+
+    /// What one optimizer step reports.
+    public struct StepReport: Sendable {
+        public let step: Int, totalSteps: Int
+        public let loss: Float, learningRate: Float, gradientNorm: Float
+        public let tokensPerSecond: Double, elapsed: Double, remaining: Double
+    }
+
+    public enum Outcome: Equatable, Sendable {
+        case finished
+        /// Stopped on request after `step`; a checkpoint was written.
+        case interrupted(step: Int)
+        /// The loss became non-finite at `step`; the last good checkpoint was kept.
+        case diverged(step: Int, loss: Float)
+    }
+
+    public init(model: LanguageModel, optimizer: AdamW, state: TrainingState, data: TokenFile, runFolder: URL) throws {
+        try state.configuration.validate()
+        let c = state.configuration
+        guard data.vocabularySize <= model.configuration.vocabulary else {
+            throw TrainingError("the token file's vocabulary (\(data.vocabularySize)) exceeds the model's (\(model.configuration.vocabulary))")
+        }
+        guard data.train.count > c.contextLength + 1 else {
+            throw TrainingError("the training split holds \(data.train.count) tokens, too few for windows of \(c.contextLength + 1)")
+        }
+        self.model = model
+        self.optimizer = optimizer
+        self.state = state
+        self.data = data
+        self.runFolder = runFolder
+    }
+
+    /// Runs until the configured step count, a stop request, or divergence.
+    ///
+    /// - Parameters:
+    ///   - stopRequested: polled after every step (for Ctrl-C).
+    ///   - onStep: called after every step, for the progress line.
+    ///   - onEvaluation: called with each validation result.
+    public func run(stopRequested: () -> Bool, onStep: (StepReport) -> Void,
+                    onEvaluation: (EvaluationResult) -> Void) throws -> Outcome {
+        let c = state.configuration
+        let schedule = c.schedule
+        let parameters = model.parameters
+        let clock = ContinuousClock()
+        var runStart = clock.now
+        let elapsedBefore = state.elapsedSeconds
+        var tokensThisRun = 0
+        while state.step < c.steps {
+            model.zeroGradients()
+            var loss: Float = 0
+            for _ in 0..<c.accumulation {
+                let batch = state.sampler.next(from: data.train)
+                let cache = model.forward(tokens: batch.inputs, batch: batch.batchSize, length: batch.contextLength)
+                loss += model.loss(cache, targets: batch.targets, gradientScale: 1 / Float(c.accumulation)) / Float(c.accumulation)
+                model.backward(cache)
+            }
+            guard loss.isFinite else { return .diverged(step: state.step + 1, loss: loss) }
+            let norm = clipGradients(parameters, maxNorm: c.gradientClip)
+            let learningRate = schedule(state.step)
+            optimizer.update(learningRate: learningRate)
+            state.step += 1
+            state.tokensSeen += c.tokensPerStep
+            tokensThisRun += c.tokensPerStep
+            state.trainLosses.append(.init(step: state.step, loss: loss))
+            let elapsedRun = seconds(clock.now - runStart)
+            state.elapsedSeconds = elapsedBefore + elapsedRun
+            let rate = Double(tokensThisRun) / max(elapsedRun, 1e-9)
+            onStep(StepReport(step: state.step, totalSteps: c.steps, loss: loss, learningRate: learningRate,
+                              gradientNorm: norm, tokensPerSecond: rate, elapsed: state.elapsedSeconds,
+                              remaining: Double((c.steps - state.step) * c.tokensPerStep) / max(rate, 1e-9)))
+            let last = state.step == c.steps
+            if last || (c.evaluationInterval > 0 && state.step % c.evaluationInterval == 0) {
+                let pause = clock.now
+                let result = evaluate(contextLength: c.contextLength, maxWindows: c.evaluationBatches * c.batchSize)
+                state.validationLosses.append(.init(step: state.step, loss: Float(result.loss)))
+                onEvaluation(result)
+                runStart = runStart + (clock.now - pause)  // evaluation time is not training time
+            }
+            if last || (c.checkpointInterval > 0 && state.step % c.checkpointInterval == 0) {
+                try saveCheckpoint()
+            }
+            if !last && stopRequested() {
+                try saveCheckpoint()
+                return .interrupted(step: state.step)
+            }
+        }
+        return .finished
+    }
+
+    /// Validation loss at `contextLength` over at most `maxWindows` windows.
+    public func evaluate(contextLength: Int, maxWindows: Int?) -> EvaluationResult {
+        Evaluation.evaluate(model, split: data.validation, tokenizer: data.tokenizer, contextLength: contextLength,
+                            batchSize: state.configuration.batchSize, maxWindows: maxWindows)
+    }
+
+    /// Writes the checkpoint and the loss plot (both atomically).
+    public func saveCheckpoint() throws {
+        try TrainingCheckpoint.save(model: model, optimizer: optimizer, state: state, to: checkpointURL)
+        let svg = LossPlot.svg(train: state.trainLosses.map { ($0.step, $0.loss) },
+                               validation: state.validationLosses.map { ($0.step, $0.loss) },
+                               title: "\(model.configuration.pattern) x \(model.configuration.depth), dim \(model.configuration.dim)")
+        try writeAtomically(Data(svg.utf8), to: plotURL)
+    }
+
+    private func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
+    }
+}
