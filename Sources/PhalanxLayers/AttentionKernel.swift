@@ -148,8 +148,8 @@ public struct AttentionKernel: Hashable, Sendable {
         }
     }
 
-    /// Adds nothing: overwrites `queryGradient`, `keyGradient` and `valueGradient` with the
-    /// gradients of `sum(outputGradient * output)`.
+    /// The gradients of `sum(outputGradient * output)` with respect to the queries, keys and
+    /// values, written over (not added to) `queryGradient`, `keyGradient` and `valueGradient`.
     ///
     /// - Parameters:
     ///   - query, key, value, output, logsumexp: as given to and returned by `forward`.
@@ -193,8 +193,8 @@ public struct AttentionKernel: Hashable, Sendable {
         // chunks for about four tasks per thread, at most 8 (the partials' memory).
         let chunks = max(1, min(t.tiles, 8, (4 * pool.threadCount + B * KVH - 1) / (B * KVH)))
         let partialCount = chunks * B * H * Lp * Dp
-        let partial = UnsafeMutablePointer<Float>.allocate(capacity: partialCount)
-        defer { partial.deallocate() }
+        let partial = allocateTile(partialCount)
+        defer { release(partial) }
         let dk = keyGradient.baseAddress!, dv = valueGradient.baseAddress!
         pool.run(chunks * B * KVH) { index in
             let chunk = index % chunks, bkv = index / chunks
@@ -211,6 +211,14 @@ public struct AttentionKernel: Hashable, Sendable {
 
 /// Rows and columns of every tile.
 private let tileSize = 64
+
+/// Floats on a 64-byte boundary, so that the tile products' vector loads never straddle two
+/// cache lines (every tile and row offset is a multiple of 16 floats). Free with `release`.
+private func allocateTile(_ count: Int) -> UnsafeMutablePointer<Float> {
+    UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64).bindMemory(to: Float.self, capacity: max(count, 1))
+}
+
+private func release(_ pointer: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(pointer).deallocate() }
 
 /// Keys and values of every (sequence, kv head), packed for the tile products: padded with
 /// zeros to `tiles * 64` positions and `paddedDim` channels. Each form is allocated only when
@@ -231,17 +239,14 @@ private struct PackedKeys {
     init(layout: AttentionLayout, tiling: Tiling, keyRows: Bool, valuesTransposed: Bool) {
         perHead = tiling.paddedLength * tiling.paddedDim
         let count = layout.batch * layout.kvHeads * perHead
-        keysTransposed = .allocate(capacity: count)
-        self.keyRows = keyRows ? .allocate(capacity: count) : nil
-        self.valuesTransposed = valuesTransposed ? .allocate(capacity: count) : nil
-        valueRows = valuesTransposed ? nil : .allocate(capacity: count)
+        keysTransposed = allocateTile(count)
+        self.keyRows = keyRows ? allocateTile(count) : nil
+        self.valuesTransposed = valuesTransposed ? allocateTile(count) : nil
+        valueRows = valuesTransposed ? nil : allocateTile(count)
     }
 
     func deallocate() {
-        keysTransposed.deallocate()
-        keyRows?.deallocate()
-        valuesTransposed?.deallocate()
-        valueRows?.deallocate()
+        for p in [keysTransposed, keyRows, valuesTransposed, valueRows] { p.map(release) }
     }
 }
 
@@ -255,17 +260,14 @@ private struct PackedRows {
 
     init(layout: AttentionLayout, paddedLength: Int, paddedDim: Int) {
         let count = layout.batch * layout.heads * paddedLength * paddedDim
-        queries = .allocate(capacity: count)
-        outputGradients = .allocate(capacity: count)
-        delta = .allocate(capacity: layout.batch * layout.heads * paddedLength)
-        logsumexp2 = .allocate(capacity: layout.batch * layout.heads * paddedLength)
+        queries = allocateTile(count)
+        outputGradients = allocateTile(count)
+        delta = allocateTile(layout.batch * layout.heads * paddedLength)
+        logsumexp2 = allocateTile(layout.batch * layout.heads * paddedLength)
     }
 
     func deallocate() {
-        queries.deallocate()
-        outputGradients.deallocate()
-        delta.deallocate()
-        logsumexp2.deallocate()
+        for p in [queries, outputGradients, delta, logsumexp2] { release(p) }
     }
 }
 
@@ -331,9 +333,11 @@ private struct Tiling {
             if let transposed {
                 let out = transposed + bkv * perHead + tile * tileSize * Dp
                 if count < tileSize || D < Dp { out.update(repeating: 0, count: tileSize * Dp) }
-                for j in 0..<count {
-                    let row = source + ((b * L + tile * tileSize + j) * KVH + g) * D
-                    for d in 0..<D { out[d * tileSize + j] = row[d] }
+                // Contiguous stores, strided loads (the tile's 64 rows stay in L1).
+                let rows = source + ((b * L + tile * tileSize) * KVH + g) * D, stride = KVH * D
+                for d in 0..<D {
+                    let target = out + d * tileSize
+                    for j in 0..<count { target[j] = rows[j * stride + d] }
                 }
             }
             if let rowsOut {
@@ -362,8 +366,8 @@ private struct Tiling {
 
         // Scratch: queries [64, Dp], scores [64, 64], output accumulator [64, Dp], running
         // max (base 2), per-tile max and rescale factors [64], running sums as 16 lanes per row.
-        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 2 * n * Dp + n * n + 4 * n + 16 * n)
-        defer { scratch.deallocate() }
+        let scratch = allocateTile(2 * n * Dp + n * n + 4 * n + 16 * n)
+        defer { release(scratch) }
         let qs = scratch, s = qs + n * Dp, o = s + n * n, m = o + n * Dp
         let tileMax = m + n, alpha = tileMax + n, shift = alpha + n, sums = shift + n
         for r in 0..<n {
@@ -476,8 +480,8 @@ private struct Tiling {
         let Dp = paddedDim, Lp = paddedLength, n = tileSize, group = layout.groupSize
         let bkv = b * KVH + g
         // Scratch: probabilities (then dS) and dP [64, 64]; dk and dv accumulators [64, Dp].
-        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 2 * n * n + 2 * n * Dp)
-        defer { scratch.deallocate() }
+        let scratch = allocateTile(2 * n * n + 2 * n * Dp)
+        defer { release(scratch) }
         let p = scratch, dp = p + n * n, dkAcc = dp + n * n, dvAcc = dkAcc + n * Dp
         let cv = SIMD16<Float>(repeating: scale2)
 
@@ -652,14 +656,17 @@ private func horizontalMax(_ v: SIMD16<Float>) -> Float {
     return max(max(b[0], b[1]), max(b[2], b[3]))
 }
 
-/// `2^x` lane by lane, relative error about 2e-7; exactly 0 below -126 (so `-inf` gives 0).
+/// `2^x` lane by lane for `x <= 127` (here always `x <= 0`, up to rounding), relative error
+/// about 2e-7, and exactly 0 for `x <= -127` (so `-inf`, a hidden pair, gives 0):
 ///
 ///     2^x = 2^n * 2^f,   n = round(x),  f = x - n in [-1/2, 1/2]
 ///
-/// with `2^f` a degree-6 polynomial (Cephes `exp2f`) and `2^n` built in the exponent bits.
+/// with `2^f` a degree-6 polynomial (Cephes `exp2f`) and `2^n` built in the exponent bits; below
+/// -127 the clamp makes `n = -127`, whose exponent field is 0, so the product is 0 without a
+/// separate test.
 @inline(__always)
-func exp2Vector(_ x: SIMD16<Float>) -> SIMD16<Float> {
-    let clamped = x.replacing(with: -126, where: x .< -126).replacing(with: 126, where: x .> 126)
+private func exp2Vector(_ x: SIMD16<Float>) -> SIMD16<Float> {
+    let clamped = x.replacing(with: -127, where: x .< -127)
     // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
     let magic = SIMD16<Float>(repeating: 12_582_912)
     let shifted = clamped + magic
@@ -673,6 +680,5 @@ func exp2Vector(_ x: SIMD16<Float>) -> SIMD16<Float> {
     p = SIMD16(repeating: 6.931472028550421e-1).addingProduct(p, f)
     p = SIMD16(repeating: 1).addingProduct(p, f)
     let exponent = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- unsafeBitCast(magic, to: SIMD16<Int32>.self)
-    let power = unsafeBitCast((exponent &+ 127) &<< 23, to: SIMD16<Float>.self)
-    return (p * power).replacing(with: 0, where: x .< -126)
+    return p * unsafeBitCast((exponent &+ 127) &<< 23, to: SIMD16<Float>.self)
 }

@@ -7,6 +7,8 @@ struct AnyMixer {
     let layer: any ParameterContainer
     let forward: (Tensor) -> (Tensor, Any)
     let backward: (Tensor, Any) -> Tensor
+    let makeState: (Int) -> Any
+    let infer: (Tensor, inout Any) -> Tensor
 
     init<Mixer: SequenceMixer>(_ mixer: Mixer) {
         layer = mixer
@@ -15,6 +17,14 @@ struct AnyMixer {
             return (y, cache)
         }
         backward = { dy, cache in mixer.backward(dy, cache: cache as! Mixer.Cache) }
+        makeState = { mixer.makeState(batch: $0) }
+        infer = { x, state in
+            var typed = state as! Mixer.State
+            state = ()  // release the old box so `typed` is the only reference (no copy of a cache)
+            let y = mixer.infer(x, state: &typed)
+            state = typed
+            return y
+        }
     }
 }
 
@@ -43,6 +53,15 @@ final class Block: ParameterContainer {
         let (out, mlpCache) = mlp.forward(mlpNorm.forward(mixed))
         out.add(mixed)
         return (out, Cache(input: x, mixer: mixerCache, afterMixer: mixed, mlp: mlpCache))
+    }
+
+    /// Inference: continues from the mixer's state, keeps no cache for backward.
+    func infer(_ x: Tensor, state: inout Any) -> Tensor {
+        let mixed = mixer.infer(mixerNorm.forward(x), &state)
+        mixed.add(x)
+        let (out, _) = mlp.forward(mlpNorm.forward(mixed))
+        out.add(mixed)
+        return out
     }
 
     func backward(_ dy: Tensor, cache: Cache) -> Tensor {
@@ -122,14 +141,7 @@ public final class LanguageModel: ParameterContainer {
             x = y
         }
         let normalized = finalNorm.forward(x)
-        let rows = batch * length, V = configuration.vocabulary, dim = configuration.dim
-        let logits = Tensor(uninitialized: [rows, V])
-        if let head {
-            head.forward(normalized.pointer, rows: rows, into: logits.pointer)
-        } else {
-            Gemm.multiply(m: rows, n: V, k: dim, normalized.pointer, embedding.weight.value.pointer, transposeB: true,
-                          into: logits.pointer, pool: pool)
-        }
+        let logits = logits(normalized, rows: batch * length)
         return Cache(batch: batch, length: length, tokens: tokens, blocks: caches, finalInput: x,
                      normalized: normalized, logits: logits)
     }
@@ -189,6 +201,43 @@ public final class LanguageModel: ParameterContainer {
             dx = block.backward(dx, cache: blockCache)
         }
         embedding.backward(dx, tokens: cache.tokens)
+    }
+
+    /// What decoding carries between calls: one state per block's mixer (a Phalanx recurrence
+    /// state, an attention key/value cache, a sliding-window ring) and the position reached.
+    public struct DecodeState {
+        var mixers: [Any]
+        public let batch: Int
+        /// Positions processed so far.
+        public internal(set) var position = 0
+    }
+
+    /// The state of `batch` empty sequences.
+    public func makeDecodeState(batch: Int) -> DecodeState {
+        DecodeState(mixers: blocks.map { $0.mixer.makeState(batch) }, batch: batch)
+    }
+
+    /// Logits `[batch * length, vocabulary]` for the next `length` tokens of each sequence
+    /// (`tokens` `[batch, length]`), continuing from `state`: a prefill chunk of any size or one
+    /// decode step. Equal to `forward` over the whole sequences.
+    public func infer(tokens: [Int32], length: Int, state: inout DecodeState) -> Tensor {
+        let batch = state.batch
+        var x = embedding.forward(tokens, batch: batch, length: length)
+        for (i, block) in blocks.enumerated() { x = block.infer(x, state: &state.mixers[i]) }
+        state.position += length
+        return logits(finalNorm.forward(x), rows: batch * length)
+    }
+
+    private func logits(_ normalized: Tensor, rows: Int) -> Tensor {
+        let V = configuration.vocabulary, dim = configuration.dim
+        let logits = Tensor(uninitialized: [rows, V])
+        if let head {
+            head.forward(normalized.pointer, rows: rows, into: logits.pointer)
+        } else {
+            Gemm.multiply(m: rows, n: V, k: dim, normalized.pointer, embedding.weight.value.pointer, transposeB: true,
+                          into: logits.pointer, pool: pool)
+        }
+        return logits
     }
 
     /// The mixer kinds of the blocks, in order.

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxLayers
 import PhalanxRuntime
 
 /// Draws the next token from logits: temperature, then top-k, then top-p (nucleus), seeded.
@@ -55,22 +56,28 @@ public struct TokenSampler: Sendable {
 }
 
 extension LanguageModel {
-    /// Generates up to `maxTokens` tokens after `prompt`, handing each to `emit` (which returns
-    /// false to stop), by running the forward pass over the last `context` tokens for every new
-    /// token. Returns the generated tokens.
-    public func generate(prompt: [Int32], maxTokens: Int, context: Int, sampler: inout TokenSampler,
+    /// Generates up to `maxTokens` tokens after `prompt` (one sequence): the prompt is prefilled
+    /// in chunks of `prefillChunk`, then each new token is one decode step through every mixer's
+    /// state. `emit` receives each token and returns false to stop. Returns the generated tokens.
+    public func generate(prompt: [Int32], maxTokens: Int, sampler: inout TokenSampler, prefillChunk: Int = 512,
                          emit: (Int32) -> Bool) -> [Int32] {
-        var tokens = prompt.isEmpty ? [Int32(0)] : prompt
+        var state = makeDecodeState(batch: 1)
+        let V = configuration.vocabulary
+        let start = prompt.isEmpty ? [Int32(0)] : prompt
+        var logits = Tensor(zeros: [1, V])
+        var offset = 0
+        while offset < start.count {
+            let piece = Array(start[offset..<min(offset + prefillChunk, start.count)])
+            let out = infer(tokens: piece, length: piece.count, state: &state)
+            logits = Tensor(Array(out.buffer[((piece.count - 1) * V)...]), shape: [1, V])
+            offset += piece.count
+        }
         var produced: [Int32] = []
         for _ in 0..<maxTokens {
-            let window = Array(tokens.suffix(context))
-            let cache = forward(tokens: window, batch: 1, length: window.count)
-            let V = configuration.vocabulary
-            let row = UnsafeBufferPointer(start: cache.logits.pointer + (window.count - 1) * V, count: V)
-            let next = sampler.sample(row)
-            tokens.append(next)
+            let next = sampler.sample(logits.readOnly)
             produced.append(next)
             if !emit(next) { break }
+            logits = infer(tokens: [next], length: 1, state: &state)
         }
         return produced
     }

@@ -46,3 +46,39 @@ public enum Sixteen: ChannelWidth {
 public enum AnyWidth: ChannelWidth {
     @inlinable @inline(__always) public static func count(_ runtime: Int) -> Int { runtime }
 }
+
+/// `sum_c a[c] * b[c]`, 16 lanes at a time with 4 independent accumulators.
+@inlinable
+public func dotProduct(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) -> Float {
+    var acc0 = SIMD16<Float>.zero, acc1 = SIMD16<Float>.zero
+    var c = 0
+    while c + 32 <= count {
+        acc0 = acc0.addingProduct(load16(a + c), load16(b + c))
+        acc1 = acc1.addingProduct(load16(a + c + 16), load16(b + c + 16))
+        c += 32
+    }
+    while c + 16 <= count {
+        acc0 = acc0.addingProduct(load16(a + c), load16(b + c))
+        c += 16
+    }
+    var total = horizontalSum(acc0 + acc1)
+    while c < count {
+        total += a[c] * b[c]
+        c += 1
+    }
+    return total
+}
+
+/// `y[c] += alpha * x[c]`.
+@inlinable
+public func addScaled(_ x: UnsafePointer<Float>, _ alpha: Float, into y: UnsafeMutablePointer<Float>, count: Int) {
+    var c = 0
+    while c + 16 <= count {
+        store16(load16(y + c).addingProduct(SIMD16(repeating: alpha), load16(x + c)), y + c)
+        c += 16
+    }
+    while c < count {
+        y[c] += alpha * x[c]
+        c += 1
+    }
+}

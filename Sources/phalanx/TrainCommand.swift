@@ -124,8 +124,7 @@ struct TrainCommand: ParsableCommand {
             let prompt = trainer.data.tokenizer.encode("\n")
             var decoder = StreamingDecoder(tokenizer: trainer.data.tokenizer)
             var produced = 0
-            _ = model.generate(prompt: prompt, maxTokens: sample, context: trainer.state.configuration.contextLength,
-                               sampler: &sampler) { token in
+            _ = model.generate(prompt: prompt, maxTokens: sample, sampler: &sampler) { token in
                 let text = decoder.append(token)
                 print(text, terminator: "")
                 fflush(nil)
