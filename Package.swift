@@ -43,7 +43,7 @@ let package = Package(
             ],
             swiftSettings: cpuFlags),
         .target(
-            name: "PhalanxModels", dependencies: ["PhalanxLayers", "PhalanxRuntime", "Checkpoint"],
+            name: "PhalanxModels", dependencies: ["PhalanxLayers", "SWR", "PhalanxRuntime", "Checkpoint"],
             swiftSettings: cpuFlags),
         .target(
             name: "PhalanxTraining",

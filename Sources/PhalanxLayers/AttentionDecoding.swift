@@ -82,6 +82,13 @@ extension Attention {
         require(x.shape.count == 3 && x.shape[2] == dim && x.shape[0] == state.batch,
                 "Attention.infer: input must be [\(state.batch), length, \(dim)], got \(x.shape)")
         let n = x.shape[1]
+        if state.length == 0 && n > 1 {
+            // A prefill from empty sequences is the parallel forward (the tiled kernel); its
+            // keys and values fill the cache (a ring keeps the last ones).
+            let (y, cache) = forward(x)
+            state.append(keys: cache.key.pointer, values: cache.value.pointer, count: n)
+            return y
+        }
         if state.capacity != nil && n > KeyValueCache.chunk {
             // A ring holds window + chunk positions: feed longer prefills piece by piece.
             var outputs: [Tensor] = []

@@ -1,5 +1,6 @@
 import Foundation
 import PhalanxLayers
+import SWR
 import PhalanxRuntime
 
 /// A mixer of any kind, its cache type erased, so blocks of different kinds share one array.
@@ -210,6 +211,17 @@ public final class LanguageModel: ParameterContainer {
         public let batch: Int
         /// Positions processed so far.
         public internal(set) var position = 0
+
+        /// Bytes held by all mixer states.
+        public var byteCount: Int {
+            mixers.reduce(0) { total, state in
+                switch state {
+                case let s as JaggedState: total + s.bytesPerSequence * s.sequences
+                case let s as KeyValueCache: total + s.byteCount
+                default: total
+                }
+            }
+        }
     }
 
     /// The state of `batch` empty sequences.

@@ -8,7 +8,7 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that measure this machine's ceilings and report every result as a fraction of them.",
-        subcommands: [BenchOperators.self, BenchLayers.self, BenchTraining.self],
+        subcommands: [BenchOperators.self, BenchLayers.self, BenchTraining.self, BenchDecode.self],
         defaultSubcommand: BenchOperators.self)
 }
 
@@ -187,6 +187,52 @@ struct BenchTraining: ParsableCommand {
                                           "mfu": r.utilisation(sgemmRate: ceilings.sgemm), "speedup_vs_first": speedup]
                 if let torch { row["speedup_vs_pytorch"] = r.tokensPerSecond / torch }
                 rows.append(row)
+            }
+        }
+        json["results"] = rows
+        printJSONLine(json)
+    }
+}
+
+struct BenchDecode: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "decode",
+        abstract: "Prefill and decode tokens/s of the presets against context length.",
+        discussion: """
+        Batch 1, random tokens: a prefill of the whole context from empty, then one-token decode \
+        steps, each through every mixer's state (Phalanx: constant-size recurrence state; \
+        attention: a key/value cache that grows; sliding window: a fixed ring). Ends with one JSON line.
+        """)
+
+    @Option(parsing: .upToNextOption, help: "Presets to compare (the first is the baseline of the ratios).")
+    var presets = ["transformer-small", "swa-hybrid-small", "phalanx-hybrid-small"]
+    @Option(parsing: .upToNextOption, help: "Context lengths.") var contexts = [1024, 4096, 16384, 32768]
+    @Option(help: "Decode steps timed after each prefill.") var steps = 32
+    @Option(help: "Sliding-window attention window.") var window = 512
+
+    func validate() throws {
+        for p in presets { _ = try ModelConfiguration.preset(p) }
+        guard contexts.allSatisfy({ $0 >= 1 }), steps >= 1 else { throw ValidationError("--contexts and --steps must be positive.") }
+    }
+
+    func run() throws {
+        let ceilings = Ceilings.measure()
+        print("\nPrefill and decode, batch 1 (\(steps) decode steps per figure)")
+        print("  preset                 context   prefill tok/s   decode tok/s   state        decode vs \(presets[0])")
+        var json = ceilings.json
+        json["benchmark"] = "decode"
+        var rows: [[String: Any]] = []
+        for context in contexts {
+            var baseline: Double?
+            for preset in presets {
+                let r = try DecodeBenchmark.measure(preset: preset, context: context, steps: steps, window: window)
+                if baseline == nil { baseline = r.decodeTokensPerSecond }
+                let ratio = r.decodeTokensPerSecond / baseline!
+                print(String(format: "  %-22@ %7d %15.0f %14.1f   %8.2f MB   %6.2fx", preset, context, r.prefillTokensPerSecond,
+                             r.decodeTokensPerSecond, Double(r.stateBytes) / 1e6, ratio))
+                rows.append(["preset": preset, "context": context, "prefill_tokens_per_second": r.prefillTokensPerSecond,
+                             "decode_tokens_per_second": r.decodeTokensPerSecond, "state_bytes": r.stateBytes,
+                             "decode_speedup_vs_first": ratio])
             }
         }
         json["results"] = rows
