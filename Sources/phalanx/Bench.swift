@@ -101,38 +101,79 @@ struct BenchOperators: ParsableCommand {
 struct BenchLayers: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "layers",
-        abstract: "Layers' forward and forward+backward against their matrix-product floor.",
+        abstract: "Layers against their matrix-product floor, attention against the sgemm rate, and a length sweep.",
         discussion: """
-        The floor of a layer is the FLOPs of its matrix products (forward, and twice that for \
-        backward) divided by the sgemm rate measured in the same run. Ends with one JSON line.
+        1. The Phalanx layer's forward+backward against its floor: the FLOPs of its matrix products \
+        (forward, and twice that for backward) divided by the sgemm rate measured in the same run. \
+        2. The attention kernel's forward rate (causal, batch 1) as a fraction of the sgemm rate. \
+        3. A sweep over lengths of forward+backward time for Phalanx, sliding-window attention and \
+        full attention layers at the same width, with the length where each pair crosses. \
+        Ends with one JSON line.
         """)
 
-    @Option(help: "Model width (heads of 16 channels for Phalanx).") var dim = 256
+    @Option(help: "Model width (Phalanx heads of 16; attention heads of --dim / --heads).") var dim = 256
+    @Option(help: "Attention heads.") var heads = 4
     @Option(help: "Key/value heads of the Phalanx layer (default: as many as heads).") var kvHeads: Int?
-    @Option(help: "Sequence length.") var length = 4096
-    @Option(help: "Timed repeats per figure (the median is reported).") var repeats = 7
+    @Option(help: "Length of the Phalanx floor and attention-rate measurements.") var length = 4096
+    @Option(help: "Sliding-window attention window in the sweep.") var window = 512
+    @Option(parsing: .upToNextOption, help: "Lengths of the sweep.") var sweep = [1024, 2048, 4096, 8192, 16384, 32768]
+    @Option(help: "Timed repeats per figure (the median is reported).") var repeats = 5
 
     func validate() throws {
         guard dim >= 16 && dim % 16 == 0 else { throw ValidationError("--dim must be a positive multiple of 16; got \(dim).") }
+        guard heads >= 1 && dim % heads == 0 else { throw ValidationError("--heads must divide --dim; got \(heads).") }
         if let kvHeads, kvHeads < 1 || (dim / 16) % kvHeads != 0 {
             throw ValidationError("--kv-heads must divide the \(dim / 16) heads; got \(kvHeads).")
         }
-        guard length >= 1 else { throw ValidationError("--length must be at least 1; got \(length).") }
+        guard length >= 1, window >= 1, repeats >= 1, sweep.allSatisfy({ $0 >= 1 }) else {
+            throw ValidationError("--length, --window, --repeats and --sweep must be positive.")
+        }
     }
 
     func run() {
         let ceilings = Ceilings.measure()
         let kv = kvHeads ?? dim / 16
-        print("\nLayers: dim \(dim), length \(length), batch 1, float32, median of \(repeats)")
-        print("  layer        forward   fwd+bwd    GEMM floor  ratio")
-        let t = LayerBenchmark.phalanx(dim: dim, kvHeads: kv, length: length, repeats: repeats)
-        let floor = 3 * t.forwardGemmFlops / ceilings.sgemm
-        print(String(format: "  %-10@ %7.2f ms %7.2f ms  %7.2f ms  %5.2fx", t.name, t.forward * 1e3,
-                     t.forwardBackward * 1e3, floor * 1e3, t.floorRatio(sgemmRate: ceilings.sgemm)))
         var json = ceilings.json
         json["benchmark"] = "layers"
-        json[t.name] = ["forward_ms": t.forward * 1e3, "forward_backward_ms": t.forwardBackward * 1e3,
-                        "gemm_floor_ms": floor * 1e3, "floor_ratio": t.floorRatio(sgemmRate: ceilings.sgemm)]
+
+        print("\n1. Phalanx layer: dim \(dim), length \(length), batch 1, float32, median of \(repeats)")
+        let t = LayerBenchmark.phalanx(dim: dim, kvHeads: kv, length: length, repeats: repeats)
+        let floor = 3 * t.forwardGemmFlops / ceilings.sgemm
+        print(String(format: "  forward %.2f ms, forward+backward %.2f ms; GEMM floor %.2f ms; ratio %.2fx",
+                     t.forward * 1e3, t.forwardBackward * 1e3, floor * 1e3, t.floorRatio(sgemmRate: ceilings.sgemm)))
+        json["phalanx"] = ["forward_ms": t.forward * 1e3, "forward_backward_ms": t.forwardBackward * 1e3,
+                           "gemm_floor_ms": floor * 1e3, "floor_ratio": t.floorRatio(sgemmRate: ceilings.sgemm)]
+
+        print("\n2. Attention kernel, causal, batch 1, \(heads) heads x \(dim / heads), length \(length)")
+        let a = AttentionBenchmark.kernel(heads: heads, kvHeads: heads, headDim: dim / heads, length: length, window: nil, repeats: repeats)
+        print(String(format: "  forward %.2f ms = %.1f GFLOP/s = %.1f%% of sgemm; forward+backward %.2f ms",
+                     a.forward * 1e3, a.forwardRate / 1e9, 100 * a.forwardRate / ceilings.sgemm, a.forwardBackward * 1e3))
+        json["attention_kernel"] = ["forward_ms": a.forward * 1e3, "forward_gflops": a.forwardRate / 1e9,
+                                    "fraction_of_sgemm": a.forwardRate / ceilings.sgemm, "forward_backward_ms": a.forwardBackward * 1e3]
+
+        print("\n3. Layers' forward+backward (ms) against length, dim \(dim)")
+        print("   length    phalanx   swa-\(window)   attention   swa ms per 1K tokens")
+        var rows: [[String: Any]] = []
+        var previous: (length: Int, p: Double, s: Double, f: Double)?
+        var crossings: [String] = []
+        for length in sweep {
+            let p = LayerBenchmark.phalanx(dim: dim, kvHeads: kv, length: length, repeats: repeats).forwardBackward
+            let s = LayerBenchmark.attention(dim: dim, heads: heads, window: window, length: length, repeats: repeats).forwardBackward
+            let f = LayerBenchmark.attention(dim: dim, heads: heads, window: nil, length: length, repeats: repeats).forwardBackward
+            print(String(format: "  %7d  %9.2f  %9.2f  %10.2f   %8.3f", length, p * 1e3, s * 1e3, f * 1e3, s * 1e3 / Double(length) * 1024))
+            rows.append(["length": length, "phalanx_ms": p * 1e3, "swa_ms": s * 1e3, "attention_ms": f * 1e3])
+            if let q = previous {
+                for (name, before, now) in [("phalanx/swa", q.p - q.s, p - s), ("phalanx/attention", q.p - q.f, p - f),
+                                            ("swa/attention", q.s - q.f, s - f)] where (before < 0) != (now < 0) {
+                    crossings.append("\(name) cross between \(q.length) and \(length)")
+                }
+            }
+            previous = (length, p, s, f)
+        }
+        print(crossings.isEmpty ? "  no crossings in this range (the order at the first length holds throughout)"
+                                : crossings.map { "  " + $0 }.joined(separator: "\n"))
+        json["sweep"] = rows
+        json["crossings"] = crossings
         printJSONLine(json)
     }
 }
