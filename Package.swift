@@ -38,7 +38,7 @@ let package = Package(
         .target(
             name: "PhalanxLayers",
             dependencies: [
-                "SWR", "Checkpoint", "PhalanxRuntime", "CPhalanxIntrinsics",
+                "SWR", "Checkpoint", "PhalanxRuntime",
                 .target(name: "CBLAS", condition: .when(platforms: [.linux])),
             ],
             swiftSettings: cpuFlags),

@@ -1,6 +1,6 @@
 import PhalanxRuntime
 import Foundation
-import CPhalanxIntrinsics
+import Synchronization
 
 /// Float32 storage with a shape: a 64-byte aligned, row-major buffer.
 ///
@@ -25,10 +25,9 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     /// matrix product overwrites completely.
     public init(uninitialized shape: [Int]) {
         require(shape.allSatisfy { $0 >= 0 }, "Tensor: dimensions must be non-negative, got \(shape)")
-        _ = Tensor.allocatorConfigured
         self.shape = shape
         count = shape.reduce(1, *)
-        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
+        let raw = TensorStorage.shared.take(byteCount: max(count, 1) * 4)
         buffer = UnsafeMutableBufferPointer(start: raw.bindMemory(to: Float.self, capacity: max(count, 1)), count: count)
         base = nil
     }
@@ -46,11 +45,6 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
         self.base = base
     }
 
-    /// Activations of a few MB are allocated and freed on every step. By default glibc serves
-    /// them with fresh `mmap`s, so every step pays page faults and the kernel's page zeroing
-    /// (measured: more time than the matrix products of a Phalanx layer). Raising the mmap and
-    /// trim thresholds makes freed blocks reusable.
-    private static let allocatorConfigured: Void = phalanx_keep_freed_memory()
 
     /// A tensor holding `values` (row-major), which must number `shape`'s product.
     public convenience init(_ values: [Float], shape: [Int]) {
@@ -60,7 +54,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     }
 
     deinit {
-        if base == nil { UnsafeMutableRawPointer(buffer.baseAddress!).deallocate() }
+        if base == nil { TensorStorage.shared.give(UnsafeMutableRawPointer(buffer.baseAddress!), byteCount: max(count, 1) * 4) }
     }
 
     public var pointer: UnsafeMutablePointer<Float> { buffer.baseAddress! }
@@ -100,4 +94,48 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     }
 
     public var description: String { "Tensor\(shape)" }
+}
+
+/// Recycles tensor memory by exact size.
+///
+/// A training or decoding step allocates and frees the same activation shapes every time. Fresh
+/// large allocations come from `mmap`, so each step would pay page faults and the kernel's page
+/// zeroing (measured: a quarter of a training step). Freed blocks wait here, keyed by byte count,
+/// for the next tensor of that size; at most `limit` bytes are kept, beyond which blocks go back
+/// to the system.
+final class TensorStorage: Sendable {
+    static let shared = TensorStorage(limit: 4 << 30)
+
+    private struct Cache {
+        /// Addresses of free blocks (as integers: the cache holds no pointers across threads).
+        var blocks: [Int: [UInt]] = [:]
+        var bytes = 0
+    }
+    private let cache = Mutex(Cache())
+    private let limit: Int
+
+    init(limit: Int) { self.limit = limit }
+
+    /// A 64-byte aligned block of `byteCount` bytes (contents arbitrary).
+    func take(byteCount: Int) -> UnsafeMutableRawPointer {
+        let recycled = cache.withLock { c -> UInt? in
+            guard let block = c.blocks[byteCount]?.popLast() else { return nil }
+            c.bytes -= byteCount
+            return block
+        }
+        return recycled.flatMap { UnsafeMutableRawPointer(bitPattern: $0) }
+            ?? UnsafeMutableRawPointer.allocate(byteCount: byteCount, alignment: 64)
+    }
+
+    /// Returns a block taken with `take(byteCount:)`.
+    func give(_ block: UnsafeMutableRawPointer, byteCount: Int) {
+        let address = UInt(bitPattern: block)
+        let kept = cache.withLock { c -> Bool in
+            guard c.bytes + byteCount <= limit else { return false }
+            c.blocks[byteCount, default: []].append(address)
+            c.bytes += byteCount
+            return true
+        }
+        if !kept { block.deallocate() }
+    }
 }

@@ -2,9 +2,6 @@
 #ifndef CPHALANX_INTRINSICS_H
 #define CPHALANX_INTRINSICS_H
 
-#if defined(__linux__)
-#include <malloc.h>
-#endif
 
 /// Tells the core that the caller is in a spin-wait loop (x86 `pause`, Arm `yield`), which
 /// frees resources for the sibling hyper-thread and saves power while a worker waits.
@@ -54,15 +51,6 @@ static inline __attribute__((always_inline)) void phalanx_stream16(float *addres
 static inline __attribute__((always_inline)) void phalanx_stream_fence(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_sfence();
-#endif
-}
-
-/// Lets glibc reuse freed large blocks instead of returning them to the system (see
-/// `Tensor`): raises the mmap threshold to 1 GiB and the trim threshold to 2 GiB. No-op elsewhere.
-static inline void phalanx_keep_freed_memory(void) {
-#if defined(__linux__) && defined(__GLIBC__)
-    mallopt(M_MMAP_THRESHOLD, 1 << 30);
-    mallopt(M_TRIM_THRESHOLD, 0x7fffffff);
 #endif
 }
 
