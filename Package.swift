@@ -35,6 +35,7 @@ let package = Package(
         .target(name: "SWR", dependencies: ["PhalanxRuntime", "CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "Checkpoint", swiftSettings: cpuFlags),
         .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
+        .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
         .target(
             name: "PhalanxLayers",
             dependencies: [
@@ -58,7 +59,7 @@ let package = Package(
         .executableTarget(
             name: "phalanx",
             dependencies: [
-                "SWR", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime",
+                "SWR", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime", "PhalanxCUDA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: cpuFlags),
@@ -66,6 +67,7 @@ let package = Package(
             name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
+        .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "SWR", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(
             name: "PhalanxModelsTests",

@@ -74,21 +74,27 @@ public struct AttentionLayout: Hashable, Sendable, CustomStringConvertible {
 ///
 /// Tiling: queries and keys in tiles of 64. Forward runs one task per (sequence, head, query
 /// tile), visiting key tiles from the first one inside the window to the diagonal, with the
-/// running max `m`, running sum `l` and output accumulator rescaled per key tile; tiles wholly
-/// outside the window are never touched, so the cost is `O(L * min(L, window))`. Backward runs
-/// one task per (sequence, kv head, key-tile chunk): it owns the dk and dv rows of its key
-/// tiles (all query heads of the group are summed inside the task) and adds dq into a private
-/// partial buffer per chunk; a last pass sums the chunk partials. No two tasks write the same
-/// memory. Forward, dk and dv do not depend on the thread count; dq is summed over a number of
-/// chunks that grows with it (when `batch * kvHeads` is small), so its last bits may.
+/// running max `m`, running sum `l` and output accumulator rescaled per key tile (the online
+/// softmax); tiles wholly outside the window are never touched, so the cost is
+/// `O(L * min(L, window))`. Backward runs one task per (sequence, kv head, key-tile chunk): it
+/// owns the dk and dv rows of its key tiles (all query heads of the group are summed inside the
+/// task). With one chunk per (sequence, kv head), the usual case, the task also owns the dq rows
+/// of its group's heads and adds into them in place; with several, each chunk adds dq into a
+/// partial buffer of its own and a last pass sums them. No two tasks write the same memory.
+/// Forward, dk and dv do not depend on the thread count; dq is summed over a number of chunks
+/// that depends on it, so its last bits may.
 ///
 /// The tile products are register-blocked `SIMD16` loops (4 rows x 64 columns, 16 fused
-/// multiply-add accumulators) on packed, zero-padded copies of the operands; softmax uses a
-/// vector `exp2`. Measured faster than OpenBLAS on 64 x 64 tiles on the development machine
-/// (its kernels are AVX2 there; the tiles here are AVX-512), and free of BLAS call overhead.
+/// multiply-add accumulators), and the softmax uses a vector `exp2`. On the 2-core development
+/// machine (AVX-512) one thread ran OpenBLAS's 64 x 64 x 64 products at 73-114 GFLOP/s (124 at
+/// 256 x 256 x 64; its kernels there are AVX2), and this whole forward, softmax included, at
+/// about 200 GFLOP/s per thread.
 ///
-/// Complexity: forward `4 * visiblePairs * headDim` FLOPs, backward 2.5 times that; memory
-/// (packed copies, partial dq) linear in `batch * length * heads * headDim`.
+/// Memory: operands are read in place, tile by tile; each task copies into its own scratch of a
+/// few tiles only what must be padded (a sequence's last tile, a head width that is not a
+/// multiple of 16) or transposed. Extra memory is `O(batch * heads * length)` (per-row
+/// statistics in backward), plus at most 8 dq-sized partial buffers when backward splits key
+/// tiles. Complexity: forward `4 * visiblePairs * headDim` FLOPs, backward 2.5 times that.
 ///
 /// References: Dao et al., "FlashAttention" (2022) and "FlashAttention-2" (2023); Milakov and
 /// Gimelshein, "Online normalizer calculation for softmax" (2018).
@@ -118,7 +124,7 @@ public struct AttentionKernel: Hashable, Sendable {
     /// - Parameters:
     ///   - query: `[batch, length, heads, headDim]`.
     ///   - key, value: `[batch, length, kvHeads, headDim]`.
-    ///   - output: `[batch, length, heads, headDim]`, overwritten.
+    ///   - output: `[batch, length, heads, headDim]`, overwritten; may not alias the inputs.
     ///   - logsumexp: `[batch, heads, length]`, overwritten.
     public func forward(query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>,
                         value: UnsafeBufferPointer<Float>, output: UnsafeMutableBufferPointer<Float>,
@@ -132,18 +138,13 @@ public struct AttentionKernel: Hashable, Sendable {
         layout.check("logsumexp", count: logsumexp.count, expected: layout.rowCount, name)
         guard layout.batch > 0, layout.length > 0 else { return }
         let t = Tiling(layout, window: window, scale: scale(for: layout))
-        let keys = PackedKeys(layout: layout, tiling: t, keyRows: false, valuesTransposed: false)
-        defer { keys.deallocate() }
-        t.pack(key.baseAddress!, transposedInto: keys.keysTransposed, rowsInto: nil, pool: pool)
-        t.pack(value.baseAddress!, transposedInto: nil, rowsInto: keys.valueRows, pool: pool)
-
-        let q = query.baseAddress!, out = output.baseAddress!, lse = logsumexp.baseAddress!
+        let q = query.baseAddress!, k = key.baseAddress!, v = value.baseAddress!
+        let out = output.baseAddress!, lse = logsumexp.baseAddress!
         let sequencesAndHeads = layout.batch * layout.heads
         // The longest tasks (last query tiles, under causal masking) first, for balance.
         pool.run(sequencesAndHeads * t.tiles) { index in
-            let tile = t.tiles - 1 - index / sequencesAndHeads
-            let bh = index % sequencesAndHeads
-            t.forwardTile(q: q, keys: keys, output: out, logsumexp: lse,
+            let tile = t.tiles - 1 - index / sequencesAndHeads, bh = index % sequencesAndHeads
+            t.forwardTile(query: q, key: k, value: v, output: out, logsumexp: lse,
                           batch: bh / layout.heads, head: bh % layout.heads, tile: tile)
         }
     }
@@ -177,33 +178,42 @@ public struct AttentionKernel: Hashable, Sendable {
         let t = Tiling(layout, window: window, scale: scale(for: layout))
         let B = layout.batch, H = layout.heads, KVH = layout.kvHeads, Dp = t.paddedDim, Lp = t.paddedLength
 
-        let keys = PackedKeys(layout: layout, tiling: t, keyRows: true, valuesTransposed: true)
-        defer { keys.deallocate() }
-        t.pack(key.baseAddress!, transposedInto: keys.keysTransposed, rowsInto: keys.keyRows, pool: pool)
-        t.pack(value.baseAddress!, transposedInto: keys.valuesTransposed, rowsInto: nil, pool: pool)
+        // Per query row: D_i and lse_i in base 2, [batch, heads, Lp].
+        let rowStatistics = allocateTile(2 * B * H * Lp)
+        defer { release(rowStatistics) }
+        let delta = rowStatistics, lse2 = rowStatistics + B * H * Lp
+        t.rowStatistics(output: output.baseAddress!, outputGradient: outputGradient.baseAddress!,
+                        logsumexp: logsumexp.baseAddress!, delta: delta, logsumexp2: lse2, pool: pool)
 
-        // Queries and output gradients packed per head, with D_i and lse in base 2 per row.
-        let rows = PackedRows(layout: layout, paddedLength: Lp, paddedDim: Dp)
-        defer { rows.deallocate() }
-        t.packRows(query: query.baseAddress!, output: output.baseAddress!, logsumexp: logsumexp.baseAddress!,
-                   outputGradient: outputGradient.baseAddress!, into: rows, pool: pool)
-
-        // Key tiles of one (sequence, kv head) are dealt to `chunks` tasks round-robin; each
-        // chunk sums dq into its own partial buffer, [chunk, batch, heads, Lp, Dp]. Enough
-        // chunks for about four tasks per thread, at most 8 (the partials' memory).
-        let chunks = max(1, min(t.tiles, 8, (4 * pool.threadCount + B * KVH - 1) / (B * KVH)))
-        let partialCount = chunks * B * H * Lp * Dp
-        let partial = allocateTile(partialCount)
-        defer { release(partial) }
-        let dk = keyGradient.baseAddress!, dv = valueGradient.baseAddress!
+        // The key tiles of one (sequence, kv head) are dealt round-robin to `chunks` tasks, enough
+        // that the tasks (all of about equal work) number a multiple of the threads. With one
+        // chunk a task owns the dq rows of its heads and adds into them in place; with several
+        // (or a head width that is not a multiple of 16) each chunk adds into its own zeroed
+        // partial buffer `[chunk, batch, heads, Lp, Dp]`, summed at the end.
+        let threads = pool.threadCount
+        let chunks = max(1, min(t.tiles, 8, threads / greatestCommonDivisor(B * KVH, threads)))
+        let inPlace = chunks == 1 && t.paddedDim == layout.headDim
+        let partial = inPlace ? nil : allocateTile(chunks * B * H * Lp * Dp)
+        defer { partial.map(release) }
+        let q = query.baseAddress!, k = key.baseAddress!, v = value.baseAddress!, dO = outputGradient.baseAddress!
+        let dq = queryGradient.baseAddress!, dk = keyGradient.baseAddress!, dv = valueGradient.baseAddress!
         pool.run(chunks * B * KVH) { index in
-            let chunk = index % chunks, bkv = index / chunks
-            let dqPartial = partial + ((chunk * B + bkv / KVH) * H + (bkv % KVH) * layout.groupSize) * Lp * Dp
-            dqPartial.update(repeating: 0, count: layout.groupSize * Lp * Dp)
-            t.backwardKeys(keys: keys, rows: rows, dqPartial: dqPartial, keyGradient: dk, valueGradient: dv,
-                           batch: bkv / KVH, kvHead: bkv % KVH, firstTile: chunk, tileStep: chunks)
+            let chunk = index % chunks, bkv = index / chunks, b = bkv / KVH, g = bkv % KVH
+            let target: QueryGradient
+            if let partial {
+                let start = partial + ((chunk * B + b) * H + g * layout.groupSize) * Lp * Dp
+                start.update(repeating: 0, count: layout.groupSize * Lp * Dp)
+                target = QueryGradient(start: start, headStride: Lp * Dp, rowStride: Dp, padded: true)
+            } else {
+                let D = layout.headDim, start = dq + (b * layout.length * H + g * layout.groupSize) * D
+                for i in 0..<layout.length { (start + i * H * D).update(repeating: 0, count: layout.groupSize * D) }
+                target = QueryGradient(start: start, headStride: D, rowStride: H * D, padded: false)
+            }
+            t.backwardKeys(query: q, key: k, value: v, outputGradient: dO, delta: delta, logsumexp2: lse2,
+                           queryGradient: target, keyGradient: dk, valueGradient: dv,
+                           batch: b, kvHead: g, firstTile: chunk, tileStep: chunks)
         }
-        t.sumPartials(partial, chunks: chunks, into: queryGradient.baseAddress!, pool: pool)
+        if let partial { t.sumPartials(partial, chunks: chunks, into: dq, pool: pool) }
     }
 }
 
@@ -220,58 +230,31 @@ private func allocateTile(_ count: Int) -> UnsafeMutablePointer<Float> {
 
 private func release(_ pointer: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(pointer).deallocate() }
 
-/// Keys and values of every (sequence, kv head), packed for the tile products: padded with
-/// zeros to `tiles * 64` positions and `paddedDim` channels. Each form is allocated only when
-/// asked for (forward: transposed keys and value rows; backward: transposed keys and values,
-/// and key rows).
-private struct PackedKeys {
-    /// `[batch, kvHeads, tiles, paddedDim, 64]`: each tile of keys transposed (channels x keys).
-    let keysTransposed: UnsafeMutablePointer<Float>
-    /// `[batch, kvHeads, tiles * 64, paddedDim]`.
-    let keyRows: UnsafeMutablePointer<Float>?
-    /// As `keysTransposed`, for the values.
-    let valuesTransposed: UnsafeMutablePointer<Float>?
-    /// As `keyRows`, for the values.
-    let valueRows: UnsafeMutablePointer<Float>?
-    /// Floats per (sequence, kv head) in every form.
-    let perHead: Int
+private func greatestCommonDivisor(_ a: Int, _ b: Int) -> Int { b == 0 ? a : greatestCommonDivisor(b, a % b) }
 
-    init(layout: AttentionLayout, tiling: Tiling, keyRows: Bool, valuesTransposed: Bool) {
-        perHead = tiling.paddedLength * tiling.paddedDim
-        let count = layout.batch * layout.kvHeads * perHead
-        keysTransposed = allocateTile(count)
-        self.keyRows = keyRows ? allocateTile(count) : nil
-        self.valuesTransposed = valuesTransposed ? allocateTile(count) : nil
-        valueRows = valuesTransposed ? nil : allocateTile(count)
-    }
-
-    func deallocate() {
-        for p in [keysTransposed, keyRows, valuesTransposed, valueRows] { p.map(release) }
-    }
+/// Where one backward task adds `dS K` for the query heads of its group: row `i` of the group's
+/// head `hh` starts at `start + hh * headStride + i * rowStride`.
+private struct QueryGradient {
+    let start: UnsafeMutablePointer<Float>
+    let headStride: Int, rowStride: Int
+    /// Whether rows exist up to the padded length (a partial buffer), not only up to the length.
+    let padded: Bool
 }
 
-/// Backward operands per query head: `[batch, heads, Lp, Dp]` queries and output gradients, and
-/// per row `D_i = dO_i . O_i` and `lse_i * log2(e)` (`+inf` on padding rows, so they weigh 0).
-private struct PackedRows {
-    let queries: UnsafeMutablePointer<Float>
-    let outputGradients: UnsafeMutablePointer<Float>
-    let delta: UnsafeMutablePointer<Float>
-    let logsumexp2: UnsafeMutablePointer<Float>
-
-    init(layout: AttentionLayout, paddedLength: Int, paddedDim: Int) {
-        let count = layout.batch * layout.heads * paddedLength * paddedDim
-        queries = allocateTile(count)
-        outputGradients = allocateTile(count)
-        delta = allocateTile(layout.batch * layout.heads * paddedLength)
-        logsumexp2 = allocateTile(layout.batch * layout.heads * paddedLength)
-    }
-
-    func deallocate() {
-        for p in [queries, outputGradients, delta, logsumexp2] { release(p) }
-    }
+/// A 64-row tile of one head, as the tile products read it: `rows` apart by `stride` floats.
+private struct TileRows {
+    let rows: UnsafePointer<Float>
+    let stride: Int
 }
 
 /// The geometry of one call and the per-tile work of forward and backward.
+///
+/// Operands are read where they lie (`[batch, length, heads, headDim]`, rows `heads * headDim`
+/// apart) when a tile is whole and the head width a multiple of 16; otherwise, and for the
+/// transposed forms, each task copies the tile it needs into its own zero-padded, 64-byte
+/// aligned scratch. The copies cost `O(64 * headDim)` per tile against `O(64^2 * headDim)` of
+/// products, and no call allocates more than `O(batch * heads * length)` floats of statistics
+/// (plus the dq partials when backward splits key tiles).
 private struct Tiling {
     let layout: AttentionLayout
     let window: Int?
@@ -290,12 +273,20 @@ private struct Tiling {
         paddedDim = (layout.headDim + 15) / 16 * 16
     }
 
-    /// Visible keys of query `i` inside the key tile starting at `keyStart`, as a lane range
+    /// Keys that query `i` sees inside the key tile starting at `keyStart`, as a lane range
     /// `lo..<hi` of the tile (empty when `hi <= lo`).
     @inline(__always)
-    func visible(query i: Int, keyStart: Int) -> (lo: Int, hi: Int) {
+    func visibleKeys(query i: Int, keyStart: Int) -> (lo: Int, hi: Int) {
         let lo = window.map { min(max(i - $0 + 1 - keyStart, 0), tileSize) } ?? 0
         return (lo, min(max(i + 1 - keyStart, 0), tileSize))
+    }
+
+    /// Queries that see key `j` inside the query tile starting at `queryStart`, as a lane range
+    /// `lo..<hi` of the tile (empty when `hi <= lo`).
+    @inline(__always)
+    func visibleQueries(key j: Int, queryStart: Int) -> (lo: Int, hi: Int) {
+        let hi = window.map { min(max(j + $0 - queryStart, 0), tileSize) } ?? tileSize
+        return (min(max(j - queryStart, 0), tileSize), hi)
     }
 
     /// Whether some pair of query tile `queryTile` and key tile `keyTile` is hidden (the diagonal
@@ -321,228 +312,244 @@ private struct Tiling {
         return min((keyTile * tileSize + tileSize - 1 + window - 1) / tileSize, tiles - 1)
     }
 
-    /// Packs `source` (`[batch, length, kvHeads, headDim]`) per (sequence, kv head) into tiles
-    /// transposed (`[tiles, Dp, 64]`) and/or rows (`[Lp, Dp]`), zero-padded.
-    func pack(_ source: UnsafePointer<Float>, transposedInto transposed: UnsafeMutablePointer<Float>?,
-              rowsInto rowsOut: UnsafeMutablePointer<Float>?, pool: WorkerPool) {
-        let L = layout.length, KVH = layout.kvHeads, D = layout.headDim, Dp = paddedDim
-        let perHead = tiles * tileSize * Dp
-        pool.run(layout.batch * KVH * tiles) { index in
-            let tile = index % tiles, bkv = index / tiles, b = bkv / KVH, g = bkv % KVH
-            let count = min(tileSize, L - tile * tileSize)
-            if let transposed {
-                let out = transposed + bkv * perHead + tile * tileSize * Dp
-                if count < tileSize || D < Dp { out.update(repeating: 0, count: tileSize * Dp) }
-                // Contiguous stores, strided loads (the tile's 64 rows stay in L1).
-                let rows = source + ((b * L + tile * tileSize) * KVH + g) * D, stride = KVH * D
-                for d in 0..<D {
-                    let target = out + d * tileSize
-                    for j in 0..<count { target[j] = rows[j * stride + d] }
-                }
+    /// Rows `tile * 64 ..< tile * 64 + 64` of head `head` of `source` (`[batch, length, heads,
+    /// headDim]`): in place when they all exist and the head width is a multiple of 16, else
+    /// copied into `scratch` (`[64, Dp]`, zero-padded).
+    @inline(__always)
+    func rows(of source: UnsafePointer<Float>, heads: Int, batch b: Int, head h: Int, tile: Int,
+              scratch: UnsafeMutablePointer<Float>) -> TileRows {
+        let L = layout.length, D = layout.headDim, Dp = paddedDim
+        let first = source + ((b * L + tile * tileSize) * heads + h) * D
+        let count = min(tileSize, L - tile * tileSize)
+        if count == tileSize && D == Dp { return TileRows(rows: first, stride: heads * D) }
+        for r in 0..<tileSize {
+            let target = scratch + r * Dp
+            if r < count {
+                target.update(from: first + r * heads * D, count: D)
+                (target + D).update(repeating: 0, count: Dp - D)
+            } else {
+                target.update(repeating: 0, count: Dp)
             }
-            if let rowsOut {
-                let out = rowsOut + bkv * perHead + tile * tileSize * Dp
-                for j in 0..<tileSize {
-                    let target = out + j * Dp
-                    if j < count {
-                        target.update(from: source + ((b * L + tile * tileSize + j) * KVH + g) * D, count: D)
-                        (target + D).update(repeating: 0, count: Dp - D)
-                    } else {
-                        target.update(repeating: 0, count: Dp)
-                    }
-                }
-            }
+        }
+        return TileRows(rows: scratch, stride: Dp)
+    }
+
+    /// The same tile transposed into `out` (`[Dp, 64]`: channels x positions, zero-padded).
+    func transposed(_ source: UnsafePointer<Float>, heads: Int, batch b: Int, head h: Int, tile: Int,
+                    into out: UnsafeMutablePointer<Float>) {
+        let L = layout.length, D = layout.headDim, Dp = paddedDim
+        let first = source + ((b * L + tile * tileSize) * heads + h) * D, stride = heads * D
+        let count = min(tileSize, L - tile * tileSize)
+        if count < tileSize || D < Dp { out.update(repeating: 0, count: tileSize * Dp) }
+        // Contiguous stores, strided loads (the tile's 64 rows stay in L1).
+        for d in 0..<D {
+            let target = out + d * tileSize
+            for r in 0..<count { target[r] = first[r * stride + d] }
         }
     }
 
     // MARK: Forward
 
     /// One (sequence, head, query tile): the online softmax over its key tiles.
-    func forwardTile(q: UnsafePointer<Float>, keys: PackedKeys, output: UnsafeMutablePointer<Float>,
-                     logsumexp: UnsafeMutablePointer<Float>, batch b: Int, head h: Int, tile t: Int) {
-        let L = layout.length, H = layout.heads, D = layout.headDim, Dp = paddedDim, n = tileSize
-        let kvHead = b * layout.kvHeads + h / layout.groupSize
+    ///
+    /// Scores are computed transposed, `S^T = K Q^T` (keys x queries), so that every per-query
+    /// quantity (running max, sum, rescale factor) is a lane of a vector and every reduction
+    /// over keys is a vertical one: no horizontal reductions, no transposed keys.
+    func forwardTile(query: UnsafePointer<Float>, key: UnsafePointer<Float>, value: UnsafePointer<Float>,
+                     output: UnsafeMutablePointer<Float>, logsumexp: UnsafeMutablePointer<Float>,
+                     batch b: Int, head h: Int, tile t: Int) {
+        let L = layout.length, H = layout.heads, KVH = layout.kvHeads, D = layout.headDim, Dp = paddedDim, n = tileSize
+        let g = h / layout.groupSize
         let i0 = t * n, count = min(n, L - i0)
 
-        // Scratch: queries [64, Dp], scores [64, 64], output accumulator [64, Dp], running
-        // max (base 2), per-tile max and rescale factors [64], running sums as 16 lanes per row.
-        let scratch = allocateTile(2 * n * Dp + n * n + 4 * n + 16 * n)
+        // Scratch: queries transposed [Dp, 64]; key and value copies [64, Dp] (used only for a
+        // partial tile or a padded head width); scores [64 keys, 64 queries]; the output
+        // accumulator [64, Dp]; per query the rescale factor, running max and running sum.
+        let scratch = allocateTile(4 * n * Dp + n * n + 3 * n)
         defer { release(scratch) }
-        let qs = scratch, s = qs + n * Dp, o = s + n * n, m = o + n * Dp
-        let tileMax = m + n, alpha = tileMax + n, shift = alpha + n, sums = shift + n
-        for r in 0..<n {
-            let target = qs + r * Dp
-            if r < count {
-                target.update(from: q + ((b * L + i0 + r) * H + h) * D, count: D)
-                (target + D).update(repeating: 0, count: Dp - D)
-            } else {
-                target.update(repeating: 0, count: Dp)
-            }
-        }
+        let qt = scratch, keyCopy = qt + n * Dp, valueCopy = keyCopy + n * Dp, s = valueCopy + n * Dp
+        let o = s + n * n, alpha = o + n * Dp, m = alpha + n, l = m + n
+        transposed(query, heads: H, batch: b, head: h, tile: t, into: qt)
         o.update(repeating: 0, count: n * Dp)
         m.update(repeating: -.infinity, count: n)
-        sums.update(repeating: 0, count: 16 * n)
+        l.update(repeating: 0, count: n)
 
-        let c = scale2
+        let cv = SIMD16<Float>(repeating: scale2)
         for u in firstKeyTile(queryTile: t)...t {
             let j0 = u * n
-            multiplyTile(qs, aRow: Dp, aDepth: 1, keys.keysTransposed + kvHead * keys.perHead + u * n * Dp,
-                         bRow: n, depth: Dp, columns: n, into: s, cRow: n, accumulate: false)
-            let masked = needsMask(queryTile: t, keyTile: u)
-            for r in 0..<n {
-                let row = s + r * n
-                var x0 = load16(row), x1 = load16(row + 16), x2 = load16(row + 32), x3 = load16(row + 48)
-                if masked {
-                    let (lo, hi) = visible(query: i0 + r, keyStart: j0)
-                    x0 = hide(x0, lanesFrom: 0, lo: lo, hi: hi)
-                    x1 = hide(x1, lanesFrom: 16, lo: lo, hi: hi)
-                    x2 = hide(x2, lanesFrom: 32, lo: lo, hi: hi)
-                    x3 = hide(x3, lanesFrom: 48, lo: lo, hi: hi)
-                    store16(x0, row); store16(x1, row + 16); store16(x2, row + 32); store16(x3, row + 48)
+            let keys = rows(of: key, heads: KVH, batch: b, head: g, tile: u, scratch: keyCopy)
+            multiplyTile(keys.rows, aRow: keys.stride, aDepth: 1, qt, bRow: n, depth: Dp, columns: n,
+                         into: s, cRow: n, accumulate: false)
+            // Hide what this tile must not see (a pass of its own: a branch inside the loops
+            // below keeps the compiler from vectorising them cleanly), then take each query's
+            // maximum over the keys.
+            if needsMask(queryTile: t, keyTile: u) {
+                for k in 0..<n {
+                    let (lo, hi) = visibleQueries(key: j0 + k, queryStart: i0)
+                    hide(s + k * n, lo: lo, hi: hi)
                 }
-                tileMax[r] = horizontalMax(maximum(maximum(x0, x1), maximum(x2, x3)))
             }
-            // New running max, the factor that rescales what was summed so far, and the shift
-            // used for this tile (0 for a row that has seen nothing yet, so no inf - inf).
-            for r in stride(from: 0, to: n, by: 16) {
-                let old = load16(m + r)
-                let new = maximum(old, load16(tileMax + r) * c)
-                let safe = select(new .== -.infinity, SIMD16(), new)
-                store16(new, m + r)
-                store16(safe, shift + r)
-                store16(exp2Vector(old - safe), alpha + r)
+            var x0 = SIMD16<Float>(repeating: -.infinity), x1 = x0, x2 = x0, x3 = x0
+            for k in 0..<n {
+                let row = s + k * n
+                x0 = maximum(x0, load16(row)); x1 = maximum(x1, load16(row + 16))
+                x2 = maximum(x2, load16(row + 32)); x3 = maximum(x3, load16(row + 48))
             }
-            for r in 0..<n {
-                let row = s + r * n, negShift = SIMD16<Float>(repeating: -shift[r]), cv = SIMD16<Float>(repeating: c)
-                let p0 = exp2Vector(negShift.addingProduct(load16(row), cv))
-                let p1 = exp2Vector(negShift.addingProduct(load16(row + 16), cv))
-                let p2 = exp2Vector(negShift.addingProduct(load16(row + 32), cv))
-                let p3 = exp2Vector(negShift.addingProduct(load16(row + 48), cv))
+            // Per query (16 at a time): the new running max (base 2), the factor that rescales
+            // what was summed so far, and this tile's shift (0 where nothing has been seen yet,
+            // so never inf - inf).
+            func rescale(_ lanes: Int, _ tileMax: SIMD16<Float>) -> SIMD16<Float> {
+                let old = load16(m + lanes), new = maximum(old, tileMax * cv)
+                let shift = new.replacing(with: 0, where: new .== -.infinity)
+                store16(new, m + lanes)
+                store16(exp2Vector(old - shift), alpha + lanes)
+                return -shift
+            }
+            let n0 = rescale(0, x0), n1 = rescale(16, x1), n2 = rescale(32, x2), n3 = rescale(48, x3)
+            var t0 = SIMD16<Float>(), t1 = t0, t2 = t0, t3 = t0
+            for k in 0..<n {
+                let row = s + k * n
+                let p0 = exp2Vector(n0.addingProduct(load16(row), cv)), p1 = exp2Vector(n1.addingProduct(load16(row + 16), cv))
+                let p2 = exp2Vector(n2.addingProduct(load16(row + 32), cv)), p3 = exp2Vector(n3.addingProduct(load16(row + 48), cv))
                 store16(p0, row); store16(p1, row + 16); store16(p2, row + 32); store16(p3, row + 48)
-                let a = alpha[r]
-                store16(load16(sums + 16 * r) * a + ((p0 + p1) + (p2 + p3)), sums + 16 * r)
-                if a != 1 {
-                    let av = SIMD16<Float>(repeating: a), orow = o + r * Dp
-                    for d in stride(from: 0, to: Dp, by: 16) { store16(load16(orow + d) * av, orow + d) }
-                }
+                t0 += p0; t1 += p1; t2 += p2; t3 += p3
             }
-            multiplyTile(s, aRow: n, aDepth: 1, keys.valueRows! + kvHead * keys.perHead + j0 * Dp,
-                         bRow: Dp, depth: n, columns: Dp, into: o, cRow: Dp, accumulate: true)
+            func accumulate(_ lanes: Int, _ sum: SIMD16<Float>) {
+                store16(load16(l + lanes) * load16(alpha + lanes) + sum, l + lanes)
+            }
+            accumulate(0, t0); accumulate(16, t1); accumulate(32, t2); accumulate(48, t3)
+            for r in 0..<n where alpha[r] != 1 {
+                let a = SIMD16<Float>(repeating: alpha[r]), row = o + r * Dp
+                for d in stride(from: 0, to: Dp, by: 16) { store16(load16(row + d) * a, row + d) }
+            }
+            // O += P V, with P stored transposed (keys x queries).
+            let values = rows(of: value, heads: KVH, batch: b, head: g, tile: u, scratch: valueCopy)
+            multiplyTile(s, aRow: 1, aDepth: n, values.rows, bRow: values.stride, depth: n, columns: Dp,
+                         into: o, cRow: Dp, accumulate: true)
         }
 
         let ln2 = Float(M_LN2)
         for r in 0..<count {
-            let l = horizontalSum(load16(sums + 16 * r)), inverse = 1 / l
+            let inverse = 1 / l[r]
             let target = output + ((b * L + i0 + r) * H + h) * D, source = o + r * Dp
             for d in 0..<D { target[d] = source[d] * inverse }
-            logsumexp[(b * H + h) * L + i0 + r] = (m[r] + log2(l)) * ln2
+            logsumexp[(b * H + h) * L + i0 + r] = (m[r] + log2(l[r])) * ln2
         }
     }
 
     // MARK: Backward
 
-    /// Packs queries and output gradients per head and computes `D_i` and `lse_i * log2(e)`.
-    func packRows(query: UnsafePointer<Float>, output: UnsafePointer<Float>, logsumexp: UnsafePointer<Float>,
-                  outputGradient: UnsafePointer<Float>, into rows: PackedRows, pool: WorkerPool) {
-        let L = layout.length, H = layout.heads, D = layout.headDim, Dp = paddedDim, Lp = paddedLength
+    /// Per query row, `D_i = dO_i . O_i` and `lse_i * log2(e)`, `[batch, heads, Lp]`; padding rows
+    /// get 0 and `+inf`, so that their probabilities are 0.
+    func rowStatistics(output: UnsafePointer<Float>, outputGradient: UnsafePointer<Float>,
+                       logsumexp: UnsafePointer<Float>, delta: UnsafeMutablePointer<Float>,
+                       logsumexp2: UnsafeMutablePointer<Float>, pool: WorkerPool) {
+        let L = layout.length, H = layout.heads, D = layout.headDim, Lp = paddedLength
         let log2e = Float(M_LOG2E)
         pool.run(layout.batch * H * tiles) { index in
             let tile = index % tiles, bh = index / tiles, b = bh / H, h = bh % H
             for r in tile * tileSize..<(tile + 1) * tileSize {
-                let qTarget = rows.queries + (bh * Lp + r) * Dp, gTarget = rows.outputGradients + (bh * Lp + r) * Dp
                 guard r < L else {
-                    qTarget.update(repeating: 0, count: Dp)
-                    gTarget.update(repeating: 0, count: Dp)
-                    rows.delta[bh * Lp + r] = 0
-                    rows.logsumexp2[bh * Lp + r] = .infinity
+                    delta[bh * Lp + r] = 0
+                    logsumexp2[bh * Lp + r] = .infinity
                     continue
                 }
                 let offset = ((b * L + r) * H + h) * D
-                qTarget.update(from: query + offset, count: D)
-                (qTarget + D).update(repeating: 0, count: Dp - D)
-                gTarget.update(from: outputGradient + offset, count: D)
-                (gTarget + D).update(repeating: 0, count: Dp - D)
-                var delta: Float = 0
-                for d in 0..<D { delta += outputGradient[offset + d] * output[offset + d] }
-                rows.delta[bh * Lp + r] = delta
-                rows.logsumexp2[bh * Lp + r] = logsumexp[bh * L + r] * log2e
+                var sum: Float = 0
+                for d in 0..<D { sum += outputGradient[offset + d] * output[offset + d] }
+                delta[bh * Lp + r] = sum
+                logsumexp2[bh * Lp + r] = logsumexp[bh * L + r] * log2e
             }
         }
     }
 
     /// One (sequence, kv head, chunk): key tiles `firstTile, firstTile + tileStep, ...`, each
     /// against every query tile of every head of the group that sees it. Writes the dk and dv
-    /// rows of those tiles and adds `sum_j dS_ij k_j` into `dqPartial` (`[group, Lp, Dp]`).
-    func backwardKeys(keys: PackedKeys, rows: PackedRows, dqPartial: UnsafeMutablePointer<Float>,
-                      keyGradient: UnsafeMutablePointer<Float>, valueGradient: UnsafeMutablePointer<Float>,
-                      batch b: Int, kvHead g: Int, firstTile: Int, tileStep: Int) {
+    /// rows of those tiles and adds `scale * sum_j dS_ij k_j` into `queryGradient`.
+    func backwardKeys(query: UnsafePointer<Float>, key: UnsafePointer<Float>, value: UnsafePointer<Float>,
+                      outputGradient: UnsafePointer<Float>, delta: UnsafePointer<Float>, logsumexp2: UnsafePointer<Float>,
+                      queryGradient dq: QueryGradient, keyGradient: UnsafeMutablePointer<Float>,
+                      valueGradient: UnsafeMutablePointer<Float>, batch b: Int, kvHead g: Int, firstTile: Int, tileStep: Int) {
         let L = layout.length, H = layout.heads, KVH = layout.kvHeads, D = layout.headDim
         let Dp = paddedDim, Lp = paddedLength, n = tileSize, group = layout.groupSize
-        let bkv = b * KVH + g
-        // Scratch: probabilities (then dS) and dP [64, 64]; dk and dv accumulators [64, Dp].
-        let scratch = allocateTile(2 * n * n + 2 * n * Dp)
+        // Scratch: keys and values transposed [Dp, 64] and a key copy [64, Dp] for the key tile;
+        // query and output-gradient copies [64, Dp] (partial tiles or padded widths only);
+        // probabilities (then dS) and dP [64, 64]; dk and dv accumulators [64, Dp]; a dq tile
+        // [64, Dp] for a partial query tile added in place.
+        let scratch = allocateTile(8 * n * Dp + 2 * n * n)
         defer { release(scratch) }
-        let p = scratch, dp = p + n * n, dkAcc = dp + n * n, dvAcc = dkAcc + n * Dp
-        let cv = SIMD16<Float>(repeating: scale2)
+        let kt = scratch, vt = kt + n * Dp, keyCopy = vt + n * Dp, queryCopy = keyCopy + n * Dp
+        let gradientCopy = queryCopy + n * Dp, p = gradientCopy + n * Dp, dp = p + n * n
+        let dkAcc = dp + n * n, dvAcc = dkAcc + n * Dp, dqTile = dvAcc + n * Dp
+        let cv = SIMD16<Float>(repeating: scale2), scaleVector = SIMD16<Float>(repeating: scale)
 
         for u in stride(from: firstTile, to: tiles, by: tileStep) {
             let j0 = u * n
-            let kt = keys.keysTransposed + bkv * keys.perHead + u * n * Dp
-            let vt = keys.valuesTransposed! + bkv * keys.perHead + u * n * Dp
-            let kRows = keys.keyRows! + bkv * keys.perHead + j0 * Dp
+            transposed(key, heads: KVH, batch: b, head: g, tile: u, into: kt)
+            transposed(value, heads: KVH, batch: b, head: g, tile: u, into: vt)
+            let keys = rows(of: key, heads: KVH, batch: b, head: g, tile: u, scratch: keyCopy)
             dkAcc.update(repeating: 0, count: 2 * n * Dp)
             for hh in 0..<group {
-                let bh = b * H + g * group + hh
+                let h = g * group + hh, bh = b * H + h
                 for t in u...lastQueryTile(keyTile: u) {
                     let i0 = t * n
-                    let qTile = rows.queries + (bh * Lp + i0) * Dp
-                    let gTile = rows.outputGradients + (bh * Lp + i0) * Dp
-                    let lse2 = rows.logsumexp2 + bh * Lp + i0, delta = rows.delta + bh * Lp + i0
+                    let queries = rows(of: query, heads: H, batch: b, head: h, tile: t, scratch: queryCopy)
+                    let gradients = rows(of: outputGradient, heads: H, batch: b, head: h, tile: t, scratch: gradientCopy)
+                    let lse2 = logsumexp2 + bh * Lp + i0, rowDelta = delta + bh * Lp + i0
                     // P = exp2(c s - lse2), hidden pairs 0.
-                    multiplyTile(qTile, aRow: Dp, aDepth: 1, kt, bRow: n, depth: Dp, columns: n, into: p, cRow: n, accumulate: false)
-                    let masked = needsMask(queryTile: t, keyTile: u)
+                    multiplyTile(queries.rows, aRow: queries.stride, aDepth: 1, kt, bRow: n, depth: Dp, columns: n,
+                                 into: p, cRow: n, accumulate: false)
+                    if needsMask(queryTile: t, keyTile: u) {
+                        for r in 0..<n {
+                            let (lo, hi) = visibleKeys(query: i0 + r, keyStart: j0)
+                            hide(p + r * n, lo: lo, hi: hi)
+                        }
+                    }
                     for r in 0..<n {
                         let row = p + r * n, negShift = SIMD16<Float>(repeating: -lse2[r])
-                        var x0 = load16(row), x1 = load16(row + 16), x2 = load16(row + 32), x3 = load16(row + 48)
-                        if masked {
-                            let (lo, hi) = visible(query: i0 + r, keyStart: j0)
-                            x0 = hide(x0, lanesFrom: 0, lo: lo, hi: hi)
-                            x1 = hide(x1, lanesFrom: 16, lo: lo, hi: hi)
-                            x2 = hide(x2, lanesFrom: 32, lo: lo, hi: hi)
-                            x3 = hide(x3, lanesFrom: 48, lo: lo, hi: hi)
+                        for k in stride(from: 0, to: n, by: 16) {
+                            store16(exp2Vector(negShift.addingProduct(load16(row + k), cv)), row + k)
                         }
-                        store16(exp2Vector(negShift.addingProduct(x0, cv)), row)
-                        store16(exp2Vector(negShift.addingProduct(x1, cv)), row + 16)
-                        store16(exp2Vector(negShift.addingProduct(x2, cv)), row + 32)
-                        store16(exp2Vector(negShift.addingProduct(x3, cv)), row + 48)
                     }
                     // dv += P^T dO
-                    multiplyTile(p, aRow: 1, aDepth: n, gTile, bRow: Dp, depth: n, columns: Dp, into: dvAcc, cRow: Dp, accumulate: true)
-                    // dP = dO V^T, then dS = P (dP - D) in place of P.
-                    multiplyTile(gTile, aRow: Dp, aDepth: 1, vt, bRow: n, depth: Dp, columns: n, into: dp, cRow: n, accumulate: false)
+                    multiplyTile(p, aRow: 1, aDepth: n, gradients.rows, bRow: gradients.stride, depth: n, columns: Dp,
+                                 into: dvAcc, cRow: Dp, accumulate: true)
+                    // dP = dO V^T, then scale * dS = scale * P (dP - D) in place of P.
+                    multiplyTile(gradients.rows, aRow: gradients.stride, aDepth: 1, vt, bRow: n, depth: Dp, columns: n,
+                                 into: dp, cRow: n, accumulate: false)
                     for r in 0..<n {
-                        let row = p + r * n, dRow = dp + r * n, dv = SIMD16<Float>(repeating: delta[r])
+                        let row = p + r * n, dRow = dp + r * n, d = SIMD16<Float>(repeating: rowDelta[r])
                         for k in stride(from: 0, to: n, by: 16) {
-                            store16(load16(row + k) * (load16(dRow + k) - dv), row + k)
+                            store16(load16(row + k) * (load16(dRow + k) - d) * scaleVector, row + k)
                         }
                     }
-                    // dq += dS K (scaled at the end), dk += dS^T Q
-                    multiplyTile(p, aRow: n, aDepth: 1, kRows, bRow: Dp, depth: n, columns: Dp,
-                                 into: dqPartial + (hh * Lp + i0) * Dp, cRow: Dp, accumulate: true)
-                    multiplyTile(p, aRow: 1, aDepth: n, qTile, bRow: Dp, depth: n, columns: Dp, into: dkAcc, cRow: Dp, accumulate: true)
+                    // dq += scale dS K (a partial query tile through `dqTile`, so that no row past
+                    // the sequence is written), dk += scale dS^T Q
+                    let dqRows = dq.start + hh * dq.headStride + i0 * dq.rowStride
+                    if i0 + n <= L || dq.padded {
+                        multiplyTile(p, aRow: n, aDepth: 1, keys.rows, bRow: keys.stride, depth: n, columns: Dp,
+                                     into: dqRows, cRow: dq.rowStride, accumulate: true)
+                    } else {
+                        multiplyTile(p, aRow: n, aDepth: 1, keys.rows, bRow: keys.stride, depth: n, columns: Dp,
+                                     into: dqTile, cRow: Dp, accumulate: false)
+                        for r in 0..<(L - i0) {
+                            let row = dqRows + r * dq.rowStride
+                            for d in 0..<D { row[d] += dqTile[r * Dp + d] }
+                        }
+                    }
+                    multiplyTile(p, aRow: 1, aDepth: n, queries.rows, bRow: queries.stride, depth: n, columns: Dp,
+                                 into: dkAcc, cRow: Dp, accumulate: true)
                 }
             }
             for j in 0..<min(n, L - j0) {
                 let offset = ((b * L + j0 + j) * KVH + g) * D
-                for d in 0..<D {
-                    keyGradient[offset + d] = dkAcc[j * Dp + d] * scale
-                    valueGradient[offset + d] = dvAcc[j * Dp + d]
-                }
+                (keyGradient + offset).update(from: dkAcc + j * Dp, count: D)
+                (valueGradient + offset).update(from: dvAcc + j * Dp, count: D)
             }
         }
     }
 
-    /// `dq = scale * sum_chunks partial` with the padding dropped.
+    /// `dq = sum_chunks partial`, with the padding dropped.
     func sumPartials(_ partial: UnsafeMutablePointer<Float>, chunks: Int, into dq: UnsafeMutablePointer<Float>, pool: WorkerPool) {
         let L = layout.length, H = layout.heads, D = layout.headDim, Dp = paddedDim, Lp = paddedLength
         let chunkStride = layout.batch * H * Lp * Dp
@@ -553,7 +560,7 @@ private struct Tiling {
                 for d in 0..<D {
                     var sum: Float = 0
                     for chunk in 0..<chunks { sum += source[chunk * chunkStride + d] }
-                    target[d] = sum * scale
+                    target[d] = sum
                 }
             }
         }
@@ -631,49 +638,21 @@ private func block4x16(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b: U
     store16(s0, c); store16(s1, c + cRow); store16(s2, c + 2 * cRow); store16(s3, c + 3 * cRow)
 }
 
-/// Lanes `first ..< first + 16` of a score row, with those outside `lo..<hi` set to `-inf`.
+/// Sets the entries of a 64-wide score row outside `lo..<hi` to `-inf`.
 @inline(__always)
-private func hide(_ x: SIMD16<Float>, lanesFrom first: Int, lo: Int, hi: Int) -> SIMD16<Float> {
-    let lane = SIMD16<Int32>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) &+ Int32(first)
-    return select((lane .< Int32(lo)) .| (lane .>= Int32(hi)), SIMD16(repeating: -.infinity), x)
+private func hide(_ row: UnsafeMutablePointer<Float>, lo: Int, hi: Int) {
+    let lane = SIMD16<Int32>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+    let low = SIMD16<Int32>(repeating: Int32(lo)), high = SIMD16<Int32>(repeating: Int32(hi))
+    for k in stride(from: 0, to: tileSize, by: 16) {
+        let index = lane &+ Int32(k)
+        store16(load16(row + k).replacing(with: -.infinity, where: (index .< low) .| (index .>= high)), row + k)
+    }
 }
 
-/// Lane-wise `mask ? a : b` as bit operations on the lanes. `SIMD.replacing(with:where:)`
-/// compiles to a chain of 4-lane pieces here (measured: a row maximum took 60 instructions and
-/// 9% of the forward), and `pointwiseMax` to an out-of-line call; a compare, a mask move and
-/// one ternary logic instruction do the same.
+/// Lane-wise maximum: one `vmaxps`. (The standard library's `pointwiseMax` is an out-of-line
+/// generic call, measured at 40% of the forward's time.)
 @inline(__always)
-private func select(_ mask: SIMDMask<SIMD16<Int32>>, _ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> {
-    let m = unsafeBitCast(mask, to: SIMD16<Int32>.self)
-    let bits = (unsafeBitCast(a, to: SIMD16<Int32>.self) & m) | (unsafeBitCast(b, to: SIMD16<Int32>.self) & ~m)
-    return unsafeBitCast(bits, to: SIMD16<Float>.self)
-}
-
-@inline(__always)
-private func select(_ mask: SIMDMask<SIMD8<Int32>>, _ a: SIMD8<Float>, _ b: SIMD8<Float>) -> SIMD8<Float> {
-    let m = unsafeBitCast(mask, to: SIMD8<Int32>.self)
-    let bits = (unsafeBitCast(a, to: SIMD8<Int32>.self) & m) | (unsafeBitCast(b, to: SIMD8<Int32>.self) & ~m)
-    return unsafeBitCast(bits, to: SIMD8<Float>.self)
-}
-
-@inline(__always)
-private func select(_ mask: SIMDMask<SIMD4<Int32>>, _ a: SIMD4<Float>, _ b: SIMD4<Float>) -> SIMD4<Float> {
-    let m = unsafeBitCast(mask, to: SIMD4<Int32>.self)
-    let bits = (unsafeBitCast(a, to: SIMD4<Int32>.self) & m) | (unsafeBitCast(b, to: SIMD4<Int32>.self) & ~m)
-    return unsafeBitCast(bits, to: SIMD4<Float>.self)
-}
-
-@inline(__always)
-private func maximum(_ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> { select(a .< b, b, a) }
-
-@inline(__always)
-private func horizontalMax(_ v: SIMD16<Float>) -> Float {
-    let low8 = v.lowHalf, high8 = v.highHalf
-    let a = select(low8 .< high8, high8, low8)
-    let low4 = a.lowHalf, high4 = a.highHalf
-    let b = select(low4 .< high4, high4, low4)
-    return max(max(b[0], b[1]), max(b[2], b[3]))
-}
+private func maximum(_ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> { a.replacing(with: b, where: a .< b) }
 
 /// `2^x` lane by lane for `x <= 127` (here always `x <= 0`, up to rounding), relative error
 /// about 2e-7, and exactly 0 for `x <= -127` (so `-inf`, a hidden pair, gives 0):
@@ -685,8 +664,7 @@ private func horizontalMax(_ v: SIMD16<Float>) -> Float {
 /// separate test.
 @inline(__always)
 private func exp2Vector(_ x: SIMD16<Float>) -> SIMD16<Float> {
-    let floor = SIMD16<Float>(repeating: -127)
-    let clamped = select(x .< floor, floor, x)
+    let clamped = x.replacing(with: -127, where: x .< -127)
     // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
     let magic = SIMD16<Float>(repeating: 12_582_912)
     let shifted = clamped + magic

@@ -8,7 +8,7 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that measure this machine's ceilings and report every result as a fraction of them.",
-        subcommands: [BenchOperators.self, BenchLayers.self, BenchTraining.self, BenchDecode.self],
+        subcommands: [BenchOperators.self, BenchLayers.self, BenchTraining.self, BenchDecode.self, BenchCUDA.self],
         defaultSubcommand: BenchOperators.self)
 }
 

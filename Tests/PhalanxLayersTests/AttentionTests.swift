@@ -177,14 +177,15 @@ struct AttentionKernelTests {
 
     @Test("forward, dk and dv do not depend on the thread count; dq only in rounding")
     func threadCounts() {
-        let layout = AttentionLayout(batch: 1, length: 150, heads: 2, kvHeads: 1, headDim: 16)
-        let kernel = AttentionKernel(window: 90), serial = WorkerPool(threadCount: 1), shared = WorkerPool(threadCount: 3)
+        // 5 tiles: backward splits them into 4 chunks on one thread, 5 on three.
+        let layout = AttentionLayout(batch: 1, length: 300, heads: 2, kvHeads: 1, headDim: 16)
+        let kernel = AttentionKernel(window: 90), serial = WorkerPool(threadCount: 1), threaded = WorkerPool(threadCount: 3)
         var rng = SeededGenerator(seed: 2)
         let dy = randomTensor([layout.queryCount], &rng)
-        let one = KernelRun(kernel, layout, seed: 4, pool: serial), many = KernelRun(kernel, layout, seed: 4, pool: shared)
+        let one = KernelRun(kernel, layout, seed: 4, pool: serial), many = KernelRun(kernel, layout, seed: 4, pool: threaded)
         #expect(one.output.array == many.output.array)
         #expect(one.logsumexp.array == many.logsumexp.array)
-        let a = one.backward(kernel, dy, pool: serial), b = many.backward(kernel, dy, pool: shared)
+        let a = one.backward(kernel, dy, pool: serial), b = many.backward(kernel, dy, pool: threaded)
         #expect(a.1.array == b.1.array, "dk")
         #expect(a.2.array == b.2.array, "dv")
         expectClose(b.0.array, a.0.array.map(Double.init), tolerance: 1e-6, "dq")

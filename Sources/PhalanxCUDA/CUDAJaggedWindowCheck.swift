@@ -1,0 +1,160 @@
+import Foundation
+import PhalanxRuntime
+import SWR
+
+/// The comparisons of `CUDAJaggedWindow` with the CPU `JaggedWindow` that define it: the tests run
+/// them, and so does `phalanx bench cuda --check` on a GPU machine without a Swift toolchain.
+///
+/// Each case draws gates and inputs (and an output gradient) from a seed, rounds them to bfloat16
+/// when the storage is bfloat16, and compares output, input gradient and gate gradient with the
+/// CPU operator run on the same (rounded) numbers, by the largest
+/// `|gpu - cpu| / (|cpu| + max|cpu|)` (the error relative to each value and to the tensor's scale).
+public enum CUDAJaggedWindowCheck {
+    /// Gate regimes: random in [0, 1], all 0 (no memory), all 1 (no decay), and just below 1
+    /// (`1 - 10^-x`, x in 2...7).
+    public enum Gates: String, Sendable, CaseIterable {
+        case random, zero, one, nearOne
+    }
+
+    public struct Case: Sendable, CustomStringConvertible {
+        public var storage: CUDAJaggedWindow.Storage
+        public var batch: Int
+        public var length: Int
+        public var heads: Int
+        public var gates: Gates
+        public var blocksSeen: Int
+        public var tuning: CUDAJaggedWindow.Tuning
+
+        /// `tuning` defaults to `Tuning()` with `chunkBlocks`.
+        public init(storage: CUDAJaggedWindow.Storage, batch: Int = 2, length: Int, heads: Int = 3,
+                    gates: Gates = .random, blocksSeen: Int = 2, chunkBlocks: Int? = nil,
+                    tuning: CUDAJaggedWindow.Tuning? = nil) {
+            (self.storage, self.batch, self.length, self.heads, self.gates) = (storage, batch, length, heads, gates)
+            self.blocksSeen = blocksSeen
+            self.tuning = tuning ?? CUDAJaggedWindow.Tuning()
+            if let chunkBlocks { self.tuning.chunkBlocks = chunkBlocks }
+        }
+
+        public var description: String {
+            "\(storage) B=\(batch) L=\(length) H=\(heads) gates \(gates) k=\(blocksSeen), \(tuning)"
+        }
+    }
+
+    /// The measured errors of one case against its tolerance.
+    public struct Outcome: Sendable, CustomStringConvertible {
+        public let testCase: Case
+        public let outputError: Double
+        public let inputGradientError: Double
+        public let gateGradientError: Double
+        public let tolerance: Double
+
+        public var passed: Bool {
+            [outputError, inputGradientError, gateGradientError].allSatisfy { $0 <= tolerance }
+        }
+
+        public var description: String {
+            String(format: "%@ %@: y %.1e  du %.1e  da %.1e  (tolerance %.0e)", passed ? "PASS" : "FAIL",
+                   testCase.description, outputError, inputGradientError, gateGradientError, tolerance)
+        }
+    }
+
+    /// float32: 1e-5 (the kernels do the CPU's operations; only reduction order differs).
+    /// bfloat16: 2^-7, two units in the last place at the tensor's scale (each result is rounded
+    /// once from float32; the reference is not).
+    public static func tolerance(_ storage: CUDAJaggedWindow.Storage) -> Double {
+        storage == .float32 ? 1e-5 : 1.0 / 128
+    }
+
+    /// Ragged lengths (1, 15, 16, 17, 100, 1000) in every gate regime and both storages; chunks of
+    /// 1 and 3 blocks (every halo path); k = 1; one case of 128 heads and 4096 positions (many
+    /// warps and chunks); and every kernel variant (`Tuning.variants`) and block size 256 on a few
+    /// of these.
+    public static var standardCases: [Case] {
+        var cases: [Case] = []
+        for storage in CUDAJaggedWindow.Storage.allCases {
+            for length in [1, 15, 16, 17, 100, 1000] {
+                for gates in Gates.allCases { cases.append(Case(storage: storage, length: length, gates: gates)) }
+            }
+            for chunk in [1, 3] {
+                cases.append(Case(storage: storage, length: 1000, gates: .nearOne, chunkBlocks: chunk))
+                cases.append(Case(storage: storage, length: 1000, gates: .one, chunkBlocks: chunk))
+            }
+            cases.append(Case(storage: storage, length: 17, blocksSeen: 1))
+            cases.append(Case(storage: storage, batch: 1, length: 4096, heads: 128))
+            let alternatives = CUDAJaggedWindow.Tuning.variants + [CUDAJaggedWindow.Tuning(threadsPerBlock: 256)]
+            for tuning in alternatives where tuning != CUDAJaggedWindow.Tuning() {
+                cases.append(Case(storage: storage, length: 17, gates: .nearOne, tuning: tuning))
+                cases.append(Case(storage: storage, length: 100, blocksSeen: 1, chunkBlocks: 2, tuning: tuning))
+                cases.append(Case(storage: storage, length: 1000, chunkBlocks: 3, tuning: tuning))
+                cases.append(Case(storage: storage, batch: 1, length: 4096, heads: 128, tuning: tuning))
+            }
+        }
+        return cases
+    }
+
+    /// Runs one case on `context` and on the CPU.
+    public static func run(_ testCase: Case, context: CUDAContext) throws -> Outcome {
+        let window = JaggedWindow(blockLength: 16, blocksSeen: testCase.blocksSeen)
+        var gpu = try CUDAJaggedWindow(context: context, window: window, storage: testCase.storage)
+        gpu.tuning = testCase.tuning
+        let layout = SequenceLayout.batched(batch: testCase.batch, length: testCase.length, heads: testCase.heads, headDim: 16)
+
+        let regime = Gates.allCases.firstIndex(of: testCase.gates)!
+        var rng = SeededGenerator(seed: UInt64(testCase.length * 1009 + testCase.heads * 31 + regime * 7 + testCase.batch))
+        func stored(_ values: [Float]) -> [Float] {
+            testCase.storage == .bfloat16 ? BFloat16.rounded(values) : values
+        }
+        let gates = stored((0..<layout.gateCount).map { _ -> Float in
+            switch testCase.gates {
+            case .random: Float.random(in: 0...1, using: &rng)
+            case .zero: 0
+            case .one: 1
+            case .nearOne: Float(1 - pow(10, Double.random(in: -7 ... -2, using: &rng)))
+            }
+        })
+        let inputs = stored((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) })
+        let outputGradient = stored((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) })
+
+        let output = try gpu.forward(gates: gates, inputs: inputs, layout: layout)
+        let (inputGradient, gateGradient) = try gpu.backward(gates: gates, inputs: inputs, outputGradient: outputGradient,
+                                                             layout: layout)
+
+        var expectedOutput = [Float](repeating: 0, count: layout.elementCount)
+        var expectedInputGradient = expectedOutput
+        var expectedGateGradient = [Float](repeating: 0, count: layout.gateCount)
+        var state = JaggedState(for: layout)
+        gates.withUnsafeBufferPointer { a in
+            inputs.withUnsafeBufferPointer { u in
+                outputGradient.withUnsafeBufferPointer { dy in
+                    expectedOutput.withUnsafeMutableBufferPointer { y in
+                        window.forward(gates: a, inputs: u, output: y, layout: layout, state: &state)
+                    }
+                    expectedInputGradient.withUnsafeMutableBufferPointer { du in
+                        expectedGateGradient.withUnsafeMutableBufferPointer { da in
+                            _ = window.backward(gates: a, inputs: u, outputGradient: dy, layout: layout,
+                                            initialState: JaggedState(for: layout), inputGradient: du, gateGradient: da)
+                        }
+                    }
+                }
+            }
+        }
+        return Outcome(testCase: testCase,
+                       outputError: relativeError(output, expectedOutput),
+                       inputGradientError: relativeError(inputGradient, expectedInputGradient),
+                       gateGradientError: relativeError(gateGradient, expectedGateGradient),
+                       tolerance: tolerance(testCase.storage))
+    }
+
+    /// `max |actual - expected| / (|expected| + max|expected|)`; infinite when `actual` has a
+    /// non-finite value the reference does not, or the counts differ.
+    public static func relativeError(_ actual: [Float], _ expected: [Float]) -> Double {
+        guard actual.count == expected.count else { return .infinity }
+        let scale = max(Double(expected.lazy.map { abs($0) }.max() ?? 0), 1e-30)
+        var worst = 0.0
+        for (a, e) in zip(actual, expected) {
+            if !a.isFinite && a != e { return .infinity }
+            worst = max(worst, abs(Double(a) - Double(e)) / (abs(Double(e)) + scale))
+        }
+        return worst
+    }
+}

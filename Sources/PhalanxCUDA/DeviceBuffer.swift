@@ -1,0 +1,94 @@
+import PhalanxRuntime
+
+/// Memory on the GPU (`cuMemAlloc`), freed when the last reference goes away.
+///
+/// Untyped bytes: float32 data is copied in and out as `[Float]`, bfloat16 data as `[UInt16]`
+/// (raw bits; `BFloat16` converts). The address is aligned to at least 256 bytes, which the vector
+/// loads of the kernels need.
+public final class DeviceBuffer: @unchecked Sendable {
+    public let context: CUDAContext
+    /// The `CUdeviceptr`.
+    public let address: UInt64
+    public let byteCount: Int
+
+    /// Allocates `byteCount` bytes (contents undefined).
+    public init(context: CUDAContext, byteCount: Int) throws {
+        require(byteCount >= 0, "DeviceBuffer: byteCount must be non-negative, got \(byteCount)")
+        self.context = context
+        self.byteCount = byteCount
+        try context.makeCurrent()
+        var address: UInt64 = 0
+        // cuMemAlloc refuses 0 bytes: an empty buffer holds one byte nobody reads.
+        try context.driver.check(context.driver.cuMemAlloc(&address, max(byteCount, 1)),
+                                 "cuMemAlloc_v2(\(byteCount) bytes)")
+        self.address = address
+    }
+
+    /// A buffer holding `values` (float32).
+    public convenience init(context: CUDAContext, floats values: [Float]) throws {
+        try self.init(context: context, byteCount: values.count * 4)
+        try upload(values)
+    }
+
+    /// A buffer holding `bits` (bfloat16).
+    public convenience init(context: CUDAContext, bfloat16 bits: [UInt16]) throws {
+        try self.init(context: context, byteCount: bits.count * 2)
+        try upload(bits)
+    }
+
+    deinit {
+        _ = context.driver.cuCtxSetCurrent(context.context)
+        _ = context.driver.cuMemFree(address)
+    }
+
+    /// Copies `values` to the start of the buffer, after the stream's queued work.
+    public func upload<T: BitwiseCopyable>(_ values: [T]) throws {
+        let bytes = values.count * MemoryLayout<T>.stride
+        require(bytes <= byteCount, "DeviceBuffer.upload: \(bytes) bytes do not fit in a buffer of \(byteCount)")
+        guard bytes > 0 else { return }
+        try context.synchronize()
+        try values.withUnsafeBytes { source in
+            try context.driver.check(context.driver.cuMemcpyHtoD(address, source.baseAddress!, bytes),
+                                     "cuMemcpyHtoD_v2(\(bytes) bytes)")
+        }
+    }
+
+    /// The first `count` values of type `T` (all that fit when nil), after the stream's queued work.
+    public func download<T: BitwiseCopyable>(_ type: T.Type, count: Int? = nil) throws -> [T] {
+        let count = count ?? byteCount / MemoryLayout<T>.stride
+        let bytes = count * MemoryLayout<T>.stride
+        require(count >= 0 && bytes <= byteCount,
+                "DeviceBuffer.download: \(count) values of \(T.self) (\(bytes) bytes) exceed the buffer's \(byteCount)")
+        try context.synchronize()
+        return try [T](unsafeUninitializedCapacity: count) { values, initialized in
+            if bytes > 0 {
+                try context.driver.check(context.driver.cuMemcpyDtoH(UnsafeMutableRawPointer(values.baseAddress!), address, bytes),
+                                         "cuMemcpyDtoH_v2(\(bytes) bytes)")
+            }
+            initialized = count
+        }
+    }
+
+    /// The buffer as float32 values.
+    public func floats(count: Int? = nil) throws -> [Float] { try download(Float.self, count: count) }
+
+    /// The buffer as bfloat16 bits.
+    public func bfloat16(count: Int? = nil) throws -> [UInt16] { try download(UInt16.self, count: count) }
+
+    /// Queues a copy of `byteCount` bytes (all of `source` when nil) from `source` into this buffer.
+    public func copy(from source: DeviceBuffer, byteCount: Int? = nil) throws {
+        let bytes = byteCount ?? source.byteCount
+        require(bytes <= source.byteCount && bytes <= self.byteCount,
+                "DeviceBuffer.copy: \(bytes) bytes from a buffer of \(source.byteCount) into one of \(self.byteCount)")
+        try context.makeCurrent()
+        try context.driver.check(context.driver.cuMemcpyDtoDAsync(address, source.address, bytes, context.stream),
+                                 "cuMemcpyDtoDAsync_v2(\(bytes) bytes)")
+    }
+
+    /// Queues setting every byte to `value`.
+    public func fill(byte value: UInt8 = 0) throws {
+        try context.makeCurrent()
+        try context.driver.check(context.driver.cuMemsetD8Async(address, value, byteCount, context.stream),
+                                 "cuMemsetD8Async(\(byteCount) bytes)")
+    }
+}
