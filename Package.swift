@@ -39,7 +39,7 @@ let package = Package(
         .target(
             name: "PhalanxLayers",
             dependencies: [
-                "SWR", "Checkpoint", "PhalanxRuntime",
+                "SWR", "Checkpoint", "PhalanxRuntime", "CPhalanxIntrinsics",
                 .target(name: "CBLAS", condition: .when(platforms: [.linux])),
             ],
             swiftSettings: cpuFlags),

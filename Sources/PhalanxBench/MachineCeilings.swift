@@ -42,6 +42,32 @@ public enum MachineCeilings {
         return 2 * Double(n * n * n) / min(blasThreads, pool)
     }
 
+    /// The arithmetic peak (FLOP/s) of all threads of `pool`: each runs eight independent chains
+    /// of 16-lane fused multiply-adds on registers (`acc = acc * x + y`), enough chains to hide
+    /// the instruction's latency, with no memory traffic. No kernel can exceed it; it exposes a
+    /// BLAS that leaves part of the vector width unused (a kernel may beat such a BLAS's sgemm
+    /// rate but never this).
+    public static func fmaPeak(iterations: Int = 2_000_000, pool: WorkerPool = .shared) -> Double {
+        let parts = pool.threadCount
+        let sink = BenchBuffer(count: 16 * parts) { _ in 0 }
+        let out = sink.pointer.baseAddress!
+        let seconds = Timing.median(repeats: 5) {
+            pool.run(parts) { p in
+                let x = SIMD16<Float>(repeating: 0.999_999), y = SIMD16<Float>(repeating: 1e-7)
+                var a0 = SIMD16<Float>(repeating: Float(p)), a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3
+                var a4 = a0 + 4, a5 = a0 + 5, a6 = a0 + 6, a7 = a0 + 7
+                for _ in 0..<iterations {
+                    a0 = y.addingProduct(a0, x); a1 = y.addingProduct(a1, x)
+                    a2 = y.addingProduct(a2, x); a3 = y.addingProduct(a3, x)
+                    a4 = y.addingProduct(a4, x); a5 = y.addingProduct(a5, x)
+                    a6 = y.addingProduct(a6, x); a7 = y.addingProduct(a7, x)
+                }
+                store16(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), out + 16 * p)
+            }
+        }
+        return Double(parts * iterations) * 8 * 16 * 2 / seconds
+    }
+
     /// One core's rate (FLOP/s) of a 16 x 16 tile product `C += A B` in 16-lane fused
     /// multiply-adds, the operands in memory. It proves the vector fast path is compiled in:
     /// with the target CPU's instruction set this runs at tens of GFLOP/s; without it,

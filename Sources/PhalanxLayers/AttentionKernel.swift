@@ -402,15 +402,15 @@ private struct Tiling {
                 let old = load16(m + lanes), new = maximum(old, tileMax * cv)
                 let shift = new.replacing(with: 0, where: new .== -.infinity)
                 store16(new, m + lanes)
-                store16(exp2Vector(old - shift), alpha + lanes)
+                store16(exp2(old - shift), alpha + lanes)
                 return -shift
             }
             let n0 = rescale(0, x0), n1 = rescale(16, x1), n2 = rescale(32, x2), n3 = rescale(48, x3)
             var t0 = SIMD16<Float>(), t1 = t0, t2 = t0, t3 = t0
             for k in 0..<n {
                 let row = s + k * n
-                let p0 = exp2Vector(n0.addingProduct(load16(row), cv)), p1 = exp2Vector(n1.addingProduct(load16(row + 16), cv))
-                let p2 = exp2Vector(n2.addingProduct(load16(row + 32), cv)), p3 = exp2Vector(n3.addingProduct(load16(row + 48), cv))
+                let p0 = exp2(n0.addingProduct(load16(row), cv)), p1 = exp2(n1.addingProduct(load16(row + 16), cv))
+                let p2 = exp2(n2.addingProduct(load16(row + 32), cv)), p3 = exp2(n3.addingProduct(load16(row + 48), cv))
                 store16(p0, row); store16(p1, row + 16); store16(p2, row + 32); store16(p3, row + 48)
                 t0 += p0; t1 += p1; t2 += p2; t3 += p3
             }
@@ -508,7 +508,7 @@ private struct Tiling {
                     for r in 0..<n {
                         let row = p + r * n, negShift = SIMD16<Float>(repeating: -lse2[r])
                         for k in stride(from: 0, to: n, by: 16) {
-                            store16(exp2Vector(negShift.addingProduct(load16(row + k), cv)), row + k)
+                            store16(exp2(negShift.addingProduct(load16(row + k), cv)), row + k)
                         }
                     }
                     // dv += P^T dO
@@ -654,29 +654,3 @@ private func hide(_ row: UnsafeMutablePointer<Float>, lo: Int, hi: Int) {
 @inline(__always)
 private func maximum(_ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> { a.replacing(with: b, where: a .< b) }
 
-/// `2^x` lane by lane for `x <= 127` (here always `x <= 0`, up to rounding), relative error
-/// about 2e-7, and exactly 0 for `x <= -127` (so `-inf`, a hidden pair, gives 0):
-///
-///     2^x = 2^n * 2^f,   n = round(x),  f = x - n in [-1/2, 1/2]
-///
-/// with `2^f` a degree-6 polynomial (Cephes `exp2f`) and `2^n` built in the exponent bits; below
-/// -127 the clamp makes `n = -127`, whose exponent field is 0, so the product is 0 without a
-/// separate test.
-@inline(__always)
-private func exp2Vector(_ x: SIMD16<Float>) -> SIMD16<Float> {
-    let clamped = x.replacing(with: -127, where: x .< -127)
-    // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
-    let magic = SIMD16<Float>(repeating: 12_582_912)
-    let shifted = clamped + magic
-    let n = shifted - magic
-    let f = clamped - n
-    var p = SIMD16<Float>(repeating: 1.535336188319500e-4)
-    p = SIMD16(repeating: 1.339887440266574e-3).addingProduct(p, f)
-    p = SIMD16(repeating: 9.618437357674640e-3).addingProduct(p, f)
-    p = SIMD16(repeating: 5.550332471162809e-2).addingProduct(p, f)
-    p = SIMD16(repeating: 2.402264791363012e-1).addingProduct(p, f)
-    p = SIMD16(repeating: 6.931472028550421e-1).addingProduct(p, f)
-    p = SIMD16(repeating: 1).addingProduct(p, f)
-    let exponent = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- unsafeBitCast(magic, to: SIMD16<Int32>.self)
-    return p * unsafeBitCast((exponent &+ 127) &<< 23, to: SIMD16<Float>.self)
-}

@@ -182,12 +182,9 @@ public final class PhalanxLayer: ParameterContainer {
         forEachRowChunk(rows) { range in
             for r in range {
                 let row = zp + r * P
-                for h in 0..<H {
-                    let g = scale * sigmoid(row[h])
-                    row[h] = g
-                    gp[r * H + h] = g
-                }
-                for k in cols.b..<cols.c { row[k] = sigmoid(row[k]) }
+                applySigmoid(row, count: H, scale: scale)
+                (gp + r * H).update(from: row, count: H)
+                applySigmoid(row + cols.b, count: cols.c - cols.b)
                 for h in 0..<H {
                     let bh = load16(row + cols.b + (h / group) * 16)
                     store16(bh * load16(row + cols.v + h * 16), ip + (r * H + h) * 16)
@@ -313,4 +310,3 @@ public final class PhalanxLayer: ParameterContainer {
     }
 }
 
-@inline(__always) func sigmoid(_ z: Float) -> Float { 1 / (1 + exp(-z)) }

@@ -33,34 +33,43 @@ public final class SwiGLU: ParameterContainer {
 
     public func forward(_ x: Tensor) -> (Tensor, Cache) {
         let rows = x.rows, hiddenSize = gateProj.outputs
-        let gate = Tensor(zeros: [rows, hiddenSize]), up = Tensor(zeros: [rows, hiddenSize])
+        let gate = Tensor(uninitialized: [rows, hiddenSize]), up = Tensor(uninitialized: [rows, hiddenSize])
         gateProj.forward(x.pointer, rows: rows, into: gate.pointer)
         upProj.forward(x.pointer, rows: rows, into: up.pointer)
-        let hidden = Tensor(zeros: [rows, hiddenSize])
+        let hidden = Tensor(uninitialized: [rows, hiddenSize])
         let gp = gate.pointer, up_ = up.pointer, hp = hidden.pointer, n = rows * hiddenSize
         forEachRange(n) { range in
-            for i in range { hp[i] = gp[i] / (1 + exp(-gp[i])) * up_[i] }
+            let o = range.lowerBound
+            forEachChannelChunk(range.count, vector: { i in
+                let g = load16(gp + o + i)
+                store16(g * sigmoid(g) * load16(up_ + o + i), hp + o + i)
+            }, scalar: { i in hp[o + i] = gp[o + i] * sigmoid(gp[o + i]) * up_[o + i] })
         }
-        let y = Tensor(zeros: x.shape)
+        let y = Tensor(uninitialized: x.shape)
         downProj.forward(hidden.pointer, rows: rows, into: y.pointer)
         return (y, Cache(input: x, gate: gate, up: up, hidden: hidden))
     }
 
     public func backward(_ dy: Tensor, cache: Cache) -> Tensor {
         let rows = cache.input.rows, hiddenSize = gateProj.outputs
-        let dh = Tensor(zeros: [rows, hiddenSize])
+        let dh = Tensor(uninitialized: [rows, hiddenSize])
         downProj.backward(dy.pointer, input: cache.hidden.pointer, rows: rows, inputGradient: dh.pointer)
         // dh becomes d(gate); d(up) goes to its own buffer.
-        let dUp = Tensor(zeros: [rows, hiddenSize])
+        let dUp = Tensor(uninitialized: [rows, hiddenSize])
         let gp = cache.gate.pointer, up = cache.up.pointer, dhp = dh.pointer, dup = dUp.pointer
         forEachRange(rows * hiddenSize) { range in
-            for i in range {
-                let g = gp[i], s = 1 / (1 + exp(-g))
-                dup[i] = dhp[i] * g * s
-                dhp[i] = dhp[i] * up[i] * s * (1 + g * (1 - s))
-            }
+            let o = range.lowerBound
+            forEachChannelChunk(range.count, vector: { i in
+                let g = load16(gp + o + i), s = sigmoid(g), d = load16(dhp + o + i)
+                store16(d * g * s, dup + o + i)
+                store16(d * load16(up + o + i) * s * (1 + g * (1 - s)), dhp + o + i)
+            }, scalar: { i in
+                let g = gp[o + i], s = sigmoid(g), d = dhp[o + i]
+                dup[o + i] = d * g * s
+                dhp[o + i] = d * up[o + i] * s * (1 + g * (1 - s))
+            })
         }
-        let dx = Tensor(zeros: cache.input.shape)
+        let dx = Tensor(uninitialized: cache.input.shape)
         gateProj.backward(dh.pointer, input: cache.input.pointer, rows: rows, inputGradient: dx.pointer)
         upProj.backward(dUp.pointer, input: cache.input.pointer, rows: rows, inputGradient: dx.pointer, accumulate: true)
         return dx

@@ -166,16 +166,22 @@ public final class LanguageModel: ParameterContainer {
                         let row = z + r * V
                         var maxLogit = -Float.infinity
                         for j in 0..<V { maxLogit = max(maxLogit, row[j]) }
+                        let target = Int(t[r])
+                        let targetLogit = row[target]
                         var total: Float = 0
-                        for j in 0..<V {
+                        forEachChannelChunk(V, vector: { j in
+                            let e = exp(load16(row + j) - maxLogit)
+                            store16(e, row + j)
+                            total += horizontalSum(e)
+                        }, scalar: { j in
                             let e = exp(row[j] - maxLogit)
                             row[j] = e
                             total += e
-                        }
-                        let target = Int(t[r])
-                        sum += Double(log(total) - log(row[target]))
+                        })
+                        sum += Double(log(total) + maxLogit - targetLogit)
                         let inverse = scale / total
-                        for j in 0..<V { row[j] *= inverse }
+                        forEachChannelChunk(V, vector: { j in store16(load16(row + j) * inverse, row + j) },
+                                            scalar: { j in row[j] *= inverse })
                         row[target] -= scale
                     }
                     partial[p] = sum

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import PhalanxBench
+import PhalanxLayers
 import PhalanxModels
 import PhalanxRuntime
 
@@ -14,11 +15,19 @@ struct Bench: ParsableCommand {
 
 /// The machine's own ceilings, measured at the start of every benchmark run.
 struct Ceilings {
-    let threads: Int, copy: Double, sgemm: Double, fma: Double
+    let threads: Int, blasKernels: String, copy: Double, sgemm: Double, fma: Double, peak: Double
 
     static func measure() -> Ceilings {
         let pool = WorkerPool.shared
-        print("Machine: \(pool.threadCount) threads")
+        #if canImport(Accelerate)
+        print("Machine: \(pool.threadCount) threads, Accelerate")
+        #else
+        print("Machine: \(pool.threadCount) threads, OpenBLAS kernels \(BLASKernels.current)")
+        if let wider = BLASKernels.wider {
+            print("  (narrower than this processor allows\(BLASKernels.requested.map { ", set by OPENBLAS_CORETYPE=\($0)" } ?? ""): "
+                  + "OPENBLAS_CORETYPE=\(wider), or unset, gives about 1.8x the sgemm rate)")
+        }
+        #endif
         let copy = MachineCeilings.copyBandwidth(pool: pool)
         print(String(format: "  copy bandwidth      %7.1f GB/s (read + write, all threads)", copy / 1e9))
         let sgemm = MachineCeilings.sgemmRate()
@@ -26,11 +35,19 @@ struct Ceilings {
         let fma = MachineCeilings.vectorFMARate()
         print(String(format: "  SIMD16 FMA, 1 core  %7.1f GFLOP/s  (%@)", fma / 1e9,
                      fma > 8e9 ? "vector fast path compiled in" : "SLOW: built without the target CPU's vector instructions"))
-        return Ceilings(threads: pool.threadCount, copy: copy, sgemm: sgemm, fma: fma)
+        let peak = MachineCeilings.fmaPeak(pool: pool)
+        print(String(format: "  FMA peak, all       %7.1f GFLOP/s  (registers only: no kernel can exceed it)", peak / 1e9))
+        #if canImport(Accelerate)
+        let kernels = "Accelerate"
+        #else
+        let kernels = BLASKernels.current
+        #endif
+        return Ceilings(threads: pool.threadCount, blasKernels: kernels, copy: copy, sgemm: sgemm, fma: fma, peak: peak)
     }
 
     var json: [String: Any] {
-        ["threads": threads, "copy_gbps": copy / 1e9, "sgemm_gflops": sgemm / 1e9, "simd16_fma_gflops": fma / 1e9]
+        ["threads": threads, "blas_kernels": blasKernels, "copy_gbps": copy / 1e9, "sgemm_gflops": sgemm / 1e9, "simd16_fma_gflops": fma / 1e9,
+         "fma_peak_gflops": peak / 1e9]
     }
 }
 
@@ -146,10 +163,12 @@ struct BenchLayers: ParsableCommand {
 
         print("\n2. Attention kernel, causal, batch 1, \(heads) heads x \(dim / heads), length \(length)")
         let a = AttentionBenchmark.kernel(heads: heads, kvHeads: heads, headDim: dim / heads, length: length, window: nil, repeats: repeats)
-        print(String(format: "  forward %.2f ms = %.1f GFLOP/s = %.1f%% of sgemm; forward+backward %.2f ms",
-                     a.forward * 1e3, a.forwardRate / 1e9, 100 * a.forwardRate / ceilings.sgemm, a.forwardBackward * 1e3))
+        print(String(format: "  forward %.2f ms = %.1f GFLOP/s = %.1f%% of sgemm, %.1f%% of the FMA peak; forward+backward %.2f ms",
+                     a.forward * 1e3, a.forwardRate / 1e9, 100 * a.forwardRate / ceilings.sgemm, 100 * a.forwardRate / ceilings.peak,
+                     a.forwardBackward * 1e3))
         json["attention_kernel"] = ["forward_ms": a.forward * 1e3, "forward_gflops": a.forwardRate / 1e9,
-                                    "fraction_of_sgemm": a.forwardRate / ceilings.sgemm, "forward_backward_ms": a.forwardBackward * 1e3]
+                                    "fraction_of_sgemm": a.forwardRate / ceilings.sgemm, "fraction_of_fma_peak": a.forwardRate / ceilings.peak,
+                                    "forward_backward_ms": a.forwardBackward * 1e3]
 
         print("\n3. Layers' forward+backward (ms) against length, dim \(dim)")
         print("   length    phalanx   swa-\(window)   attention   swa ms per 1K tokens")

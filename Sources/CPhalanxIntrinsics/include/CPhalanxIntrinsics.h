@@ -54,4 +54,17 @@ static inline __attribute__((always_inline)) void phalanx_stream_fence(void) {
 #endif
 }
 
+
+/// Whether this processor runs the AVX-512 foundation, byte/word, doubleword/quadword and
+/// vector-length instructions (the set OpenBLAS's SkylakeX kernels use); 0 on other architectures.
+static inline int phalanx_cpu_has_avx512(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
 #endif
