@@ -44,7 +44,8 @@ public struct KeyValueCache: Sendable {
     mutating func append(keys k: UnsafePointer<Float>, values v: UnsafePointer<Float>, count n: Int) {
         let width = kvHeads * headDim
         if capacity == nil {
-            keys.reserveCapacity((length + n) * rowWidth)
+            // Appending grows the storage geometrically; `reserveCapacity` here would reallocate
+            // (and copy the whole cache) on every decode step.
             keys.append(contentsOf: repeatElement(0, count: n * rowWidth))
             values.append(contentsOf: repeatElement(0, count: n * rowWidth))
         }
@@ -125,20 +126,7 @@ extension Attention {
                     let g = h / group
                     func key(_ p: Int) -> UnsafePointer<Float> { kp + ((cache.slot(p) * batch + b) * KVH + g) * D }
                     func value(_ p: Int) -> UnsafePointer<Float> { vp + ((cache.slot(p) * batch + b) * KVH + g) * D }
-                    var scores = [Float](repeating: 0, count: position - first + 1)
-                    var maximum = -Float.infinity
-                    for p in first...position {
-                        let dot = dotProduct(query, key(p), count: D)
-                        scores[p - first] = dot * scale
-                        maximum = max(maximum, dot * scale)
-                    }
-                    var total: Float = 0
-                    for j in scores.indices {
-                        scores[j] = exp(scores[j] - maximum)
-                        total += scores[j]
-                    }
-                    out.update(repeating: 0, count: D)
-                    for p in first...position { addScaled(value(p), scores[p - first] / total, into: out, count: D) }
+                    attendOneQuery(query, positions: first...position, key: key, value: value, headDim: D, scale: scale, into: out)
                 }
             }
         }
@@ -168,4 +156,76 @@ extension Attention {
         }
         return out
     }
+}
+
+/// One query against the cached positions `positions` (decoding: a single row of attention):
+///
+///     s_p = scale * q . k_p,   out = sum_p softmax(s)_p v_p
+///
+/// in three streaming passes: scores (four keys at a time, so that four dot products overlap),
+/// their exponentials 16 at a time, then the weighted sum of values two positions at a time.
+/// `key(p)`, `value(p)` give position `p`'s `headDim` floats.
+@inline(__always)
+private func attendOneQuery(_ query: UnsafePointer<Float>, positions: ClosedRange<Int>,
+                            key: (Int) -> UnsafePointer<Float>, value: (Int) -> UnsafePointer<Float>,
+                            headDim D: Int, scale: Float, into out: UnsafeMutablePointer<Float>) {
+    let first = positions.lowerBound, count = positions.count
+    let scores = Tensor(uninitialized: [count])
+    let sp = scores.pointer
+    let vectorEnd = D & ~15
+    @inline(__always) func dot(_ k: UnsafePointer<Float>) -> Float {
+        var total: Float = 0
+        for c in vectorEnd..<D { total += query[c] * k[c] }
+        return total
+    }
+    var maximum = -Float.infinity
+    var p = first
+    while p + 4 <= positions.upperBound + 1 {
+        let k0 = key(p), k1 = key(p + 1), k2 = key(p + 2), k3 = key(p + 3)
+        var a0 = SIMD16<Float>.zero, a1 = a0, a2 = a0, a3 = a0
+        var c = 0
+        while c < vectorEnd {
+            let q = load16(query + c)
+            a0 = a0.addingProduct(q, load16(k0 + c)); a1 = a1.addingProduct(q, load16(k1 + c))
+            a2 = a2.addingProduct(q, load16(k2 + c)); a3 = a3.addingProduct(q, load16(k3 + c))
+            c += 16
+        }
+        let s0 = (horizontalSum(a0) + dot(k0)) * scale, s1 = (horizontalSum(a1) + dot(k1)) * scale
+        let s2 = (horizontalSum(a2) + dot(k2)) * scale, s3 = (horizontalSum(a3) + dot(k3)) * scale
+        sp[p - first] = s0; sp[p - first + 1] = s1; sp[p - first + 2] = s2; sp[p - first + 3] = s3
+        maximum = max(maximum, max(max(s0, s1), max(s2, s3)))
+        p += 4
+    }
+    while p <= positions.upperBound {
+        let s = dotProduct(query, key(p), count: D) * scale
+        sp[p - first] = s
+        maximum = max(maximum, s)
+        p += 1
+    }
+
+    var sums = SIMD16<Float>.zero, tail: Float = 0
+    forEachChannelChunk(count, vector: { j in
+        let e = exp(load16(sp + j) - maximum)
+        store16(e, sp + j)
+        sums += e
+    }, scalar: { j in
+        sp[j] = exp(sp[j] - maximum)
+        tail += sp[j]
+    })
+    let inverse = 1 / (horizontalSum(sums) + tail)
+
+    out.update(repeating: 0, count: D)
+    p = first
+    while p + 2 <= positions.upperBound + 1 {
+        let v0 = value(p), v1 = value(p + 1)
+        let w0 = sp[p - first] * inverse, w1 = sp[p - first + 1] * inverse
+        var c = 0
+        while c < vectorEnd {
+            store16(load16(out + c).addingProduct(w0, load16(v0 + c)).addingProduct(w1, load16(v1 + c)), out + c)
+            c += 16
+        }
+        for c in vectorEnd..<D { out[c] += w0 * v0[c] + w1 * v1[c] }
+        p += 2
+    }
+    if p <= positions.upperBound { addScaled(value(p), sp[p - first] * inverse, into: out, count: D) }
 }

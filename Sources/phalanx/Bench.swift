@@ -57,6 +57,11 @@ func printJSONLine(_ object: [String: Any]) {
     print(String(decoding: data, as: UTF8.self))
 }
 
+/// `text` left-aligned in a column of `width` characters (`%-22@` does not pad on Linux).
+func padded(_ text: String, _ width: Int = 22) -> String {
+    text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
+}
+
 func jsonKey(_ name: String) -> String {
     name.replacingOccurrences(of: " ", with: "_").replacingOccurrences(of: "=", with: "")
 }
@@ -98,7 +103,7 @@ struct BenchOperators: ParsableCommand {
         print("\nSWR operators: batch \(batch), length \(length), \(heads) heads x \(headDim), float32, median of \(repeats)")
         print("  operator                  time      bandwidth   of copy (paired)")
         let results = OperatorBenchmark(configuration).run { r in
-            print(String(format: "  %-22@ %7.2f ms  %7.1f GB/s  %5.1f%%", r.name, r.seconds * 1e3,
+            print(String(format: "  %@ %7.2f ms  %7.1f GB/s  %5.1f%%", padded(r.name), r.seconds * 1e3,
                          r.bandwidth / 1e9, 100 * r.fractionOfCopy))
         }
         let seconds = Dictionary(uniqueKeysWithValues: results.map { ($0.name, $0.seconds) })
@@ -240,7 +245,7 @@ struct BenchTraining: ParsableCommand {
                 if preset == presets[0] { baseline[context] = r.tokensPerSecond }
                 let speedup = r.tokensPerSecond / (baseline[context] ?? r.tokensPerSecond)
                 let torch = Self.pytorch[preset]?[context]
-                print(String(format: "  %-22@ %7d %9.1f %11.0f   %4.1f%%   %6.2fx       %@", preset, context, r.secondsPerStep * 1e3,
+                print(String(format: "  %@ %7d %9.1f %11.0f   %4.1f%%   %6.2fx       %@", padded(preset), context, r.secondsPerStep * 1e3,
                              r.tokensPerSecond, 100 * r.utilisation(sgemmRate: ceilings.sgemm), speedup,
                              torch.map { String(format: "%.2fx", r.tokensPerSecond / $0) } ?? "-"))
                 var row: [String: Any] = ["preset": preset, "context": context, "tokens_per_second": r.tokensPerSecond,
@@ -288,7 +293,7 @@ struct BenchDecode: ParsableCommand {
                 let r = try DecodeBenchmark.measure(preset: preset, context: context, steps: steps, window: window)
                 if baseline == nil { baseline = r.decodeTokensPerSecond }
                 let ratio = r.decodeTokensPerSecond / baseline!
-                print(String(format: "  %-22@ %7d %15.0f %14.1f   %8.2f MB   %6.2fx", preset, context, r.prefillTokensPerSecond,
+                print(String(format: "  %@ %7d %15.0f %14.1f   %8.2f MB   %6.2fx", padded(preset), context, r.prefillTokensPerSecond,
                              r.decodeTokensPerSecond, Double(r.stateBytes) / 1e6, ratio))
                 rows.append(["preset": preset, "context": context, "prefill_tokens_per_second": r.prefillTokensPerSecond,
                              "decode_tokens_per_second": r.decodeTokensPerSecond, "state_bytes": r.stateBytes,
