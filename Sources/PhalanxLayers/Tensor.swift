@@ -96,13 +96,16 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     public var description: String { "Tensor\(shape)" }
 }
 
-/// Recycles tensor memory by exact size.
+/// Recycles tensor memory by size class.
 ///
 /// A training or decoding step allocates and frees the same activation shapes every time. Fresh
 /// large allocations come from `mmap`, so each step would pay page faults and the kernel's page
-/// zeroing (measured: a quarter of a training step). Freed blocks wait here, keyed by byte count,
-/// for the next tensor of that size; at most `limit` bytes are kept, beyond which blocks go back
-/// to the system.
+/// zeroing (measured: a quarter of a training step). Freed blocks wait here for the next tensor
+/// of their size class; at most `limit` bytes are kept, beyond which blocks go back to the system.
+///
+/// Size classes (`sizeClass`) are four per doubling, so a block is at most 25% larger than asked:
+/// decoding asks for a slightly larger buffer at every step (one more cached position), and with
+/// exact sizes none would ever be reused while the cache filled to its limit.
 final class TensorStorage: Sendable {
     static let shared = TensorStorage(limit: 4 << 30)
 
@@ -116,8 +119,18 @@ final class TensorStorage: Sendable {
 
     init(limit: Int) { self.limit = limit }
 
-    /// A 64-byte aligned block of `byteCount` bytes (contents arbitrary).
-    func take(byteCount: Int) -> UnsafeMutableRawPointer {
+    /// The bytes actually allocated for a request of `byteCount`: a multiple of 64 up to 4 KiB,
+    /// above that the next multiple of a quarter of the largest power of two not above it
+    /// (4 KiB, 5 KiB, 6 KiB, 7 KiB, 8 KiB, 10 KiB, ...).
+    static func sizeClass(_ byteCount: Int) -> Int {
+        guard byteCount > 4096 else { return (byteCount + 63) & ~63 }
+        let step = (1 << (Int.bitWidth - 1 - byteCount.leadingZeroBitCount)) / 4
+        return (byteCount + step - 1) / step * step
+    }
+
+    /// A 64-byte aligned block of at least `byteCount` bytes (contents arbitrary).
+    func take(byteCount requested: Int) -> UnsafeMutableRawPointer {
+        let byteCount = Self.sizeClass(requested)
         let recycled = cache.withLock { c -> UInt? in
             guard let block = c.blocks[byteCount]?.popLast() else { return nil }
             c.bytes -= byteCount
@@ -128,7 +141,8 @@ final class TensorStorage: Sendable {
     }
 
     /// Returns a block taken with `take(byteCount:)`.
-    func give(_ block: UnsafeMutableRawPointer, byteCount: Int) {
+    func give(_ block: UnsafeMutableRawPointer, byteCount requested: Int) {
+        let byteCount = Self.sizeClass(requested)
         let address = UInt(bitPattern: block)
         let kept = cache.withLock { c -> Bool in
             guard c.bytes + byteCount <= limit else { return false }
