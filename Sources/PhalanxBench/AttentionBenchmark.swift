@@ -3,7 +3,7 @@ import PhalanxLayers
 import PhalanxRuntime
 
 /// Median times of the attention kernel and the FLOPs they stand for, so that a caller can
-/// divide by the sgemm rate measured in the same run (`MachineCeilings.sgemmRate()`).
+/// divide by the sgemm rate measured in the same run (`MachineCeilings.sgemmRates()`).
 public struct AttentionTiming: Sendable {
     public let layout: AttentionLayout
     public let window: Int?

@@ -26,10 +26,11 @@ public enum MachineCeilings {
         return Double(2 * bytes) / seconds
     }
 
-    /// Single-precision matrix product rate (FLOP/s), square `n x n`: the better of the BLAS's own
-    /// threading and `Gemm.multiply` (single-threaded BLAS split over the worker pool, which the
-    /// layers use), so that no layer is compared with a ceiling lower than the machine's.
-    public static func sgemmRate(n: Int = 1024, repeats: Int = 7) -> Double {
+    /// Single-precision matrix product rates (FLOP/s), square `n x n`: the platform BLAS (the
+    /// better of its own threading and `Gemm.multiply`'s split over the pool) and this package's
+    /// `PackedGemm` kernel under the same split. The ceiling is the larger: no layer is compared
+    /// with a rate lower than the machine's.
+    public static func sgemmRates(n: Int = 1024, repeats: Int = 7) -> (blas: Double, packed: Double) {
         let a = BenchBuffer(count: n * n) { Float($0 % 7) * 0.01 }
         let b = BenchBuffer(count: n * n) { Float($0 % 5) * 0.01 }
         let c = BenchBuffer(count: n * n) { _ in 0 }
@@ -38,8 +39,11 @@ public enum MachineCeilings {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(n), Int32(n), 1,
                         ap, Int32(n), bp, Int32(n), 0, cp, Int32(n))
         }
-        let pool = Timing.median(repeats: repeats) { Gemm.multiply(m: n, n: n, k: n, ap, bp, into: cp) }
-        return 2 * Double(n * n * n) / min(blasThreads, pool)
+        func pool(_ kernel: Gemm.Kernel) -> Double {
+            Timing.median(repeats: repeats) { Gemm.multiply(m: n, n: n, k: n, ap, bp, into: cp, kernel: kernel) }
+        }
+        let flops = 2 * Double(n * n * n)
+        return (flops / min(blasThreads, pool(.blas)), flops / pool(.packed))
     }
 
     /// The arithmetic peak (FLOP/s) of all threads of `pool`: each runs eight independent chains

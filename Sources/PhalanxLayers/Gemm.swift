@@ -3,6 +3,7 @@ import Accelerate
 #else
 import CBLAS
 #endif
+import Foundation
 import PhalanxRuntime
 
 /// Single-precision matrix products on the platform BLAS, row-major, spread over the worker pool.
@@ -11,6 +12,29 @@ import PhalanxRuntime
 /// columns) per thread. One threading system for the whole process: when OpenBLAS ran its own
 /// threads, they and the pool's spinning workers fought over the same cores between calls.
 public enum Gemm {
+    /// Which single-threaded product runs inside each pool thread.
+    public enum Kernel: String, Sendable, CaseIterable {
+        /// The platform BLAS (OpenBLAS, Accelerate).
+        case blas
+        /// `PackedGemm`, this package's 16-lane register tile.
+        case packed
+    }
+
+    /// The kernel used unless a call names one: `PHALANX_GEMM=blas` or `packed` if set; else
+    /// `packed` where OpenBLAS runs narrower vectors than the processor has (its AVX2 kernels on
+    /// an AVX-512 processor: `PackedGemm` is then about 1.4x faster), `blas` everywhere else.
+    public static let kernel: Kernel = {
+        if let name = ProcessInfo.processInfo.environment["PHALANX_GEMM"] {
+            require(Kernel(rawValue: name) != nil, "PHALANX_GEMM must be blas or packed, got '\(name)'")
+            return Kernel(rawValue: name)!
+        }
+        #if canImport(Accelerate)
+        return .blas
+        #else
+        return BLASKernels.wider != nil ? .packed : .blas
+        #endif
+    }()
+
     /// `C = alpha * op(A) * op(B) + beta * C` with `op(A)` `[m, k]`, `op(B)` `[k, n]`, `C` `[m, n]`,
     /// all row-major; leading dimensions default to the stored widths.
     ///
@@ -21,7 +45,7 @@ public enum Gemm {
         _ a: UnsafePointer<Float>, transposeA: Bool = false,
         _ b: UnsafePointer<Float>, transposeB: Bool = false,
         into c: UnsafeMutablePointer<Float>, alpha: Float = 1, beta: Float = 0,
-        lda: Int? = nil, ldb: Int? = nil, ldc: Int? = nil, pool: WorkerPool = .shared
+        lda: Int? = nil, ldb: Int? = nil, ldc: Int? = nil, pool: WorkerPool = .shared, kernel: Kernel = Gemm.kernel
     ) {
         guard m > 0, n > 0 else { return }
         _ = singleThreadedBLAS
@@ -33,7 +57,7 @@ public enum Gemm {
         // Split the longer side of C; blocks of 16 keep the BLAS kernels on full tiles.
         let parts = min(pool.threadCount, max(m, n) / 32)
         guard parts > 1 else {
-            sgemm(m, n, k, a, transposeA, lda, b, transposeB, ldb, c, ldc, alpha, beta)
+            product(kernel, m, n, k, a, transposeA, lda, b, transposeB, ldb, c, ldc, alpha, beta)
             return
         }
         let splitRows = m >= n
@@ -44,12 +68,22 @@ public enum Gemm {
             if splitRows {
                 // Rows lower..<upper of op(A) and of C.
                 let aBlock = transposeA ? a + lower : a + lower * lda
-                sgemm(upper - lower, n, k, aBlock, transposeA, lda, b, transposeB, ldb, c + lower * ldc, ldc, alpha, beta)
+                product(kernel, upper - lower, n, k, aBlock, transposeA, lda, b, transposeB, ldb, c + lower * ldc, ldc, alpha, beta)
             } else {
                 // Columns lower..<upper of op(B) and of C.
                 let bBlock = transposeB ? b + lower * ldb : b + lower
-                sgemm(m, upper - lower, k, a, transposeA, lda, bBlock, transposeB, ldb, c + lower, ldc, alpha, beta)
+                product(kernel, m, upper - lower, k, a, transposeA, lda, bBlock, transposeB, ldb, c + lower, ldc, alpha, beta)
             }
+        }
+    }
+
+    @inline(__always)
+    private static func product(_ kernel: Kernel, _ m: Int, _ n: Int, _ k: Int, _ a: UnsafePointer<Float>, _ ta: Bool, _ lda: Int,
+                                _ b: UnsafePointer<Float>, _ tb: Bool, _ ldb: Int,
+                                _ c: UnsafeMutablePointer<Float>, _ ldc: Int, _ alpha: Float, _ beta: Float) {
+        switch kernel {
+        case .blas: sgemm(m, n, k, a, ta, lda, b, tb, ldb, c, ldc, alpha, beta)
+        case .packed: PackedGemm.multiply(m: m, n: n, k: k, a, ta, lda, b, tb, ldb, c, ldc, alpha: alpha, beta: beta)
         }
     }
 

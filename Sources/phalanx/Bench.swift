@@ -30,8 +30,10 @@ struct Ceilings {
         #endif
         let copy = MachineCeilings.copyBandwidth(pool: pool)
         print(String(format: "  copy bandwidth      %7.1f GB/s (read + write, all threads)", copy / 1e9))
-        let sgemm = MachineCeilings.sgemmRate()
-        print(String(format: "  sgemm 1024^3        %7.1f GFLOP/s", sgemm / 1e9))
+        let rates = MachineCeilings.sgemmRates()
+        let sgemm = max(rates.blas, rates.packed)
+        print(String(format: "  sgemm 1024^3        %7.1f GFLOP/s  (BLAS %.1f, packed kernel %.1f; layers use %@)",
+                     sgemm / 1e9, rates.blas / 1e9, rates.packed / 1e9, Gemm.kernel.rawValue))
         let fma = MachineCeilings.vectorFMARate()
         print(String(format: "  SIMD16 FMA, 1 core  %7.1f GFLOP/s  (%@)", fma / 1e9,
                      fma > 8e9 ? "vector fast path compiled in" : "SLOW: built without the target CPU's vector instructions"))
