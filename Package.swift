@@ -35,7 +35,7 @@ let package = Package(
         .target(name: "SWR", dependencies: ["PhalanxRuntime", "CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "Checkpoint", swiftSettings: cpuFlags),
         .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
-        .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
+        .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxLayers", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
         .target(
             name: "PhalanxLayers",
             dependencies: [
@@ -67,7 +67,7 @@ let package = Package(
             name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
-        .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "SWR", "PhalanxRuntime"], swiftSettings: cpuFlags),
+        .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(
             name: "PhalanxModelsTests",

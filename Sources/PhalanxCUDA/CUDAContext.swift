@@ -28,6 +28,7 @@ public final class CUDAContext: @unchecked Sendable {
     private let lock = NSLock()
     private var modules: [KernelKey: OpaquePointer] = [:]
     private var occupancy: [OccupancyKey: Int] = [:]
+    let memory = DeviceMemoryCache()
     private struct OccupancyKey: Hashable { let function: UInt; let threads: Int }
 
     /// The context of device 0, created once, or why there is none (`try CUDAContext.shared.get()`
@@ -101,6 +102,7 @@ public final class CUDAContext: @unchecked Sendable {
         _ = driver.cuCtxSetCurrent(context)
         _ = driver.cuStreamSynchronize(stream)
         for module in modules.values { _ = driver.cuModuleUnload(module) }
+        for address in memory.drain() { _ = driver.cuMemFree(address) }
         _ = driver.cuStreamDestroy(stream)
         _ = driver.cuDevicePrimaryCtxRelease(device)
     }
@@ -114,6 +116,32 @@ public final class CUDAContext: @unchecked Sendable {
     public func synchronize() throws {
         try makeCurrent()
         try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+    }
+
+    // MARK: Memory
+
+    /// A device allocation of `byteCount` bytes: a cached one of that size, else `cuMemAlloc`
+    /// (which, on running out of memory, is retried once after the cache is freed).
+    func allocate(_ byteCount: Int) throws -> UInt64 {
+        // cuMemAlloc refuses 0 bytes: an empty buffer holds one byte nobody reads.
+        let bytes = max(byteCount, 1)
+        if let address = memory.take(bytes) { return address }
+        try makeCurrent()
+        var address: UInt64 = 0
+        if driver.cuMemAlloc(&address, bytes) != 0 {
+            try releaseCachedMemory()
+            try driver.check(driver.cuMemAlloc(&address, bytes), "cuMemAlloc_v2(\(byteCount) bytes)")
+        }
+        return address
+    }
+
+    /// Bytes held in the cache of allocations that buffers gave back.
+    public var cachedMemoryBytes: Int { memory.cachedBytes }
+
+    /// Waits for the stream, then frees every cached allocation (`cuMemFree`).
+    public func releaseCachedMemory() throws {
+        try synchronize()
+        for address in memory.drain() { try driver.check(driver.cuMemFree(address), "cuMemFree_v2") }
     }
 
     // MARK: Kernels

@@ -159,37 +159,17 @@ public struct CUDAJaggedWindow: Sendable {
     /// channels per thread.
     func plan(_ shape: (batch: Int, length: Int, heads: Int), kernel: CUDAContext.Function,
               channels: Int) throws -> (chunkBlocks: Int, grid: Int) {
-        let blocks = max((shape.length + 15) / 16, 1)
-        let rowLanes = shape.heads * (16 / channels)
-        let chunk: Int
-        if let chunkBlocks = tuning.chunkBlocks {
-            chunk = min(chunkBlocks, blocks)
-        } else {
-            let resident = try context.residentBlocks(kernel, threadsPerBlock: tuning.threadsPerBlock)
-            let wave = max(resident, 1) * tuning.threadsPerBlock * context.multiprocessorCount
-            let threadsAtOneBlock = shape.batch * blocks * rowLanes
-            chunk = min(blocks, max(1, (threadsAtOneBlock + wave - 1) / wave))
-        }
-        let threads = shape.batch * ((blocks + chunk - 1) / chunk) * rowLanes
-        return (chunk, (threads + tuning.threadsPerBlock - 1) / tuning.threadsPerBlock)
+        let resident = tuning.chunkBlocks == nil ? try context.residentBlocks(kernel, threadsPerBlock: tuning.threadsPerBlock) : 0
+        let plan = ChunkPlan(batch: shape.batch, length: shape.length, lanesPerRow: shape.heads * (16 / channels),
+                             threadsPerBlock: tuning.threadsPerBlock, chunkBlocks: tuning.chunkBlocks,
+                             residentThreads: resident * tuning.threadsPerBlock * context.multiprocessorCount)
+        return (plan.chunkBlocks, plan.gridBlocks)
     }
 
     /// Stops with a message on a layout or buffer the kernels cannot take; returns the batch shape.
     private func check(_ layout: SequenceLayout, _ function: String,
                        _ buffers: (String, DeviceBuffer, Int)...) -> (batch: Int, length: Int, heads: Int) {
-        let name = "CUDAJaggedWindow.\(function)"
-        require(layout.headDim == 16, "\(name): the kernels have head dim 16, the layout is \(layout)")
-        let length = layout.lengths.first ?? 0
-        require(layout.starts == (0..<layout.sequenceCount).map { $0 * length } && layout.lengths.allSatisfy { $0 == length },
-                "\(name): needs a uniform batch (SequenceLayout.batched), got \(layout)")
-        require(layout.sequenceCount <= Int(Int32.max) && length <= Int(Int32.max) && layout.heads <= Int(Int32.max) / 16,
-                "\(name): batch, length and heads must fit the kernels' 32-bit counts, got \(layout)")
-        for (label, buffer, count) in buffers {
-            require(buffer.context === context, "\(name): \(label) belongs to another CUDAContext")
-            require(buffer.byteCount >= count * storage.byteCount,
-                    "\(name): \(label) holds \(buffer.byteCount) bytes, expected \(count) \(storage) numbers (\(count * storage.byteCount) bytes) for \(layout)")
-        }
-        return (layout.sequenceCount, length, layout.heads)
+        layout.checkUniformBatch("CUDAJaggedWindow.\(function)", context: context, storage: storage, buffers)
     }
 
     // MARK: Host arrays
@@ -214,16 +194,24 @@ public struct CUDAJaggedWindow: Sendable {
     }
 
     /// A device buffer holding `values` in `storage`.
-    public func upload(_ values: [Float]) throws -> DeviceBuffer {
-        switch storage {
+    public func upload(_ values: [Float]) throws -> DeviceBuffer { try storage.upload(values, context: context) }
+
+    /// The first `count` numbers of `buffer` in `storage`, as float32.
+    public func download(_ buffer: DeviceBuffer, count: Int) throws -> [Float] { try storage.download(buffer, count: count) }
+}
+
+extension CUDAJaggedWindow.Storage {
+    /// A device buffer holding `values` in this storage (rounded to bfloat16 if so).
+    public func upload(_ values: [Float], context: CUDAContext) throws -> DeviceBuffer {
+        switch self {
         case .float32: try DeviceBuffer(context: context, floats: values)
         case .bfloat16: try DeviceBuffer(context: context, bfloat16: BFloat16.bits(values))
         }
     }
 
-    /// The first `count` numbers of `buffer` in `storage`, as float32.
+    /// The first `count` numbers of `buffer`, stored in this storage, as float32 (waits for the stream).
     public func download(_ buffer: DeviceBuffer, count: Int) throws -> [Float] {
-        switch storage {
+        switch self {
         case .float32: try buffer.floats(count: count)
         case .bfloat16: BFloat16.floats(try buffer.bfloat16(count: count))
         }

@@ -40,9 +40,11 @@ public enum CUDAJaggedWindowCheck {
         }
     }
 
-    /// The measured errors of one case against its tolerance.
+    /// The measured errors of one case (of this check or `CUDAExactRecurrenceCheck`) against its
+    /// tolerance.
     public struct Outcome: Sendable, CustomStringConvertible {
-        public let testCase: Case
+        /// The case, described.
+        public let label: String
         public let outputError: Double
         public let inputGradientError: Double
         public let gateGradientError: Double
@@ -54,7 +56,7 @@ public enum CUDAJaggedWindowCheck {
 
         public var description: String {
             String(format: "%@ %@: y %.1e  du %.1e  da %.1e  (tolerance %.0e)", passed ? "PASS" : "FAIL",
-                   testCase.description, outputError, inputGradientError, gateGradientError, tolerance)
+                   label, outputError, inputGradientError, gateGradientError, tolerance)
         }
     }
 
@@ -138,7 +140,7 @@ public enum CUDAJaggedWindowCheck {
                 }
             }
         }
-        return Outcome(testCase: testCase,
+        return Outcome(label: testCase.description,
                        outputError: relativeError(output, expectedOutput),
                        inputGradientError: relativeError(inputGradient, expectedInputGradient),
                        gateGradientError: relativeError(gateGradient, expectedGateGradient),

@@ -1,6 +1,7 @@
 import PhalanxRuntime
 
-/// Memory on the GPU (`cuMemAlloc`), freed when the last reference goes away.
+/// Memory on the GPU (`cuMemAlloc`), handed back to its context's cache of allocations when the
+/// last reference goes away (`CUDAContext.releaseCachedMemory()` frees those).
 ///
 /// Untyped bytes: float32 data is copied in and out as `[Float]`, bfloat16 data as `[UInt16]`
 /// (raw bits; `BFloat16` converts). The address is aligned to at least 256 bytes, which the vector
@@ -17,11 +18,7 @@ public final class DeviceBuffer: @unchecked Sendable {
         self.context = context
         self.byteCount = byteCount
         try context.makeCurrent()
-        var address: UInt64 = 0
-        // cuMemAlloc refuses 0 bytes: an empty buffer holds one byte nobody reads.
-        try context.driver.check(context.driver.cuMemAlloc(&address, max(byteCount, 1)),
-                                 "cuMemAlloc_v2(\(byteCount) bytes)")
-        self.address = address
+        self.address = try context.allocate(byteCount)
     }
 
     /// A buffer holding `values` (float32).
@@ -36,10 +33,7 @@ public final class DeviceBuffer: @unchecked Sendable {
         try upload(bits)
     }
 
-    deinit {
-        _ = context.driver.cuCtxSetCurrent(context.context)
-        _ = context.driver.cuMemFree(address)
-    }
+    deinit { context.memory.give(address, byteCount: max(byteCount, 1)) }
 
     /// Copies `values` to the start of the buffer, after the stream's queued work.
     public func upload<T: BitwiseCopyable>(_ values: [T]) throws {

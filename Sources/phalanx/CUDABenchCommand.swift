@@ -7,7 +7,7 @@ import SWR
 struct BenchCUDA: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cuda",
-        abstract: "The SWR jagged window (k = 2) on a CUDA GPU against the device's copy bandwidth.",
+        abstract: "The SWR operators and the Phalanx layer on a CUDA GPU against the device's copy bandwidth and cuBLAS rate.",
         discussion: """
         Measures the device's copy bandwidth (cuMemcpyDtoD; read + write), then the forward and \
         backward kernels at dim = 16 * --heads for each --shapes BATCHxLENGTH, in bfloat16 and \
@@ -15,9 +15,15 @@ struct BenchCUDA: ParsableCommand {
         each kernel must move / time) and its fraction of the copy bandwidth, for the default tuning \
         (automatic chunk length) and every alternative (backward channels per thread, 128 or 256 \
         threads per block, the --chunks lengths); the summary gives the default and the fastest. \
-        --check first compares every case of the tests with the CPU operator and prints PASS/FAIL per \
-        case (exit status 1 if any fails). Needs the PhalanxCUDA resource bundle beside the \
-        executable, libcuda.so.1 and NVRTC (PHALANX_NVRTC to point at it). Ends with one JSON line.
+        The layer part times the Phalanx layer (bf16, --kv-heads key/value heads) forward and \
+        forward+backward for each --layer-shapes BATCHxLENGTH against its own matrix products alone \
+        (its GEMM floor) and the cuBLAS bf16 rate of an 8192^3 product; with --attention, the JSON \
+        written by scripts/cuda-attention-baseline.py is shown beside it. The exact part times the \
+        exact recurrence (hierarchical decomposition). --check first compares every case of the \
+        tests (operator, layer, exact recurrence) with the CPU and prints PASS/FAIL per case (exit \
+        status 1 if any fails). Needs the PhalanxCUDA resource bundle beside the executable, \
+        libcuda.so.1, NVRTC (PHALANX_NVRTC to point at it) and, for the layer, cuBLAS. Ends with one \
+        JSON line.
         """)
 
     @Flag(help: "Compare with the CPU operator first (the tests' cases), printing PASS/FAIL per case.")
@@ -27,22 +33,33 @@ struct BenchCUDA: ParsableCommand {
     @Option(parsing: .upToNextOption, help: "Storages to time: bf16, f32.") var storages = ["bf16", "f32"]
     @Option(parsing: .upToNextOption, help: "Chunk lengths (in blocks of 16) swept besides the automatic one.")
     var chunks = [4, 8, 16, 32, 64]
+    @Option(parsing: .upToNextOption, help: "Parts to time: operator, layer, exact.") var parts = ["operator", "layer", "exact"]
+    @Option(parsing: .upToNextOption, help: "Shapes of the layer and exact-recurrence parts, as BATCHxLENGTH.")
+    var layerShapes = ["8x4096", "4x8192", "2x16384", "1x32768"]
+    @Option(help: "Key/value heads of the Phalanx layer (default: as many as heads).") var kvHeads: Int?
+    @Option(help: "JSON file of scripts/cuda-attention-baseline.py to compare the layer with.") var attention: String?
     @Option(help: "Launches per timed sample.") var launches = 20
     @Option(help: "Timed samples per figure (the median is reported).") var repeats = 7
 
     func validate() throws {
-        for shape in shapes where parse(shape) == nil {
+        for shape in shapes + layerShapes where parse(shape) == nil {
             throw ValidationError("--shapes takes BATCHxLENGTH with positive numbers (4x8192); got '\(shape)'.")
         }
         for storage in storages where CUDAJaggedWindow.Storage(name: storage) == nil {
             throw ValidationError("--storages takes bf16 or f32; got '\(storage)'.")
+        }
+        for part in parts where !["operator", "layer", "exact"].contains(part) {
+            throw ValidationError("--parts takes operator, layer, exact; got '\(part)'.")
+        }
+        if let kvHeads, kvHeads < 1 || heads % kvHeads != 0 {
+            throw ValidationError("--kv-heads must divide the \(heads) heads; got \(kvHeads).")
         }
         guard heads >= 1, launches >= 1, repeats >= 1, chunks.allSatisfy({ $0 >= 1 }) else {
             throw ValidationError("--heads, --launches, --repeats and --chunks must be positive.")
         }
     }
 
-    private func parse(_ shape: String) -> (batch: Int, length: Int)? {
+    func parse(_ shape: String) -> (batch: Int, length: Int)? {
         let parts = shape.split(separator: "x").compactMap { Int($0) }
         guard parts.count == 2, parts[0] >= 1, parts[1] >= 1 else { return nil }
         return (parts[0], parts[1])
@@ -63,21 +80,21 @@ struct BenchCUDA: ParsableCommand {
 
         var failures = 0
         if check {
-            let cases = CUDAJaggedWindowCheck.standardCases
-            print("\nCheck: the GPU operator against the CPU JaggedWindow, \(cases.count) cases")
-            for testCase in cases {
-                let outcome = try CUDAJaggedWindowCheck.run(testCase, context: context)
-                print("  \(outcome)")
-                if !outcome.passed { failures += 1 }
-            }
-            print("check: \(cases.count - failures) passed, \(failures) failed")
-            json["check"] = ["passed": cases.count - failures, "failed": failures]
+            failures = try runChecks(context, json: &json)
         }
 
         let copy = try copyBandwidth(context)
         print(String(format: "\nCopy bandwidth (cuMemcpyDtoD, 1 GiB, read + write): %.0f GB/s", copy / 1e9))
         json["copy_gbps"] = copy / 1e9
+        if parts.contains("operator") { try timeOperator(context, copy: copy, json: &json) }
+        if parts.contains("layer") { json["layer"] = try timeLayer(context, copy: copy) }
+        if parts.contains("exact") { json["exact"] = try timeExact(context, copy: copy) }
+        printJSONLine(json)
+        if failures > 0 { throw ExitCode.failure }
+    }
 
+    /// The jagged-window operator for each --shapes in each --storages: every kernel variant.
+    private func timeOperator(_ context: CUDAContext, copy: Double, json: inout [String: Any]) throws {
         var summary: [String] = []
         for shape in shapes.compactMap(parse) {
             let layout = SequenceLayout.batched(batch: shape.batch, length: shape.length, heads: heads, headDim: 16)
@@ -97,8 +114,6 @@ struct BenchCUDA: ParsableCommand {
         print("\nSummary (standard: the default tuning with its automatic chunk; best: the fastest variant measured)")
         for line in summary { print(line) }
         print("(Reference BTP kernel on the same H200, bf16, this size: 0.72 ms forward; memory floor ~0.07 ms.)")
-        printJSONLine(json)
-        if failures > 0 { throw ExitCode.failure }
     }
 
     /// Times every forward and backward variant for one storage, printing a line per
@@ -164,7 +179,7 @@ struct BenchCUDA: ParsableCommand {
     }
 
     /// Median device milliseconds per call of `body` (each sample: `launches` calls between two events).
-    private func measure(_ context: CUDAContext, _ body: () throws -> Void) throws -> Double {
+    func measure(_ context: CUDAContext, _ body: () throws -> Void) throws -> Double {
         for _ in 0..<3 { try body() }
         try context.synchronize()
         let start = try CUDAEvent(context: context), end = try CUDAEvent(context: context)

@@ -1,0 +1,287 @@
+import PhalanxLayers
+import PhalanxRuntime
+import SWR
+
+/// The Phalanx token mixer (SWR.md section 6) on a CUDA device: the CPU `PhalanxLayer`'s
+/// parameters, names and results, as three steps per direction.
+///
+///     z     = x W_in^T                      [rows, P]    cuBLAS; W_in = proj_b | proj_c | proj_v | proj_a
+///     mixed = phalanx_forward(z + bias)     [rows, H*16] ONE kernel: a = gateScale * sigmoid(z_a),
+///                                                         b = sigmoid(z_b), c = z_c, v = z_v,
+///                                                         s = SWR_jagged(a, b * v) (block 16, k = 2),
+///                                                         mixed = s * c + v
+///     y     = mixed W_out^T                 [rows, dim]  cuBLAS
+///
+/// Backward, adding into the float32 gradients:
+///
+///     dmixed = dy W_out;   dW_out += dy^T mixed                          cuBLAS
+///     dz     = phalanx_backward(z, dmixed); dbias += 1^T dz              ONE kernel (+ a group sum when KVH < H)
+///     dW_in += dz^T x;   dx = dz W_in                                    cuBLAS
+///
+/// The kernels recompute gates, `b * v` and `s` from `z` instead of storing them, so forward keeps
+/// only `z`, `mixed` and each block's carrier (1/16 of a row per head) for backward (see
+/// `Kernels/phalanx_layer.cu`). The bias gradient is summed inside the backward kernel with
+/// float32 atomics, so its last bits vary from run to run.
+///
+/// Layouts (row-major; rows = batch * length, sequence by sequence): `x`, `y`, `dx`, `dy`
+/// `[rows, dim]`; `z` and `dz` `[rows, stride]` with columns `b [KVH*16] | c [KVH*16] | v [H*16] |
+/// a [H]` then padding (`Columns`). Activations and weights are stored in `storage` (float32 or
+/// bfloat16); arithmetic and accumulation are float32; biases and every gradient of a parameter
+/// are float32.
+///
+/// Not thread-safe: one caller at a time.
+public final class CUDAPhalanxLayer: @unchecked Sendable {
+    /// Column offsets in `z` and `dz`: `b`, `c`, `v`, `a` in this order, so that every block of 16
+    /// channels starts at a multiple of 16; `width` = P = `2*KVH*16 + H*16 + H` columns used,
+    /// `stride` = P rounded up to a multiple of 8 (16- or 32-byte aligned rows).
+    public struct Columns: Hashable, Sendable {
+        public let b: Int, c: Int, v: Int, a: Int, width: Int, stride: Int
+
+        public init(heads: Int, kvHeads: Int) {
+            b = 0
+            c = kvHeads * 16
+            v = 2 * kvHeads * 16
+            a = v + heads * 16
+            width = a + heads
+            stride = (width + 7) / 8 * 8
+        }
+    }
+
+    /// Which compiled variant of each kernel runs, and how work is cut: changes speed, never
+    /// results (up to the order of float32 sums). The defaults were measured fastest on an H200 at
+    /// dim 2048 and 32K tokens (`phalanx bench cuda` times every variant).
+    public struct Tuning: Hashable, Sendable, CustomStringConvertible {
+        /// Rows of z whose loads the forward kernel issues together: 1 or 4.
+        public var forwardRows: Int
+        /// The backward kernel: `r1` holds a block's forward scan in registers; `s1`, `s2`, `s4`
+        /// hold it in shared memory and load 1, 2 or 4 rows at a time (fewer registers, more
+        /// threads per multiprocessor).
+        public var backward: String
+        /// Blocks of 16 rows per thread; nil chooses one wave of the device (`ChunkPlan`).
+        public var chunkBlocks: Int?
+
+        public init(forwardRows: Int = 1, backward: String = "r1", chunkBlocks: Int? = nil) {
+            (self.forwardRows, self.backward, self.chunkBlocks) = (forwardRows, backward, chunkBlocks)
+        }
+
+        /// The compiled variants.
+        public static let forwardVariants = [1, 4]
+        public static let backwardVariants = ["r1", "s1", "s2", "s4"]
+
+        var forwardSuffix: String { "v4_r\(forwardRows)" }
+        var backwardSuffix: String { "v4_\(backward)" }
+
+        public var description: String {
+            "fwd r\(forwardRows), bwd \(backward), chunk \(chunkBlocks.map(String.init) ?? "auto")"
+        }
+    }
+
+    /// What backward needs from one forward call.
+    public struct Cache {
+        public let input: DeviceBuffer
+        public let batch: Int, length: Int
+        /// `z` `[rows, stride]`, without bias.
+        public let projections: DeviceBuffer
+        /// `s * c + v` `[rows, H*16]`.
+        public let mixed: DeviceBuffer
+        /// Each block's terminal local state `[batch, ceil(length / 16), H, 16]` float32.
+        public let carriers: DeviceBuffer
+    }
+
+    public let configuration: PhalanxLayer.Configuration
+    public let storage: CUDAJaggedWindow.Storage
+    public let context: CUDAContext
+    public let blas: CUBLAS
+    public let columns: Columns
+    /// `[P, dim]` in `storage`, rows in `Columns` order.
+    public let inputWeight: DeviceBuffer
+    /// `[P]` float32 in `Columns` order (the `v` part is zero: proj_v has no bias).
+    public let bias: DeviceBuffer
+    /// proj_out `[dim, dim]` (out, in) in `storage`.
+    public let outputWeight: DeviceBuffer
+    /// float32 gradients of `inputWeight`, `bias` and `outputWeight`, same layouts.
+    public let inputWeightGradient: DeviceBuffer, biasGradient: DeviceBuffer, outputWeightGradient: DeviceBuffer
+    /// The kernel variants and work split (see `Tuning`).
+    public var tuning = Tuning() {
+        didSet {
+            require((tuning.chunkBlocks ?? 1) >= 1, "CUDAPhalanxLayer: chunkBlocks must be at least 1, got \(tuning.chunkBlocks!)")
+            for name in ["phalanx_forward_\(storage)_\(tuning.forwardSuffix)", "phalanx_backward_\(storage)_\(tuning.backwardSuffix)"] {
+                require(kernels[name] != nil,
+                        "CUDAPhalanxLayer: no kernel \(name) for \(tuning); available: \(kernels.keys.sorted().joined(separator: ", "))")
+            }
+        }
+    }
+    /// Threads per thread block of the kernels.
+    public let threadsPerBlock = 128
+
+    /// The CPU layer's parameter names, in its order: proj_a, its bias, proj_b, its bias, proj_c,
+    /// its bias, proj_v, proj_out.
+    let names: [String]
+    private let kernels: [String: CUDAContext.Function]
+
+    /// A GPU copy of `layer`'s parameters (rounded to bfloat16 when `storage` is), with zero
+    /// gradients; compiles the kernels (once per context).
+    ///
+    /// - Throws: `CUDAUnavailable` without NVRTC, cuBLAS or the kernel sources; `NVRTCError`,
+    ///   `CUDAError`, `CUBLASError`.
+    public init(copying layer: PhalanxLayer, context: CUDAContext, storage: CUDAJaggedWindow.Storage,
+                blas: CUBLAS? = nil) throws {
+        let configuration = layer.configuration
+        require(configuration.blockLength == 16, "CUDAPhalanxLayer: the kernels have block length 16, the layer \(configuration.blockLength)")
+        self.configuration = configuration
+        self.storage = storage
+        self.context = context
+        self.blas = try blas ?? CUBLAS(context: context)
+        let dim = configuration.dim, H = configuration.heads
+        let columns = Columns(heads: H, kvHeads: configuration.kvHeads)
+        self.columns = columns
+        let weight = layer.projB.value.array + layer.projC.value.array + layer.projV.value.array + layer.projA.value.array
+        inputWeight = try storage.upload(weight, context: context)
+        bias = try DeviceBuffer(context: context, floats: layer.projBBias.value.array + layer.projCBias.value.array
+                                + [Float](repeating: 0, count: H * 16) + layer.projABias.value.array)
+        outputWeight = try storage.upload(layer.projOut.weight.value.array, context: context)
+        inputWeightGradient = try DeviceBuffer(context: context, byteCount: columns.width * dim * 4)
+        biasGradient = try DeviceBuffer(context: context, byteCount: columns.width * 4)
+        outputWeightGradient = try DeviceBuffer(context: context, byteCount: dim * dim * 4)
+        names = [layer.projA, layer.projABias, layer.projB, layer.projBBias, layer.projC, layer.projCBias, layer.projV,
+                 layer.projOut.weight].map(\.name)
+        let type = storage.description
+        let kernelNames = Tuning.forwardVariants.map { "phalanx_forward_\(type)_v4_r\($0)" }
+            + Tuning.backwardVariants.map { "phalanx_backward_\(type)_v4_\($0)" } + ["phalanx_group_sum_\(type)"]
+        let source = try KernelSources.source(named: "jagged_window") + "\n" + KernelSources.source(named: "phalanx_layer")
+        let functions = try context.functions(kernelNames, source: source, sourceName: "phalanx_layer.cu")
+        kernels = Dictionary(uniqueKeysWithValues: zip(kernelNames, functions))
+        try zeroGradients()
+    }
+
+    private var element: CUBLAS.Element { storage == .float32 ? .float32 : .bfloat16 }
+
+    /// Sets every gradient to zero (queued).
+    public func zeroGradients() throws {
+        for gradient in [inputWeightGradient, biasGradient, outputWeightGradient] { try gradient.fill(byte: 0) }
+    }
+
+    /// `y` `[batch, length, dim]` for `x` `[batch, length, dim]` (both in `storage`), every sequence
+    /// from its start; queued on the context's stream.
+    public func forward(_ x: DeviceBuffer, batch: Int, length: Int) throws -> (DeviceBuffer, Cache) {
+        let dim = configuration.dim, rows = batch * length, width = configuration.heads * 16
+        check(x, rows * dim, "forward: x")
+        let z = try DeviceBuffer(context: context, byteCount: rows * columns.stride * storage.byteCount)
+        let y = try DeviceBuffer(context: context, byteCount: rows * dim * storage.byteCount)
+        if rows > 0 {
+            try blas.gemm(.init(x, element, rows: rows, columns: dim), .init(inputWeight, element, rows: columns.width, columns: dim),
+                          transposeB: true, into: .init(z, element, rows: rows, columns: columns.width, stride: columns.stride))
+        }
+        let (mixed, carriers) = try forwardElementwise(z, batch: batch, length: length)
+        if rows > 0 {
+            try blas.gemm(.init(mixed, element, rows: rows, columns: width), .init(outputWeight, element, rows: dim, columns: dim),
+                          transposeB: true, into: .init(y, element, rows: rows, columns: dim))
+        }
+        return (y, Cache(input: x, batch: batch, length: length, projections: z, mixed: mixed, carriers: carriers))
+    }
+
+    /// The forward kernel alone: `mixed` `[rows, H*16]` and the carriers from `z` (`[rows, stride]`,
+    /// without bias), queued.
+    public func forwardElementwise(_ z: DeviceBuffer, batch: Int, length: Int) throws -> (mixed: DeviceBuffer, carriers: DeviceBuffer) {
+        let rows = batch * length, H = configuration.heads
+        check(z, rows * columns.stride, "forwardElementwise: z")
+        let mixed = try DeviceBuffer(context: context, byteCount: rows * H * 16 * storage.byteCount)
+        let carriers = try DeviceBuffer(context: context, byteCount: batch * ((length + 15) / 16) * H * 16 * 4)
+        guard rows > 0 else { return (mixed, carriers) }
+        let kernel = kernels["phalanx_forward_\(storage)_\(tuning.forwardSuffix)"]!
+        let plan = try self.plan(kernel, batch: batch, length: length)
+        try context.launch(kernel, grid: (plan.gridBlocks, 1, 1), block: (threadsPerBlock, 1, 1), arguments: [
+            .buffer(z), .buffer(bias), .buffer(mixed), .buffer(carriers)] + shapeArguments(batch: batch, length: length, plan: plan))
+        return (mixed, carriers)
+    }
+
+    /// Adds every parameter gradient for the output gradient `dy` `[batch, length, dim]` (in
+    /// `storage`) to the float32 gradient buffers and returns `dx`; queued on the context's stream.
+    public func backward(_ dy: DeviceBuffer, cache: Cache) throws -> DeviceBuffer {
+        let dim = configuration.dim, rows = cache.batch * cache.length, width = configuration.heads * 16
+        check(dy, rows * dim, "backward: dy")
+        let dx = try DeviceBuffer(context: context, byteCount: rows * dim * storage.byteCount)
+        guard rows > 0 else { return dx }
+        let dMixed = try DeviceBuffer(context: context, byteCount: rows * width * storage.byteCount)
+        try blas.gemm(.init(dy, element, rows: rows, columns: dim), .init(outputWeight, element, rows: dim, columns: dim),
+                      into: .init(dMixed, element, rows: rows, columns: width))
+        try blas.gemm(.init(dy, element, rows: rows, columns: dim), transposeA: true,
+                      .init(cache.mixed, element, rows: rows, columns: width),
+                      into: .init(outputWeightGradient, .float32, rows: dim, columns: dim), beta: 1)
+        let dz = try backwardElementwise(dMixed, cache: cache)
+        let dzMatrix = CUBLAS.Matrix(dz, element, rows: rows, columns: columns.width, stride: columns.stride)
+        try blas.gemm(dzMatrix, transposeA: true, .init(cache.input, element, rows: rows, columns: dim),
+                      into: .init(inputWeightGradient, .float32, rows: columns.width, columns: dim), beta: 1)
+        try blas.gemm(dzMatrix, .init(inputWeight, element, rows: columns.width, columns: dim),
+                      into: .init(dx, element, rows: rows, columns: dim))
+        return dx
+    }
+
+    /// The backward kernel alone (and the group sums when KVH < H): `dz` `[rows, stride]` for
+    /// `dmixed` `[rows, H*16]`, adding the bias gradient; queued.
+    public func backwardElementwise(_ dMixed: DeviceBuffer, cache: Cache) throws -> DeviceBuffer {
+        let H = configuration.heads, KVH = configuration.kvHeads
+        let rows = cache.batch * cache.length, width = H * 16
+        check(dMixed, rows * width, "backwardElementwise: dmixed")
+        let dz = try DeviceBuffer(context: context, byteCount: rows * columns.stride * storage.byteCount)
+        guard rows > 0 else { return dz }
+        // Per-head dz_b and dz_c terms: dz's own columns when every head has its kv head, else scratch.
+        let scratch = KVH == H ? nil : (b: try DeviceBuffer(context: context, byteCount: rows * width * storage.byteCount),
+                                        c: try DeviceBuffer(context: context, byteCount: rows * width * storage.byteCount))
+        let headTargets: [CUDAContext.Argument] = scratch.map {
+            [.buffer($0.b), .int64(0), .buffer($0.c), .int64(0), .int64(Int64(width))]
+        } ?? [.buffer(dz), .int64(Int64(columns.b)), .buffer(dz), .int64(Int64(columns.c)), .int64(Int64(columns.stride))]
+        let kernel = kernels["phalanx_backward_\(storage)_\(tuning.backwardSuffix)"]!
+        let plan = try self.plan(kernel, batch: cache.batch, length: cache.length)
+        try context.launch(kernel, grid: (plan.gridBlocks, 1, 1), block: (threadsPerBlock, 1, 1), arguments: [
+            .buffer(cache.projections), .buffer(bias), .buffer(dMixed), .buffer(cache.carriers), .buffer(dz)] + headTargets
+            + [.buffer(biasGradient)] + shapeArguments(batch: cache.batch, length: cache.length, plan: plan))
+        if let scratch {
+            let sums = rows * KVH * 16
+            for (source, column) in [(scratch.b, columns.b), (scratch.c, columns.c)] {
+                try context.launch(kernels["phalanx_group_sum_\(storage)"]!, grid: ((sums + 255) / 256, 1, 1), block: (256, 1, 1),
+                                   arguments: [
+                                       .buffer(source), .buffer(dz), .int64(Int64(rows)), .int32(Int32(H)), .int32(Int32(KVH)),
+                                       .int64(Int64(columns.stride)), .int32(Int32(column)),
+                                   ])
+            }
+        }
+        return dz
+    }
+
+    /// The gradients by the CPU layer's parameter names (`<name>.param.proj_a.weight`, ...), as
+    /// float32 in the CPU layer's layouts; waits for the stream.
+    public func gradients() throws -> [String: [Float]] {
+        let dim = configuration.dim
+        let weight = try inputWeightGradient.floats(), bias = try biasGradient.floats()
+        func rows(_ range: Range<Int>) -> [Float] { Array(weight[(range.lowerBound * dim)..<(range.upperBound * dim)]) }
+        let c = columns
+        let values: [[Float]] = [
+            rows(c.a..<c.width), Array(bias[c.a..<c.width]), rows(c.b..<c.c), Array(bias[c.b..<c.c]),
+            rows(c.c..<c.v), Array(bias[c.c..<c.v]), rows(c.v..<c.a), try outputWeightGradient.floats(),
+        ]
+        return Dictionary(uniqueKeysWithValues: zip(names, values))
+    }
+
+    // MARK: Planning
+
+    /// The work split of a kernel (4 channels per thread).
+    private func plan(_ kernel: CUDAContext.Function, batch: Int, length: Int) throws -> ChunkPlan {
+        let resident = tuning.chunkBlocks == nil ? try context.residentBlocks(kernel, threadsPerBlock: threadsPerBlock) : 0
+        return ChunkPlan(batch: batch, length: length, lanesPerRow: configuration.heads * 4,
+                         threadsPerBlock: threadsPerBlock, chunkBlocks: tuning.chunkBlocks,
+                         residentThreads: resident * threadsPerBlock * context.multiprocessorCount)
+    }
+
+    private func shapeArguments(batch: Int, length: Int, plan: ChunkPlan) -> [CUDAContext.Argument] {
+        [.int32(Int32(batch)), .int32(Int32(length)), .int32(Int32(configuration.heads)), .int32(Int32(configuration.kvHeads)),
+         .int64(Int64(columns.stride)), .float32(configuration.gateScale), .int32(Int32(plan.chunkBlocks))]
+    }
+
+    private func check(_ buffer: DeviceBuffer, _ count: Int, _ label: String) {
+        require(buffer.context === context, "CUDAPhalanxLayer.\(label) belongs to another CUDAContext")
+        require(buffer.byteCount >= count * storage.byteCount,
+                "CUDAPhalanxLayer.\(label) holds \(buffer.byteCount) bytes, expected \(count) \(storage) numbers")
+        require(count <= Int(Int32.max) * 16, "CUDAPhalanxLayer.\(label): \(count) numbers exceed the kernels' sizes")
+    }
+}

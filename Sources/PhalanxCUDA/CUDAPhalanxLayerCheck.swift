@@ -1,0 +1,131 @@
+import Foundation
+import PhalanxLayers
+import PhalanxRuntime
+
+/// The comparisons of `CUDAPhalanxLayer` with the CPU `PhalanxLayer` that define it: the tests run
+/// them, and so does `phalanx bench cuda --check`.
+///
+/// Each case builds a CPU layer from a seed (its parameters rounded to bfloat16 when the storage
+/// is bfloat16), copies it to the GPU, pushes the same input and output gradient through both and
+/// compares the output, the input gradient and every parameter gradient by name, each by
+/// `CUDAJaggedWindowCheck.relativeError` (error relative to each value and to the tensor's scale).
+public enum CUDAPhalanxLayerCheck {
+    /// Gate regimes, set through proj_a's bias: as initialised (gates spread around 0.5), near 1
+    /// (bias +12: `1 - a / gateScale ~ 6e-6`, the longest memory) and near 0 (bias -30).
+    public enum Gates: String, Sendable, CaseIterable {
+        case random, nearOne, nearZero
+    }
+
+    public struct Case: Sendable, CustomStringConvertible {
+        public var storage: CUDAJaggedWindow.Storage
+        public var batch: Int, length: Int
+        public var dim: Int, kvHeads: Int
+        public var gateScale: Float
+        public var gates: Gates
+        /// The kernel variants and chunk length.
+        public var tuning: CUDAPhalanxLayer.Tuning
+
+        public init(storage: CUDAJaggedWindow.Storage, batch: Int, length: Int, dim: Int = 64, kvHeads: Int = 4,
+                    gateScale: Float = 1, gates: Gates = .random, tuning: CUDAPhalanxLayer.Tuning = .init()) {
+            (self.storage, self.batch, self.length, self.dim, self.kvHeads) = (storage, batch, length, dim, kvHeads)
+            (self.gateScale, self.gates, self.tuning) = (gateScale, gates, tuning)
+        }
+
+        public var description: String {
+            "layer \(storage) B=\(batch) L=\(length) dim=\(dim) KVH=\(kvHeads) scale \(gateScale) gates \(gates), \(tuning)"
+        }
+    }
+
+    public struct Outcome: Sendable, CustomStringConvertible {
+        public let testCase: Case
+        /// `y`, `dx`, then every parameter gradient by name, with its error.
+        public let errors: [(name: String, error: Double)]
+        public let tolerance: Double
+
+        public var worst: (name: String, error: Double) { errors.max { $0.error < $1.error }! }
+        public var passed: Bool { errors.allSatisfy { $0.error <= tolerance } }
+
+        public var description: String {
+            let shown = errors.map { String(format: "%@ %.1e", ($0.name.split(separator: ".").suffix(2).joined(separator: ".")), $0.error) }
+            return "\(passed ? "PASS" : "FAIL") \(testCase): " + shown.joined(separator: "  ")
+                + String(format: "  (tolerance %.0e)", tolerance)
+        }
+    }
+
+    /// float32: 1e-5 (the same operations as the CPU, in other summation orders over up to `dim`
+    /// and `rows` terms; measured errors are below 1e-6). bfloat16: 2^-6: every activation and
+    /// gradient tensor between the two matrix products is rounded once to bfloat16 (2^-9
+    /// relative), and a handful of such roundings compound along the backward chain (measured
+    /// errors are below 6e-3).
+    public static func tolerance(_ storage: CUDAJaggedWindow.Storage) -> Double {
+        storage == .float32 ? 1e-5 : 1.0 / 64
+    }
+
+    /// Ragged lengths (1, 17, 33, 100, 300), every gate regime, gate scale 0.8, kv groups of 1, 2
+    /// and 4 heads, chunks of 1 and 3 blocks (the halo paths), 8 heads of a warp and a partial warp,
+    /// and every kernel variant, in both storages.
+    public static var standardCases: [Case] {
+        CUDAJaggedWindow.Storage.allCases.flatMap { storage in
+            [
+                Case(storage: storage, batch: 2, length: 100),
+                Case(storage: storage, batch: 1, length: 33, kvHeads: 2, gateScale: 0.8),
+                Case(storage: storage, batch: 2, length: 100, kvHeads: 1, gates: .nearOne),
+                Case(storage: storage, batch: 1, length: 33, gates: .nearZero),
+                Case(storage: storage, batch: 3, length: 1),
+                Case(storage: storage, batch: 1, length: 17, dim: 128, kvHeads: 8, gates: .nearOne),
+                Case(storage: storage, batch: 2, length: 300, dim: 48, kvHeads: 3, tuning: .init(chunkBlocks: 1)),
+                Case(storage: storage, batch: 1, length: 300, dim: 128, kvHeads: 2, gateScale: 0.8, gates: .nearOne,
+                     tuning: .init(chunkBlocks: 3)),
+            ] + variants.flatMap { tuning in
+                [Case(storage: storage, batch: 2, length: 100, kvHeads: 2, gateScale: 0.8, tuning: tuning),
+                 Case(storage: storage, batch: 1, length: 300, dim: 128, kvHeads: 8, gates: .nearOne, tuning: tuning)]
+            }
+        }
+    }
+
+    /// Every kernel variant besides the default, with a chunk of 2 blocks.
+    static var variants: [CUDAPhalanxLayer.Tuning] {
+        let all = CUDAPhalanxLayer.Tuning.forwardVariants.flatMap { rows in
+            CUDAPhalanxLayer.Tuning.backwardVariants.map { CUDAPhalanxLayer.Tuning(forwardRows: rows, backward: $0, chunkBlocks: 2) }
+        }
+        return all.filter { $0 != CUDAPhalanxLayer.Tuning(chunkBlocks: 2) }
+    }
+
+    /// Runs one case on `context` and on the CPU.
+    public static func run(_ testCase: Case, context: CUDAContext, blas: CUBLAS? = nil) throws -> Outcome {
+        let storage = testCase.storage
+        func stored(_ values: [Float]) -> [Float] { storage == .bfloat16 ? BFloat16.rounded(values) : values }
+        var rng = SeededGenerator(seed: UInt64(testCase.length * 131 + testCase.dim * 7 + testCase.kvHeads))
+        let cpu = PhalanxLayer("check", .init(dim: testCase.dim, kvHeads: testCase.kvHeads, gateScale: testCase.gateScale),
+                               rng: &rng)
+        for parameter in cpu.parameters {
+            let values = stored(parameter.value.array)
+            for i in values.indices { parameter.value[i] = values[i] }
+        }
+        switch testCase.gates {
+        case .random: break
+        case .nearOne: cpu.projABias.value.fill(12)
+        case .nearZero: cpu.projABias.value.fill(-30)
+        }
+        let count = testCase.batch * testCase.length * testCase.dim
+        let x = stored((0..<count).map { _ in Float.random(in: -1...1, using: &rng) })
+        let dy = stored((0..<count).map { _ in Float.random(in: -1...1, using: &rng) })
+
+        let gpu = try CUDAPhalanxLayer(copying: cpu, context: context, storage: storage, blas: blas)
+        gpu.tuning = testCase.tuning
+        let (y, cache) = try gpu.forward(try storage.upload(x, context: context), batch: testCase.batch, length: testCase.length)
+        let dx = try gpu.backward(try storage.upload(dy, context: context), cache: cache)
+        let gpuOutput = try storage.download(y, count: count), gpuInputGradient = try storage.download(dx, count: count)
+        let gradients = try gpu.gradients()
+
+        let shape = [testCase.batch, testCase.length, testCase.dim]
+        let (expected, cpuCache) = cpu.forward(Tensor(x, shape: shape))
+        let expectedInputGradient = cpu.backward(Tensor(dy, shape: shape), cache: cpuCache)
+        var errors = [("y", CUDAJaggedWindowCheck.relativeError(gpuOutput, expected.array)),
+                      ("dx", CUDAJaggedWindowCheck.relativeError(gpuInputGradient, expectedInputGradient.array))]
+        for parameter in cpu.parameters {
+            errors.append((parameter.name, CUDAJaggedWindowCheck.relativeError(gradients[parameter.name] ?? [], parameter.gradient.array)))
+        }
+        return Outcome(testCase: testCase, errors: errors, tolerance: tolerance(storage))
+    }
+}

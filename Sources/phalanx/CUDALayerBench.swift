@@ -1,0 +1,220 @@
+import ArgumentParser
+import Foundation
+import PhalanxCUDA
+import PhalanxLayers
+import PhalanxRuntime
+import SWR
+
+/// The checks, the Phalanx layer and the exact recurrence of `phalanx bench cuda`.
+extension BenchCUDA {
+    /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence), one
+    /// PASS/FAIL line each; returns the number of failures.
+    func runChecks(_ context: CUDAContext, json: inout [String: Any]) throws -> Int {
+        var failures = 0, total = 0
+        func report(_ title: String, _ outcomes: () throws -> [(line: String, passed: Bool)]) rethrows {
+            print("\nCheck: \(title)")
+            let results = try outcomes()
+            for result in results { print("  \(result.line)") }
+            let failed = results.filter { !$0.passed }.count
+            print("  \(results.count - failed) passed, \(failed) failed")
+            failures += failed
+            total += results.count
+        }
+        try report("the GPU jagged window against the CPU JaggedWindow") {
+            try CUDAJaggedWindowCheck.standardCases.map {
+                let outcome = try CUDAJaggedWindowCheck.run($0, context: context)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
+        let blas = try CUBLAS(context: context)
+        try report("the GPU Phalanx layer against the CPU PhalanxLayer (output, dx, every parameter gradient)") {
+            try CUDAPhalanxLayerCheck.standardCases.map {
+                let outcome = try CUDAPhalanxLayerCheck.run($0, context: context, blas: blas)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
+        try report("the GPU exact recurrence (hierarchical) against the CPU ExactRecurrence") {
+            try CUDAExactRecurrenceCheck.standardCases.map {
+                let outcome = try CUDAExactRecurrenceCheck.run($0, context: context)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
+        print("\ncheck: \(total - failures) passed, \(failures) failed")
+        json["check"] = ["passed": total - failures, "failed": failures]
+        return failures
+    }
+
+    // MARK: Layer
+
+    /// The layer in bfloat16 at dim 16 * heads for each --layer-shapes: forward and
+    /// forward+backward against the same matrix products alone and, with --attention, against the
+    /// attention layer; then each step alone, and every variant of the two kernels against the
+    /// copy bandwidth.
+    func timeLayer(_ context: CUDAContext, copy: Double) throws -> [String: Any] {
+        let blas = try CUBLAS(context: context)
+        let dim = 16 * heads, kv = kvHeads ?? heads
+        print("\nPhalanx layer, bf16, dim \(dim) (\(heads) heads x 16, \(kv) kv heads); cuBLAS \(blas.version) at \(blas.path)")
+        let rate = try gemmRate(blas)
+        print(String(format: "  cuBLAS bf16 GEMM 8192^3 (fp32 accumulation): %.0f TFLOP/s", rate / 1e12))
+        var json: [String: Any] = ["dim": dim, "kv_heads": kv, "gemm_8192_tflops": rate / 1e12]
+
+        let baseline = try attention.map { path -> [String: Any] in
+            let data = try Data(contentsOf: URL(fileURLWithPath: path))
+            guard let object = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                throw ValidationError("--attention: \(path) holds no JSON object")
+            }
+            json["attention"] = object
+            return object["shapes"] as? [String: Any] ?? [:]
+        }
+
+        var rng = SeededGenerator(seed: 11)
+        let cpu = PhalanxLayer("bench", .init(dim: dim, kvHeads: kv), rng: &rng)
+        let layer = try CUDAPhalanxLayer(copying: cpu, context: context, storage: .bfloat16, blas: blas)
+        json["tuning"] = "\(layer.tuning)"
+        let shapes = layerShapes.compactMap(parse)
+        let tokens = shapes.map { $0.batch * $0.length }.max() ?? 0
+        let x = try layer.storage.upload((0..<tokens * dim).map { _ in Float.random(in: -1...1, using: &rng) }, context: context)
+        let dy = try layer.storage.upload((0..<tokens * dim).map { _ in Float.random(in: -0.01...0.01, using: &rng) }, context: context)
+
+        print("  median of \(repeats) x \(launches) calls, \(layer.tuning); GEMM floor: the layer's own matrix products alone")
+        var summary: [String] = []
+        for shape in shapes {
+            let rows = shape.batch * shape.length
+            let forward = try measure(context) { _ = try layer.forward(x, batch: shape.batch, length: shape.length) }
+            let forwardBackward = try measure(context) {
+                let (_, cache) = try layer.forward(x, batch: shape.batch, length: shape.length)
+                _ = try layer.backward(dy, cache: cache)
+            }
+            let steps = try layerSteps(layer, batch: shape.batch, length: shape.length, x: x, dy: dy, copy: copy)
+            let gemmForward = steps.gemmForward, gemmBoth = steps.gemmForward + steps.gemmBackward
+            var entry: [String: Any] = [
+                "forward_ms": forward, "forward_backward_ms": forwardBackward,
+                "gemm_forward_ms": gemmForward, "gemm_forward_backward_ms": gemmBoth,
+                "forward_over_gemm": forward / gemmForward, "forward_backward_over_gemm": forwardBackward / gemmBoth,
+                "gemm_forward_tflops": 2.0 * Double(rows) * Double(dim) * Double(layer.columns.width + dim) / (gemmForward * 1e-3) / 1e12,
+                "steps": steps.json,
+            ]
+            var line = String(format: "  B=%-2d L=%-6d forward %6.3f ms (GEMMs %6.3f, %4.2fx)   fwd+bwd %6.3f ms (GEMMs %6.3f, %4.2fx)",
+                              shape.batch, shape.length, forward, gemmForward, forward / gemmForward,
+                              forwardBackward, gemmBoth, forwardBackward / gemmBoth)
+            if let reference = baseline?["B\(shape.batch)_L\(shape.length)"] as? [String: Any],
+               let attentionForward = reference["forward_ms"] as? Double,
+               let attentionBoth = reference["forward_backward_ms"] as? Double {
+                line += String(format: "   attention %6.3f / %6.3f ms: %4.2fx / %4.2fx faster", attentionForward, attentionBoth,
+                               attentionForward / forward, attentionBoth / forwardBackward)
+                entry["attention_forward_ms"] = attentionForward
+                entry["attention_forward_backward_ms"] = attentionBoth
+                entry["speedup_forward"] = attentionForward / forward
+                entry["speedup_forward_backward"] = attentionBoth / forwardBackward
+            }
+            print(line)
+            print("      steps: " + steps.lines.joined(separator: "\n             "))
+            summary.append(line)
+            json["B\(shape.batch)_L\(shape.length)"] = entry
+        }
+        print("\nLayer summary")
+        for line in summary { print(line) }
+        print("  (Reference Phalanx layer on the same H200: forward 4.20 ms at L=8K, 3.76 ms at L=32K; forward+backward 13.2 / 11.5 ms.)")
+        return json
+    }
+
+    /// FLOP/s of a bfloat16 8192 x 8192 x 8192 product.
+    private func gemmRate(_ blas: CUBLAS) throws -> Double {
+        let n = 8192
+        let a = try DeviceBuffer(context: blas.context, byteCount: n * n * 2)
+        let c = try DeviceBuffer(context: blas.context, byteCount: n * n * 2)
+        try a.fill(byte: 0x3c)
+        let matrix = CUBLAS.Matrix(a, .bfloat16, rows: n, columns: n), out = CUBLAS.Matrix(c, .bfloat16, rows: n, columns: n)
+        let ms = try measure(blas.context) { try blas.gemm(matrix, matrix, transposeB: true, into: out) }
+        return 2 * Double(n) * Double(n) * Double(n) / (ms * 1e-3)
+    }
+
+    /// Each step of the layer alone for one shape: its matrix products (summed into the GEMM floor
+    /// of each direction) and every variant of its two kernels, with the bandwidth the kernels
+    /// reach (bytes they must move: forward reads z, writes mixed; backward reads z and dmixed,
+    /// writes dz) as a fraction of the copy bandwidth.
+    private func layerSteps(_ layer: CUDAPhalanxLayer, batch: Int, length: Int, x: DeviceBuffer, dy: DeviceBuffer,
+                            copy: Double) throws -> (gemmForward: Double, gemmBackward: Double, lines: [String], json: [String: Any]) {
+        let context = layer.context, blas = layer.blas, rows = batch * length
+        let dim = layer.configuration.dim, width = layer.configuration.heads * 16, c = layer.columns
+        let (_, cache) = try layer.forward(x, batch: batch, length: length)
+        let dMixed = try DeviceBuffer(context: context, byteCount: rows * width * 2)
+        let out = try DeviceBuffer(context: context, byteCount: rows * max(dim, c.stride) * 2)
+        let xMatrix = CUBLAS.Matrix(x, .bfloat16, rows: rows, columns: dim), dyMatrix = CUBLAS.Matrix(dy, .bfloat16, rows: rows, columns: dim)
+        let zMatrix = CUBLAS.Matrix(cache.projections, .bfloat16, rows: rows, columns: c.width, stride: c.stride)
+        let mixedMatrix = CUBLAS.Matrix(cache.mixed, .bfloat16, rows: rows, columns: width)
+        let inputWeight = CUBLAS.Matrix(layer.inputWeight, .bfloat16, rows: c.width, columns: dim)
+        let outputWeight = CUBLAS.Matrix(layer.outputWeight, .bfloat16, rows: dim, columns: dim)
+        let gemms: [(String, Bool, () throws -> Void)] = [
+            ("z", false, { try blas.gemm(xMatrix, inputWeight, transposeB: true,
+                                         into: .init(out, .bfloat16, rows: rows, columns: c.width, stride: c.stride)) }),
+            ("y", false, { try blas.gemm(mixedMatrix, outputWeight, transposeB: true, into: .init(out, .bfloat16, rows: rows, columns: dim)) }),
+            ("dmixed", true, { try blas.gemm(dyMatrix, outputWeight, into: .init(dMixed, .bfloat16, rows: rows, columns: width)) }),
+            ("dW_out", true, { try blas.gemm(dyMatrix, transposeA: true, mixedMatrix,
+                                             into: .init(layer.outputWeightGradient, .float32, rows: dim, columns: dim), beta: 1) }),
+            ("dW_in", true, { try blas.gemm(zMatrix, transposeA: true, xMatrix,
+                                            into: .init(layer.inputWeightGradient, .float32, rows: c.width, columns: dim), beta: 1) }),
+            ("dx", true, { try blas.gemm(zMatrix, inputWeight, into: .init(out, .bfloat16, rows: rows, columns: dim)) }),
+        ]
+        var json: [String: Any] = [:]
+        var gemmForward = 0.0, gemmBackward = 0.0, gemmLine: [String] = []
+        for (name, backward, body) in gemms {
+            let ms = try measure(context, body)
+            if backward { gemmBackward += ms } else { gemmForward += ms }
+            json["gemm_\(name)_ms"] = ms
+            gemmLine.append(String(format: "%@ %.3f", name, ms))
+        }
+
+        let forwardBytes = Double(rows * (c.width + width) * 2), backwardBytes = Double(rows * (2 * c.width + width) * 2)
+        let standard = layer.tuning
+        var kernelLine: [String] = []
+        for rowsTogether in CUDAPhalanxLayer.Tuning.forwardVariants {
+            layer.tuning.forwardRows = rowsTogether
+            let ms = try measure(context) { _ = try layer.forwardElementwise(cache.projections, batch: batch, length: length) }
+            json["forward_kernel_r\(rowsTogether)_ms"] = ms
+            kernelLine.append(String(format: "fwd r%d %.3f ms (%.0f%% of copy)", rowsTogether, ms, 100 * forwardBytes / (ms * 1e-3) / copy))
+        }
+        layer.tuning = standard
+        for variant in CUDAPhalanxLayer.Tuning.backwardVariants {
+            layer.tuning.backward = variant
+            let ms = try measure(context) { _ = try layer.backwardElementwise(dMixed, cache: cache) }
+            json["backward_kernel_\(variant)_ms"] = ms
+            kernelLine.append(String(format: "bwd %@ %.3f ms (%.0f%%)", variant, ms, 100 * backwardBytes / (ms * 1e-3) / copy))
+        }
+        layer.tuning = standard
+        return (gemmForward, gemmBackward, ["GEMMs (ms) " + gemmLine.joined(separator: ", "), kernelLine.joined(separator: ", ")], json)
+    }
+
+    // MARK: Exact recurrence
+
+    /// The exact recurrence in bfloat16 at --heads for each --layer-shapes: forward and backward
+    /// time and their effective bandwidth against the copy bandwidth.
+    func timeExact(_ context: CUDAContext, copy: Double) throws -> [String: Any] {
+        let exact = try CUDAExactRecurrence(context: context, storage: .bfloat16)
+        print("\nExact recurrence (hierarchical: block solve, carrier scan, rerun), bf16, \(heads) heads x 16")
+        var json: [String: Any] = [:]
+        var rng = SeededGenerator(seed: 5)
+        for shape in layerShapes.compactMap(parse) {
+            let layout = SequenceLayout.batched(batch: shape.batch, length: shape.length, heads: heads, headDim: 16)
+            let a = try exact.storage.upload((0..<layout.gateCount).map { _ in Float.random(in: 0...1, using: &rng) }, context: context)
+            let u = try exact.storage.upload((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) }, context: context)
+            let bytes = layout.elementCount * 2
+            let y = try DeviceBuffer(context: context, byteCount: bytes), du = try DeviceBuffer(context: context, byteCount: bytes)
+            let da = try DeviceBuffer(context: context, byteCount: layout.gateCount * 2)
+            let forward = try measure(context) { try exact.forward(gates: a, inputs: u, output: y, layout: layout) }
+            let backward = try measure(context) {
+                try exact.backward(gates: a, outputs: y, outputGradient: u, inputGradient: du, gateGradient: da, layout: layout)
+            }
+            // Forward reads a, u and writes x; backward reads a, x, dx and writes du, da (minimum traffic).
+            let forwardBytes = Double(2 * (layout.gateCount + 2 * layout.elementCount))
+            let backwardBytes = Double(2 * (2 * layout.gateCount + 3 * layout.elementCount))
+            print(String(format: "  B=%-2d L=%-6d forward %.4f ms (%4.0f GB/s, %4.1f%% of copy)   backward %.4f ms (%4.0f GB/s, %4.1f%% of copy)",
+                         shape.batch, shape.length, forward, forwardBytes / forward / 1e6, 100 * forwardBytes / forward / 1e-3 / copy,
+                         backward, backwardBytes / backward / 1e6, 100 * backwardBytes / backward / 1e-3 / copy))
+            json["B\(shape.batch)_L\(shape.length)"] = ["forward_ms": forward, "backward_ms": backward,
+                                                        "forward_fraction_of_copy": forwardBytes / forward / 1e-3 / copy,
+                                                        "backward_fraction_of_copy": backwardBytes / backward / 1e-3 / copy]
+        }
+        return json
+    }
+}
