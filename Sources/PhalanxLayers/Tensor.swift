@@ -107,7 +107,10 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
 /// decoding asks for a slightly larger buffer at every step (one more cached position), and with
 /// exact sizes none would ever be reused while the cache filled to its limit.
 final class TensorStorage: Sendable {
-    static let shared = TensorStorage(limit: 4 << 30)
+    /// Keeps up to a quarter of physical memory: a 32K-token training step's activations exceed
+    /// 4 GiB, and any limit below the live set of one step sends blocks back to the system (and
+    /// brings their page faults back) every step.
+    static let shared = TensorStorage(limit: Int(ProcessInfo.processInfo.physicalMemory / 4))
 
     private struct Cache {
         /// Addresses of free blocks (as integers: the cache holds no pointers across threads).

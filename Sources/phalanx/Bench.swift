@@ -140,7 +140,7 @@ struct BenchLayers: ParsableCommand {
     @Option(help: "Key/value heads of the Phalanx layer (default: as many as heads).") var kvHeads: Int?
     @Option(help: "Length of the Phalanx floor and attention-rate measurements.") var length = 4096
     @Option(help: "Sliding-window attention window in the sweep.") var window = 512
-    @Option(parsing: .upToNextOption, help: "Lengths of the sweep.") var sweep = [1024, 2048, 4096, 8192, 16384, 32768]
+    @Option(parsing: .upToNextOption, help: "Lengths of the sweep.") var sweep = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
     @Option(help: "Timed repeats per figure (the median is reported).") var repeats = 5
 
     func validate() throws {
