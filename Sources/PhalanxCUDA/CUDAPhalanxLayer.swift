@@ -30,6 +30,12 @@ import SWR
 /// are float32.
 ///
 /// Not thread-safe: one caller at a time.
+///
+///     let gpu = try CUDAPhalanxLayer(copying: layer, context: try CUDAContext.shared.get(), storage: .bfloat16)
+///     let x = try gpu.storage.upload(input, context: gpu.context)        // [batch * length * dim]
+///     let (y, cache) = try gpu.forward(x, batch: batch, length: length)
+///     let dx = try gpu.backward(try gpu.storage.upload(outputGradient, context: gpu.context), cache: cache)
+///     let gradients = try gpu.gradients()                                 // by checkpoint name, float32
 public final class CUDAPhalanxLayer: @unchecked Sendable {
     /// Column offsets in `z` and `dz`: `b`, `c`, `v`, `a` in this order, so that every block of 16
     /// channels starts at a multiple of 16; `width` = P = `2*KVH*16 + H*16 + H` columns used,

@@ -6,7 +6,7 @@
 // Layouts (rows = batch * length, sequence s = rows s*length ..< (s+1)*length; row-major):
 //   z         [rows, stride]  the input projection x W_in^T WITHOUT bias, columns
 //                             b [KVH*16] | c [KVH*16] | v [H*16] | a [H] | padding up to stride
-//                             (stride a multiple of 8, so every 4-channel vector is aligned)
+//                             (stride a multiple of 8, so every 4- or 8-channel vector is aligned)
 //   bias      [P] float32     the biases in the same column order (the v part is zero, unused)
 //   mixed     [rows, H*16]    s * c + v, the input of proj_out; dmixed its gradient
 //   carriers  [batch, blocks, H, 16] float32: each block's terminal local state (blocks =
@@ -32,10 +32,10 @@
 // columns; otherwise two scratch [rows, H*16], and phalanx_group_sum adds each group into dz.
 //
 // Threads: one per (sequence, chunk of whole blocks, head, V channels: 4 or 8 forward, 4
-// backward), ordered so that a warp covers consecutive heads of one row (contiguous memory). Forward, a chunk recomputes the carrier of the
-// block before it (a one-block halo); backward, the carrier adjoint of the block after it. Rows
-// are loaded a group at a time (all loads of the group issued before any arithmetic), with no
-// per-row bounds tests in whole blocks.
+// backward), ordered so that a warp covers consecutive heads of one row (contiguous memory).
+// Forward, a chunk recomputes the carrier of the block before it (a one-block halo); backward,
+// the carrier adjoint of the block after it. Rows are loaded a group at a time (all loads of the
+// group issued before any arithmetic), with no per-row bounds tests in whole blocks.
 
 namespace phalanx {
 
@@ -423,8 +423,8 @@ __device__ __forceinline__ void groupSum(const typename S::Element* __restrict__
 // ---- entry points -------------------------------------------------------------------------------
 // phalanx_forward_{f32,bf16}_v{V}_r{R} and phalanx_backward_{f32,bf16}_v4_s{R}: V channels per
 // thread, R rows loaded together; a one-dimensional grid over batch * chunks * heads * (16 / V)
-// threads (backward: thread blocks of exactly 128). phalanx_group_sum_{f32,bf16}: one thread per (row, kv
-// channel).
+// threads (backward: thread blocks of exactly 128). phalanx_group_sum_{f32,bf16}: one thread
+// per (row, kv channel).
 
 #define PHALANX_SHAPE                                                                              \
     phalanx::Shape shape{batch, length, heads, kvHeads, stride, scale, chunkBlocks}
