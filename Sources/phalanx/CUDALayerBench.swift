@@ -156,7 +156,14 @@ extension BenchCUDA {
                                             into: .init(layer.inputWeightGradient, .float32, rows: c.width, columns: dim), beta: 1) }),
             ("dx", true, { try blas.gemm(zMatrix, inputWeight, into: .init(out, .bfloat16, rows: rows, columns: dim)) }),
         ]
-        var json: [String: Any] = [:]
+        // The input projection with cuBLASLt's first-choice algorithm, for comparison with the searched one.
+        let unsearched = try CUBLAS(context: context)
+        unsearched.searchAlgorithms = false
+        let firstChoice = try measure(context) {
+            try unsearched.gemm(xMatrix, inputWeight, transposeB: true,
+                                into: .init(out, .bfloat16, rows: rows, columns: c.width, stride: c.stride))
+        }
+        var json: [String: Any] = ["gemm_z_first_choice_ms": firstChoice]
         var gemmForward = 0.0, gemmBackward = 0.0, gemmLine: [String] = []
         for (name, backward, body) in gemms {
             let ms = try measure(context, body)
@@ -204,7 +211,9 @@ extension BenchCUDA {
         kernelLines.append("forward kernel by chunk: " + byChunk.map { "\($0.0): \($0.1.0)" }.joined(separator: ", "))
         kernelLines.append("backward kernel by chunk: " + byChunk.map { "\($0.0): \($0.1.1)" }.joined(separator: ", "))
         layer.tuning = standard
-        return (gemmForward, gemmBackward, ["GEMMs (ms) " + gemmLine.joined(separator: ", ")] + kernelLines, json)
+        return (gemmForward, gemmBackward, ["GEMMs (ms) " + gemmLine.joined(separator: ", ")
+                                            + String(format: " (z with cuBLASLt's first choice, unsearched: %.3f)", firstChoice)]
+                                           + kernelLines, json)
     }
 
     // MARK: Exact recurrence
