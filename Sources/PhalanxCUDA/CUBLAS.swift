@@ -1,14 +1,18 @@
 import Foundation
 import PhalanxRuntime
 
-/// cuBLAS (`libcublas.so`), loaded at run time, and row-major matrix products on a context's
-/// stream through `cublasGemmEx`.
+/// cuBLAS (`libcublas.so`, `libcublasLt.so`), loaded at run time, and row-major matrix products
+/// on a context's stream through `cublasLtMatmul`.
 ///
 /// Conventions: every matrix is row-major, as the layers store them. cuBLAS is column-major, and a
 /// row-major `[r, c]` matrix with row stride `ld` is, to it, the column-major `[c, r]` matrix with
 /// leading dimension `ld`: its transpose. So `C = op(A) op(B)` (row-major) is computed as the
-/// column-major `C^T = op(B)^T op(A)^T`, that is `cublasGemmEx(opB, opA, n, m, k, B, A, C)`, with
+/// column-major `C^T = op(B)^T op(A)^T`, that is `matmul(opB, opA, n, m, k, B, A, C)`, with
 /// nothing copied.
+///
+/// Algorithms: the first product of each shape (sizes, transposes, strides, types, whether C is
+/// read) asks cuBLASLt for its candidate algorithms, times each once on scratch output (C is not
+/// touched) and keeps the fastest for every later product of that shape (`searchAlgorithms`).
 ///
 /// Precision: `bfloat16` operands accumulate in float32 (`CUBLAS_COMPUTE_32F`) and write
 /// bfloat16 or float32; `float32` operands compute in float32 without TF32, so float32 results
@@ -23,11 +27,18 @@ public final class CUBLAS: @unchecked Sendable {
     public let version: Int
     public let context: CUDAContext
 
+    /// Whether a new shape's candidate algorithms are timed (true) or cuBLASLt's first choice is
+    /// taken as it is.
+    public var searchAlgorithms = true
+
     private let handle: Handle
     private let cublasDestroy: @convention(c) (Handle?) -> Status
-    private let cublasGemmEx: @convention(c) (
-        Handle?, Int32, Int32, Int32, Int32, Int32, UnsafeRawPointer, UInt64, Int32, Int32, UInt64, Int32, Int32,
-        UnsafeRawPointer, UInt64, Int32, Int32, Int32, Int32) -> Status
+    private let lt: LtFunctions
+    private let ltHandle: Handle
+    /// The products' workspace: 32 MiB, what cuBLAS's documentation recommends on Hopper.
+    private let workspace: DeviceBuffer
+    private let lock = NSLock()
+    private var plans: [PlanKey: Plan] = [:]
 
     /// A number format of a matrix (`cudaDataType_t`).
     public enum Element: Int32, Sendable, CustomStringConvertible {
@@ -75,7 +86,7 @@ public final class CUBLAS: @unchecked Sendable {
     /// - Throws: `CUDAUnavailable` when the library is missing (naming every place tried),
     ///   `CUBLASError` when `cublasCreate` fails.
     public init(context: CUDAContext) throws {
-        let library = try CUBLAS.library.get()
+        let (library, ltLibrary) = try CUBLAS.library.get()
         path = library.path
         self.context = context
         typealias Create = @convention(c) (UnsafeMutablePointer<Handle?>) -> Status
@@ -85,7 +96,7 @@ public final class CUBLAS: @unchecked Sendable {
         let setStream: SetStream = try library.function("cublasSetStream_v2")
         let getVersion: GetVersion = try library.function("cublasGetVersion_v2")
         cublasDestroy = try library.function("cublasDestroy_v2")
-        cublasGemmEx = try library.function("cublasGemmEx")
+        lt = try LtFunctions(ltLibrary)
         try context.makeCurrent()
         var handle: Handle?
         try CUBLAS.check(create(&handle), "cublasCreate_v2")
@@ -94,32 +105,36 @@ public final class CUBLAS: @unchecked Sendable {
         var version: Int32 = 0
         _ = getVersion(handle, &version)
         self.version = Int(version)
+        var ltHandle: Handle?
+        try CUBLAS.check(lt.create(&ltHandle), "cublasLtCreate")
+        self.ltHandle = ltHandle!
+        workspace = try DeviceBuffer(context: context, byteCount: 32 << 20)
     }
 
     deinit {
         _ = context.driver.cuCtxSetCurrent(context.context)
+        for plan in plans.values { plan.destroy(lt) }
+        _ = lt.destroy(ltHandle)
         _ = cublasDestroy(handle)
     }
 
-    /// `libcublas.so` opened once. It needs `libcublasLt` from its own folder, which is opened
-    /// first so that a library found by absolute path also finds its dependency.
-    static let library: Result<DynamicLibrary, CUDAUnavailable> = {
+    /// `libcublas.so` and `libcublasLt.so` of one version from one folder, opened once (cuBLASLt
+    /// first, so that cuBLAS found by absolute path also finds its dependency).
+    static let library: Result<(DynamicLibrary, DynamicLibrary), CUDAUnavailable> = {
         let folders = CUDAToolkit.roots.flatMap { ["\($0)/targets/x86_64-linux/lib", "\($0)/lib64"] }
+        var tried: [String] = []
         for version in ["13", "12"] {
             for folder in [""] + folders {
                 let prefix = folder.isEmpty ? "" : folder + "/"
+                tried.append("\(prefix)libcublas.so.\(version)")
                 if let lt = try? DynamicLibrary.open(firstOf: ["\(prefix)libcublasLt.so.\(version)"], what: "cuBLASLt"),
                    let blas = try? DynamicLibrary.open(firstOf: ["\(prefix)libcublas.so.\(version)"], what: "cuBLAS") {
-                    withExtendedLifetime(lt) {}
-                    return .success(blas)
+                    return .success((blas, lt))
                 }
             }
         }
-        let candidates = ["libcublas.so.13", "libcublas.so.12", "libcublas.so"]
-            + folders.flatMap { folder in ["13", "12"].map { "\(folder)/libcublas.so.\($0)" } }
-        do { return .success(try DynamicLibrary.open(firstOf: candidates, what: "cuBLAS (the CUDA toolkit's libcublas.so)")) }
-        catch let error as CUDAUnavailable { return .failure(error) }
-        catch { return .failure(CUDAUnavailable("\(error)")) }
+        return .failure(CUDAUnavailable("cuBLAS (the CUDA toolkit's libcublas.so with libcublasLt.so beside it) could not be loaded; tried "
+                                        + tried.joined(separator: ", ")))
     }()
 
     /// Whether cuBLAS can be loaded here (it needs no GPU to load), or why not.
@@ -133,7 +148,9 @@ public final class CUBLAS: @unchecked Sendable {
     ///     C = alpha * op(A) * op(B) + beta * C,    op(X) = X or X^T,   C [m, n],  op(A) [m, k],  op(B) [k, n]
     ///
     /// on the context's stream. `A` and `B` must have the same element type; `C` may be that type
-    /// or float32 (float32 gradients of bfloat16 activations). Accumulation is float32.
+    /// or float32 (float32 gradients of bfloat16 activations). Accumulation is float32. The first
+    /// product of a shape also searches its algorithm (see the type's summary), which waits for the
+    /// stream.
     public func gemm(_ a: Matrix, transposeA: Bool = false, _ b: Matrix, transposeB: Bool = false,
                      into c: Matrix, alpha: Float = 1, beta: Float = 0) throws {
         let (m, k) = transposeA ? (a.columns, a.rows) : (a.rows, a.columns)
@@ -149,22 +166,152 @@ public final class CUBLAS: @unchecked Sendable {
         require(max(m, n, k, a.stride, b.stride, c.stride) <= Int(Int32.max), "CUBLAS.gemm: sizes exceed cuBLAS's 32-bit ints")
         guard m > 0 && n > 0 else { return }
         try context.makeCurrent()
+        let key = PlanKey(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, input: a.element.rawValue,
+                          output: c.element.rawValue, strides: [a.stride, b.stride, c.stride], readsC: beta != 0)
+        lock.lock()
+        defer { lock.unlock() }
+        let plan = try plans[key] ?? makePlan(key, a, b, c, alpha: alpha, beta: beta)
+        plans[key] = plan
+        try run(plan, a, b, c, output: c.address, alpha: alpha, beta: beta)
+    }
+
+    /// `D = alpha * op(A) op(B) + beta * C` with `plan`'s algorithm, D at `output` (C's layout).
+    private func run(_ plan: Plan, _ a: Matrix, _ b: Matrix, _ c: Matrix, output: UInt64, alpha: Float, beta: Float) throws {
         var alpha = alpha, beta = beta
-        // Column-major C^T [n, m] = op(B)^T [n, k] * op(A)^T [k, m].
-        let status = withUnsafePointer(to: &alpha) { alphaPointer in
-            withUnsafePointer(to: &beta) { betaPointer in
-                cublasGemmEx(handle, transposeB ? 1 : 0, transposeA ? 1 : 0, Int32(n), Int32(m), Int32(k),
-                             alphaPointer, b.address, b.element.rawValue, Int32(b.stride),
-                             a.address, a.element.rawValue, Int32(a.stride),
-                             betaPointer, c.address, c.element.rawValue, Int32(c.stride),
-                             68 /* CUBLAS_COMPUTE_32F */, -1 /* CUBLAS_GEMM_DEFAULT */)
-            }
+        // Column-major C^T [n, m] = op(B)^T [n, k] * op(A)^T [k, m]: cuBLASLt's A is our B.
+        let status = plan.algorithm.withUnsafeBytes { algorithm in
+            lt.matmul(ltHandle, plan.description, &alpha, b.address, plan.layouts[0], a.address, plan.layouts[1], &beta,
+                      c.address, plan.layouts[2], output, plan.layouts[2], algorithm.baseAddress, workspace.address,
+                      workspace.byteCount, context.stream)
         }
-        try CUBLAS.check(status, "cublasGemmEx(m \(m), n \(n), k \(k), \(a.element) -> \(c.element))")
+        try CUBLAS.check(status, "cublasLtMatmul(\(plan.key))")
+    }
+
+    /// The descriptors of a new shape and its algorithm: cuBLASLt's candidates, each timed once on
+    /// scratch output when `searchAlgorithms` (after a warm-up), the fastest kept.
+    private func makePlan(_ key: PlanKey, _ a: Matrix, _ b: Matrix, _ c: Matrix, alpha: Float, beta: Float) throws -> Plan {
+        var description: Handle?
+        try CUBLAS.check(lt.descCreate(&description, 68 /* CUBLAS_COMPUTE_32F */, 0 /* CUDA_R_32F scale */), "cublasLtMatmulDescCreate")
+        var layouts: [Handle?] = []
+        let plan = Plan(key: key, description: description!)
+        for (label, matrix) in [("A", b), ("B", a), ("C", c)] {
+            var layout: Handle?
+            try CUBLAS.check(lt.layoutCreate(&layout, matrix.element.rawValue, UInt64(matrix.columns), UInt64(matrix.rows),
+                                             Int64(matrix.stride)), "cublasLtMatrixLayoutCreate(\(label))")
+            layouts.append(layout)
+        }
+        plan.layouts = layouts.map { $0! }
+        for (attribute, transpose) in [(Int32(3) /* TRANSA */, key.transposeB), (Int32(4) /* TRANSB */, key.transposeA)] {
+            var operation: Int32 = transpose ? 1 : 0
+            try CUBLAS.check(lt.descSetAttribute(description, attribute, &operation, 4), "cublasLtMatmulDescSetAttribute(\(attribute))")
+        }
+        var preference: Handle?
+        try CUBLAS.check(lt.preferenceCreate(&preference), "cublasLtMatmulPreferenceCreate")
+        defer { _ = lt.preferenceDestroy(preference) }
+        var workspaceBytes = UInt64(workspace.byteCount)
+        try CUBLAS.check(lt.preferenceSetAttribute(preference, 1 /* MAX_WORKSPACE_BYTES */, &workspaceBytes, 8),
+                         "cublasLtMatmulPreferenceSetAttribute")
+        // cublasLtMatmulHeuristicResult_t: algo (64 bytes), workspaceSize (8), state (4), wavesCount (4), reserved (16).
+        let stride = 96, requested = 8
+        var results = [UInt8](repeating: 0, count: stride * requested)
+        var returned: Int32 = 0
+        try CUBLAS.check(lt.heuristic(ltHandle, description, plan.layouts[0], plan.layouts[1], plan.layouts[2], plan.layouts[2],
+                                      preference, Int32(requested), &results, &returned), "cublasLtMatmulAlgoGetHeuristic(\(key))")
+        let candidates = (0..<Int(returned)).filter { index in
+            results.withUnsafeBytes { $0.load(fromByteOffset: index * stride + 72, as: Int32.self) == 0 }
+        }.map { index in Array(results[(index * stride)..<(index * stride + 64)]) }
+        guard let first = candidates.first else {
+            throw CUBLASError(call: "cublasLtMatmulAlgoGetHeuristic(\(key)): no algorithm", status: 15)
+        }
+        plan.algorithm = first
+        guard searchAlgorithms && candidates.count > 1 else { return plan }
+        let scratch = try DeviceBuffer(context: context, byteCount: c.buffer.byteCount)
+        let output = scratch.address + UInt64(c.offset * c.element.byteCount)
+        let start = try CUDAEvent(context: context), end = try CUDAEvent(context: context)
+        var best = (milliseconds: Double.infinity, algorithm: first)
+        for candidate in candidates {
+            plan.algorithm = candidate
+            try run(plan, a, b, c, output: output, alpha: alpha, beta: beta)
+            try start.record()
+            try run(plan, a, b, c, output: output, alpha: alpha, beta: beta)
+            try end.record()
+            let milliseconds = try start.milliseconds(to: end)
+            if milliseconds < best.milliseconds { best = (milliseconds, candidate) }
+        }
+        plan.algorithm = best.algorithm
+        return plan
     }
 
     static func check(_ status: Int32, _ call: @autoclosure () -> String) throws {
         if status != 0 { throw CUBLASError(call: call(), status: status) }
+    }
+}
+
+/// What identifies a product's plan: everything its descriptors and algorithm depend on.
+struct PlanKey: Hashable, CustomStringConvertible {
+    let m: Int, n: Int, k: Int
+    let transposeA: Bool, transposeB: Bool
+    let input: Int32, output: Int32
+    let strides: [Int]
+    let readsC: Bool
+
+    var description: String {
+        "m \(m), n \(n), k \(k)\(transposeA ? ", A^T" : "")\(transposeB ? ", B^T" : ""), types \(input) -> \(output), strides \(strides)"
+    }
+}
+
+/// The cuBLASLt descriptors of one product shape and the algorithm chosen for it.
+final class Plan {
+    let key: PlanKey
+    let description: OpaquePointer
+    /// cuBLASLt's A (our B), B (our A), C and D.
+    var layouts: [OpaquePointer] = []
+    /// `cublasLtMatmulAlgo_t`, 64 bytes.
+    var algorithm: [UInt8] = []
+
+    init(key: PlanKey, description: OpaquePointer) {
+        self.key = key
+        self.description = description
+    }
+
+    func destroy(_ lt: LtFunctions) {
+        for layout in layouts { _ = lt.layoutDestroy(layout) }
+        _ = lt.descDestroy(description)
+    }
+}
+
+/// The cuBLASLt entry points used.
+struct LtFunctions {
+    typealias Handle = OpaquePointer
+    typealias Status = Int32
+    let create: @convention(c) (UnsafeMutablePointer<Handle?>) -> Status
+    let destroy: @convention(c) (Handle?) -> Status
+    let descCreate: @convention(c) (UnsafeMutablePointer<Handle?>, Int32, Int32) -> Status
+    let descDestroy: @convention(c) (Handle?) -> Status
+    let descSetAttribute: @convention(c) (Handle?, Int32, UnsafeRawPointer, Int) -> Status
+    let layoutCreate: @convention(c) (UnsafeMutablePointer<Handle?>, Int32, UInt64, UInt64, Int64) -> Status
+    let layoutDestroy: @convention(c) (Handle?) -> Status
+    let preferenceCreate: @convention(c) (UnsafeMutablePointer<Handle?>) -> Status
+    let preferenceDestroy: @convention(c) (Handle?) -> Status
+    let preferenceSetAttribute: @convention(c) (Handle?, Int32, UnsafeRawPointer, Int) -> Status
+    let heuristic: @convention(c) (Handle?, Handle?, Handle?, Handle?, Handle?, Handle?, Handle?, Int32,
+                                   UnsafeMutableRawPointer, UnsafeMutablePointer<Int32>) -> Status
+    let matmul: @convention(c) (Handle?, Handle?, UnsafeRawPointer, UInt64, Handle?, UInt64, Handle?, UnsafeRawPointer,
+                                UInt64, Handle?, UInt64, Handle?, UnsafeRawPointer?, UInt64, Int, OpaquePointer?) -> Status
+
+    init(_ library: DynamicLibrary) throws {
+        create = try library.function("cublasLtCreate")
+        destroy = try library.function("cublasLtDestroy")
+        descCreate = try library.function("cublasLtMatmulDescCreate")
+        descDestroy = try library.function("cublasLtMatmulDescDestroy")
+        descSetAttribute = try library.function("cublasLtMatmulDescSetAttribute")
+        layoutCreate = try library.function("cublasLtMatrixLayoutCreate")
+        layoutDestroy = try library.function("cublasLtMatrixLayoutDestroy")
+        preferenceCreate = try library.function("cublasLtMatmulPreferenceCreate")
+        preferenceDestroy = try library.function("cublasLtMatmulPreferenceDestroy")
+        preferenceSetAttribute = try library.function("cublasLtMatmulPreferenceSetAttribute")
+        heuristic = try library.function("cublasLtMatmulAlgoGetHeuristic")
+        matmul = try library.function("cublasLtMatmul")
     }
 }
 

@@ -30,6 +30,12 @@ import SWR
 /// are float32.
 ///
 /// Not thread-safe: one caller at a time.
+///
+///     let gpu = try CUDAPhalanxLayer(copying: layer, context: try CUDAContext.shared.get(), storage: .bfloat16)
+///     let x = try gpu.storage.upload(input, context: gpu.context)        // [batch * length * dim]
+///     let (y, cache) = try gpu.forward(x, batch: batch, length: length)
+///     let dx = try gpu.backward(try gpu.storage.upload(outputGradient, context: gpu.context), cache: cache)
+///     let gradients = try gpu.gradients()                                 // by checkpoint name, float32
 public final class CUDAPhalanxLayer: @unchecked Sendable {
     /// Column offsets in `z` and `dz`: `b`, `c`, `v`, `a` in this order, so that every block of 16
     /// channels starts at a multiple of 16; `width` = P = `2*KVH*16 + H*16 + H` columns used,
@@ -51,28 +57,29 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     /// results (up to the order of float32 sums). The defaults were measured fastest on an H200 at
     /// dim 2048 and 32K tokens (`phalanx bench cuda` times every variant).
     public struct Tuning: Hashable, Sendable, CustomStringConvertible {
-        /// Rows of z whose loads the forward kernel issues together: 1 or 4.
-        public var forwardRows: Int
-        /// The backward kernel: `r1` holds a block's forward scan in registers; `s1`, `s2`, `s4`
-        /// hold it in shared memory and load 1, 2 or 4 rows at a time (fewer registers, more
-        /// threads per multiprocessor).
-        public var backward: String
+        /// Channels per thread of the forward kernel (4 or 8) and rows of z whose loads it issues
+        /// together: (4, 1), (4, 4), (8, 1) or (8, 2).
+        public var forwardChannels: Int, forwardRows: Int
+        /// Rows whose loads the backward kernel issues together: 1, 2 or 4 (it keeps each block's
+        /// forward scan in shared memory; more rows in flight cost registers).
+        public var backwardRows: Int
         /// Blocks of 16 rows per thread; nil chooses one wave of the device (`ChunkPlan`).
         public var chunkBlocks: Int?
 
-        public init(forwardRows: Int = 1, backward: String = "r1", chunkBlocks: Int? = nil) {
-            (self.forwardRows, self.backward, self.chunkBlocks) = (forwardRows, backward, chunkBlocks)
+        public init(forwardChannels: Int = 8, forwardRows: Int = 2, backwardRows: Int = 2, chunkBlocks: Int? = nil) {
+            (self.forwardChannels, self.forwardRows) = (forwardChannels, forwardRows)
+            (self.backwardRows, self.chunkBlocks) = (backwardRows, chunkBlocks)
         }
 
-        /// The compiled variants.
-        public static let forwardVariants = [1, 4]
-        public static let backwardVariants = ["r1", "s1", "s2", "s4"]
+        /// The compiled variants: forward (channels, rows), backward rows.
+        public static let forwardVariants = [(4, 1), (4, 4), (8, 1), (8, 2)]
+        public static let backwardVariants = [1, 2, 4]
 
-        var forwardSuffix: String { "v4_r\(forwardRows)" }
-        var backwardSuffix: String { "v4_\(backward)" }
+        var forwardSuffix: String { "v\(forwardChannels)_r\(forwardRows)" }
+        var backwardSuffix: String { "v4_s\(backwardRows)" }
 
         public var description: String {
-            "fwd r\(forwardRows), bwd \(backward), chunk \(chunkBlocks.map(String.init) ?? "auto")"
+            "fwd \(forwardChannels) channels \(forwardRows) rows, bwd \(backwardRows) rows, chunk \(chunkBlocks.map(String.init) ?? "auto")"
         }
     }
 
@@ -146,8 +153,8 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         names = [layer.projA, layer.projABias, layer.projB, layer.projBBias, layer.projC, layer.projCBias, layer.projV,
                  layer.projOut.weight].map(\.name)
         let type = storage.description
-        let kernelNames = Tuning.forwardVariants.map { "phalanx_forward_\(type)_v4_r\($0)" }
-            + Tuning.backwardVariants.map { "phalanx_backward_\(type)_v4_\($0)" } + ["phalanx_group_sum_\(type)"]
+        let kernelNames = Tuning.forwardVariants.map { "phalanx_forward_\(type)_v\($0.0)_r\($0.1)" }
+            + Tuning.backwardVariants.map { "phalanx_backward_\(type)_v4_s\($0)" } + ["phalanx_group_sum_\(type)"]
         let source = try KernelSources.source(named: "jagged_window") + "\n" + KernelSources.source(named: "phalanx_layer")
         let functions = try context.functions(kernelNames, source: source, sourceName: "phalanx_layer.cu")
         kernels = Dictionary(uniqueKeysWithValues: zip(kernelNames, functions))
@@ -189,7 +196,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         let carriers = try DeviceBuffer(context: context, byteCount: batch * ((length + 15) / 16) * H * 16 * 4)
         guard rows > 0 else { return (mixed, carriers) }
         let kernel = kernels["phalanx_forward_\(storage)_\(tuning.forwardSuffix)"]!
-        let plan = try self.plan(kernel, batch: batch, length: length)
+        let plan = try self.plan(kernel, channels: tuning.forwardChannels, batch: batch, length: length)
         try context.launch(kernel, grid: (plan.gridBlocks, 1, 1), block: (threadsPerBlock, 1, 1), arguments: [
             .buffer(z), .buffer(bias), .buffer(mixed), .buffer(carriers)] + shapeArguments(batch: batch, length: length, plan: plan))
         return (mixed, carriers)
@@ -232,7 +239,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
             [.buffer($0.b), .int64(0), .buffer($0.c), .int64(0), .int64(Int64(width))]
         } ?? [.buffer(dz), .int64(Int64(columns.b)), .buffer(dz), .int64(Int64(columns.c)), .int64(Int64(columns.stride))]
         let kernel = kernels["phalanx_backward_\(storage)_\(tuning.backwardSuffix)"]!
-        let plan = try self.plan(kernel, batch: cache.batch, length: cache.length)
+        let plan = try self.plan(kernel, channels: 4, batch: cache.batch, length: cache.length)
         try context.launch(kernel, grid: (plan.gridBlocks, 1, 1), block: (threadsPerBlock, 1, 1), arguments: [
             .buffer(cache.projections), .buffer(bias), .buffer(dMixed), .buffer(cache.carriers), .buffer(dz)] + headTargets
             + [.buffer(biasGradient)] + shapeArguments(batch: cache.batch, length: cache.length, plan: plan))
@@ -265,10 +272,16 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
 
     // MARK: Planning
 
-    /// The work split of a kernel (4 channels per thread).
-    private func plan(_ kernel: CUDAContext.Function, batch: Int, length: Int) throws -> ChunkPlan {
+    /// The chunk length in blocks that the forward (or backward) kernel uses for this shape.
+    public func chunkBlocks(batch: Int, length: Int, backward: Bool) throws -> Int {
+        let name = backward ? "phalanx_backward_\(storage)_\(tuning.backwardSuffix)" : "phalanx_forward_\(storage)_\(tuning.forwardSuffix)"
+        return try plan(kernels[name]!, channels: backward ? 4 : tuning.forwardChannels, batch: batch, length: length).chunkBlocks
+    }
+
+    /// The work split of a kernel with `channels` channels per thread.
+    private func plan(_ kernel: CUDAContext.Function, channels: Int, batch: Int, length: Int) throws -> ChunkPlan {
         let resident = tuning.chunkBlocks == nil ? try context.residentBlocks(kernel, threadsPerBlock: threadsPerBlock) : 0
-        return ChunkPlan(batch: batch, length: length, lanesPerRow: configuration.heads * 4,
+        return ChunkPlan(batch: batch, length: length, lanesPerRow: configuration.heads * (16 / channels),
                          threadsPerBlock: threadsPerBlock, chunkBlocks: tuning.chunkBlocks,
                          residentThreads: resident * threadsPerBlock * context.multiprocessorCount)
     }

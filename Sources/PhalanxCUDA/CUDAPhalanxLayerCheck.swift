@@ -83,10 +83,13 @@ public enum CUDAPhalanxLayerCheck {
         }
     }
 
-    /// Every kernel variant besides the default, with a chunk of 2 blocks.
+    /// Every kernel variant (each forward one, paired with the backward ones in turn) besides the
+    /// default, with a chunk of 2 blocks.
     static var variants: [CUDAPhalanxLayer.Tuning] {
-        let all = CUDAPhalanxLayer.Tuning.forwardVariants.flatMap { rows in
-            CUDAPhalanxLayer.Tuning.backwardVariants.map { CUDAPhalanxLayer.Tuning(forwardRows: rows, backward: $0, chunkBlocks: 2) }
+        let all = CUDAPhalanxLayer.Tuning.forwardVariants.enumerated().map { index, forward in
+            let backward = CUDAPhalanxLayer.Tuning.backwardVariants
+            return CUDAPhalanxLayer.Tuning(forwardChannels: forward.0, forwardRows: forward.1,
+                                           backwardRows: backward[index % backward.count], chunkBlocks: 2)
         }
         return all.filter { $0 != CUDAPhalanxLayer.Tuning(chunkBlocks: 2) }
     }

@@ -156,7 +156,14 @@ extension BenchCUDA {
                                             into: .init(layer.inputWeightGradient, .float32, rows: c.width, columns: dim), beta: 1) }),
             ("dx", true, { try blas.gemm(zMatrix, inputWeight, into: .init(out, .bfloat16, rows: rows, columns: dim)) }),
         ]
-        var json: [String: Any] = [:]
+        // The input projection with cuBLASLt's first-choice algorithm, for comparison with the searched one.
+        let unsearched = try CUBLAS(context: context)
+        unsearched.searchAlgorithms = false
+        let firstChoice = try measure(context) {
+            try unsearched.gemm(xMatrix, inputWeight, transposeB: true,
+                                into: .init(out, .bfloat16, rows: rows, columns: c.width, stride: c.stride))
+        }
+        var json: [String: Any] = ["gemm_z_first_choice_ms": firstChoice]
         var gemmForward = 0.0, gemmBackward = 0.0, gemmLine: [String] = []
         for (name, backward, body) in gemms {
             let ms = try measure(context, body)
@@ -167,22 +174,46 @@ extension BenchCUDA {
 
         let forwardBytes = Double(rows * (c.width + width) * 2), backwardBytes = Double(rows * (2 * c.width + width) * 2)
         let standard = layer.tuning
-        var kernelLine: [String] = []
-        for rowsTogether in CUDAPhalanxLayer.Tuning.forwardVariants {
-            layer.tuning.forwardRows = rowsTogether
-            let ms = try measure(context) { _ = try layer.forwardElementwise(cache.projections, batch: batch, length: length) }
-            json["forward_kernel_r\(rowsTogether)_ms"] = ms
-            kernelLine.append(String(format: "fwd r%d %.3f ms (%.0f%% of copy)", rowsTogether, ms, 100 * forwardBytes / (ms * 1e-3) / copy))
+        var kernelLines: [String] = []
+        /// Times both kernels with `tuning`; returns the line fragment for each.
+        func time(_ tuning: CUDAPhalanxLayer.Tuning, forward: Bool, backward: Bool) throws -> (String, String) {
+            layer.tuning = tuning
+            var parts = ("", "")
+            if forward {
+                let ms = try measure(context) { _ = try layer.forwardElementwise(cache.projections, batch: batch, length: length) }
+                let chunk = try layer.chunkBlocks(batch: batch, length: length, backward: false)
+                json["forward_kernel_v\(tuning.forwardChannels)_rows\(tuning.forwardRows)_chunk\(tuning.chunkBlocks.map(String.init) ?? "auto")_ms"] = ms
+                parts.0 = String(format: "%.3f ms (%.0f%%, chunk %d)", ms, 100 * forwardBytes / (ms * 1e-3) / copy, chunk)
+            }
+            if backward {
+                let ms = try measure(context) { _ = try layer.backwardElementwise(dMixed, cache: cache) }
+                let chunk = try layer.chunkBlocks(batch: batch, length: length, backward: true)
+                json["backward_kernel_rows\(tuning.backwardRows)_chunk\(tuning.chunkBlocks.map(String.init) ?? "auto")_ms"] = ms
+                parts.1 = String(format: "%.3f ms (%.0f%%, chunk %d)", ms, 100 * backwardBytes / (ms * 1e-3) / copy, chunk)
+            }
+            return parts
         }
-        layer.tuning = standard
-        for variant in CUDAPhalanxLayer.Tuning.backwardVariants {
-            layer.tuning.backward = variant
-            let ms = try measure(context) { _ = try layer.backwardElementwise(dMixed, cache: cache) }
-            json["backward_kernel_\(variant)_ms"] = ms
-            kernelLine.append(String(format: "bwd %@ %.3f ms (%.0f%%)", variant, ms, 100 * backwardBytes / (ms * 1e-3) / copy))
+        kernelLines.append("forward kernel, channels x rows loaded together: " + (try CUDAPhalanxLayer.Tuning.forwardVariants.map { variant in
+            var tuning = standard
+            (tuning.forwardChannels, tuning.forwardRows) = variant
+            return "\(variant.0)x\(variant.1): " + (try time(tuning, forward: true, backward: false)).0
+        }).joined(separator: ", "))
+        kernelLines.append("backward kernel, rows loaded together: " + (try CUDAPhalanxLayer.Tuning.backwardVariants.map { rows in
+            var tuning = standard
+            tuning.backwardRows = rows
+            return "\(rows): " + (try time(tuning, forward: false, backward: true)).1
+        }).joined(separator: ", "))
+        let byChunk = try chunks.map { chunk in
+            var tuning = standard
+            tuning.chunkBlocks = chunk
+            return (chunk, try time(tuning, forward: true, backward: true))
         }
+        kernelLines.append("forward kernel by chunk: " + byChunk.map { "\($0.0): \($0.1.0)" }.joined(separator: ", "))
+        kernelLines.append("backward kernel by chunk: " + byChunk.map { "\($0.0): \($0.1.1)" }.joined(separator: ", "))
         layer.tuning = standard
-        return (gemmForward, gemmBackward, ["GEMMs (ms) " + gemmLine.joined(separator: ", "), kernelLine.joined(separator: ", ")], json)
+        return (gemmForward, gemmBackward, ["GEMMs (ms) " + gemmLine.joined(separator: ", ")
+                                            + String(format: " (z with cuBLASLt's first choice, unsearched: %.3f)", firstChoice)]
+                                           + kernelLines, json)
     }
 
     // MARK: Exact recurrence

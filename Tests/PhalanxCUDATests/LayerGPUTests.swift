@@ -42,4 +42,15 @@ struct LayerGPUTests {
             #expect(try c.floats() == expected, "\(element)")
         }
     }
+
+    @Test("a freed buffer's memory serves the next buffer of its size")
+    func memoryReuse() throws {
+        let context = try CUDAContext.shared.get()
+        let bytes = 3 * 1024 * 1024 + 17  // a size no other test allocates
+        var address: UInt64 = 0
+        do { address = try DeviceBuffer(context: context, byteCount: bytes).address }
+        #expect(context.cachedMemoryBytes >= bytes)
+        let again = try DeviceBuffer(context: context, byteCount: bytes)
+        #expect(again.address == address)
+    }
 }
