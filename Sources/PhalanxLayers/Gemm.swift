@@ -40,14 +40,18 @@ public enum Gemm {
     ///
     /// - Parameters:
     ///   - transposeA: `A` is stored `[k, m]`; `transposeB`: `B` is stored `[n, k]`.
+    ///   - kernel: nil for `Gemm.kernel` on products of 64 rows or more and the BLAS below.
     public static func multiply(
         m: Int, n: Int, k: Int,
         _ a: UnsafePointer<Float>, transposeA: Bool = false,
         _ b: UnsafePointer<Float>, transposeB: Bool = false,
         into c: UnsafeMutablePointer<Float>, alpha: Float = 1, beta: Float = 0,
-        lda: Int? = nil, ldb: Int? = nil, ldc: Int? = nil, pool: WorkerPool = .shared, kernel: Kernel = Gemm.kernel
+        lda: Int? = nil, ldb: Int? = nil, ldc: Int? = nil, pool: WorkerPool = .shared, kernel requested: Kernel? = nil
     ) {
         guard m > 0, n > 0 else { return }
+        // Packing costs a pass over op(B) per product: worth it only over many rows of A (a
+        // decode step's one-row products stay on the BLAS, whose matrix-vector path reads B once).
+        let kernel = requested ?? (m >= 64 ? Gemm.kernel : .blas)
         _ = singleThreadedBLAS
         let lda = lda ?? (transposeA ? m : k), ldb = ldb ?? (transposeB ? k : n), ldc = ldc ?? n
         if k == 0 {
