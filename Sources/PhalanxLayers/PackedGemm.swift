@@ -8,7 +8,8 @@ import PhalanxRuntime
 ///
 /// Blocking (Goto's scheme): `op(B)` is packed `kc` rows by `nc` columns at a time into
 /// micro-panels `[kc, 32]` (one stays in L1 while every row panel of A passes over it), `op(A)`
-/// `mc` rows by `kc` at a time into micro-panels `[kc, 8]` (the block stays in L2), and each
+/// `mc` rows by `kc` at a time into micro-panels `[kc, 8]` (the block stays in L2; a row-major
+/// `op(A)` whose rows come in whole panels of 8 is read in place instead), and each
 /// `8 x 32` tile of C is sixteen accumulators in registers for a whole `kc` stretch. Packing
 /// absorbs both transposes and zero-pads the edges, so the inner loop never branches; edge tiles
 /// go through a scratch tile. With `beta == 0`, `C` is never read (it may hold anything).
@@ -37,18 +38,22 @@ enum PackedGemm {
                 let blockBeta = pc == 0 ? beta : 1
                 for ic in stride(from: 0, to: m, by: mc) {
                     let mb = min(mc, m - ic)
-                    packA(a, transposeA, lda, rows: ic, mb, k: pc, kb, into: aPanels)
+                    // Whole panels of a row-major A are read in place: each of the eight rows is
+                    // a contiguous stream over k, and packing would cost a pass as long as A.
+                    let inPlace = !transposeA && mb % mr == 0
+                    if !inPlace { packA(a, transposeA, lda, rows: ic, mb, k: pc, kb, into: aPanels) }
+                    let (rowStride, kStride) = inPlace ? (lda, 1) : (1, mr)
                     for jr in stride(from: 0, to: nb, by: nr) {
                         let bp = UnsafePointer(bPanels + jr * kb)
                         let columns = min(nr, nb - jr)
                         for ir in stride(from: 0, to: mb, by: mr) {
-                            let ap = UnsafePointer(aPanels + ir * kb)
+                            let ap = inPlace ? a + (ic + ir) * lda + pc : UnsafePointer(aPanels + ir * kb)
                             let rows = min(mr, mb - ir)
                             let ct = c + (ic + ir) * ldc + jc + jr
                             if rows == mr && columns == nr {
-                                microKernel(kb, ap, bp, ct, ldc, alpha: alpha, beta: blockBeta)
+                                microKernel(kb, ap, rowStride: rowStride, kStride: kStride, bp, ct, ldc, alpha: alpha, beta: blockBeta)
                             } else {
-                                microKernel(kb, ap, bp, tile, nr, alpha: alpha, beta: 0)
+                                microKernel(kb, ap, rowStride: rowStride, kStride: kStride, bp, tile, nr, alpha: alpha, beta: 0)
                                 for i in 0..<rows {
                                     for j in 0..<columns {
                                         ct[i * ldc + j] = blockBeta == 0 ? tile[i * nr + j] : blockBeta * ct[i * ldc + j] + tile[i * nr + j]
@@ -120,11 +125,13 @@ enum PackedGemm {
         }
     }
 
-    /// The `8 x 32` tile `C[0..<8, 0..<32] (row stride ldc) = beta * C + alpha * sum_k Ap[k] (x) Bp[k]`
-    /// over packed panels: `Ap` `[kc, 8]` (eight rows of op(A) per k), `Bp` `[kc, 32]`. Sixteen
-    /// 16-lane accumulators stay in registers; each k is two loads, eight broadcasts, sixteen FMAs.
+    /// The `8 x 32` tile `C[0..<8, 0..<32] (row stride ldc) = beta * C + alpha * sum_k A[k] (x) Bp[k]`
+    /// with `Bp` a packed panel `[kc, 32]` and `A[k][i] = ap[i * rowStride + k * kStride]`: a
+    /// packed panel `[kc, 8]` (`rowStride` 1, `kStride` 8) or eight rows of a row-major `A`
+    /// read in place (`rowStride` lda, `kStride` 1). Sixteen 16-lane accumulators stay in
+    /// registers; each k is two loads, eight broadcasts, sixteen FMAs.
     @inline(__always)
-    static func microKernel(_ kc: Int, _ ap: UnsafePointer<Float>, _ bp: UnsafePointer<Float>,
+    static func microKernel(_ kc: Int, _ ap: UnsafePointer<Float>, rowStride: Int, kStride: Int, _ bp: UnsafePointer<Float>,
                             _ c: UnsafeMutablePointer<Float>, _ ldc: Int, alpha: Float, beta: Float) {
         var c00 = SIMD16<Float>.zero, c01 = SIMD16<Float>.zero
         var c10 = SIMD16<Float>.zero, c11 = SIMD16<Float>.zero
@@ -137,23 +144,23 @@ enum PackedGemm {
         var a = ap, b = bp
         for _ in 0..<kc {
             let b0 = load16(b), b1 = load16(b + 16)
-            let a0 = SIMD16<Float>(repeating: a[0])
+            let a0 = SIMD16<Float>(repeating: a[0 * rowStride])
             c00 = c00.addingProduct(a0, b0); c01 = c01.addingProduct(a0, b1)
-            let a1 = SIMD16<Float>(repeating: a[1])
+            let a1 = SIMD16<Float>(repeating: a[1 * rowStride])
             c10 = c10.addingProduct(a1, b0); c11 = c11.addingProduct(a1, b1)
-            let a2 = SIMD16<Float>(repeating: a[2])
+            let a2 = SIMD16<Float>(repeating: a[2 * rowStride])
             c20 = c20.addingProduct(a2, b0); c21 = c21.addingProduct(a2, b1)
-            let a3 = SIMD16<Float>(repeating: a[3])
+            let a3 = SIMD16<Float>(repeating: a[3 * rowStride])
             c30 = c30.addingProduct(a3, b0); c31 = c31.addingProduct(a3, b1)
-            let a4 = SIMD16<Float>(repeating: a[4])
+            let a4 = SIMD16<Float>(repeating: a[4 * rowStride])
             c40 = c40.addingProduct(a4, b0); c41 = c41.addingProduct(a4, b1)
-            let a5 = SIMD16<Float>(repeating: a[5])
+            let a5 = SIMD16<Float>(repeating: a[5 * rowStride])
             c50 = c50.addingProduct(a5, b0); c51 = c51.addingProduct(a5, b1)
-            let a6 = SIMD16<Float>(repeating: a[6])
+            let a6 = SIMD16<Float>(repeating: a[6 * rowStride])
             c60 = c60.addingProduct(a6, b0); c61 = c61.addingProduct(a6, b1)
-            let a7 = SIMD16<Float>(repeating: a[7])
+            let a7 = SIMD16<Float>(repeating: a[7 * rowStride])
             c70 = c70.addingProduct(a7, b0); c71 = c71.addingProduct(a7, b1)
-            a += 8; b += 32
+            a += kStride; b += 32
         }
         let va = SIMD16<Float>(repeating: alpha)
         if beta == 0 {
