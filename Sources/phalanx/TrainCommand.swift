@@ -41,7 +41,7 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Tokenizer: byte (default) or bpe.") var tokenizer = "byte"
     @Option(help: "Vocabulary size of a trained BPE tokenizer.") var vocabulary = 512
 
-    @Option(help: "Optimizer steps (the default takes about ten minutes on 2 cores).") var steps = 800
+    @Option(help: "Optimizer steps (the default takes about ten minutes on 2 cores).") var steps = 2000
     @Option(help: "Sequences per micro-batch.") var batchSize = 16
     @Option(help: "Context length in tokens.") var context = 256
     @Option(help: "Micro-batches per optimizer step (gradient accumulation).") var accumulation = 1
