@@ -163,25 +163,21 @@ public final class PhalanxLayer: ParameterContainer {
         let initialState = state
         let rows = batch * length, P = columns.width, cols = columns
 
-        // z = x W^T + bias, all four projections in one product.
+        // z = x W^T, all four projections in one product; the biases join in the next pass.
         let z = Tensor(uninitialized: [rows, P])
         let zp = z.pointer, bias = inputBias.value.pointer
-        forEachRowChunk(rows) { range in
-            for r in range {
-                (zp + r * P).update(from: bias, count: cols.v)
-                (zp + r * P + cols.v).update(repeating: 0, count: P - cols.v)
-            }
-        }
-        Gemm.multiply(m: rows, n: P, k: dim, x.pointer, inputWeight.value.pointer, transposeB: true,
-                      into: zp, beta: 1, pool: pool)
+        Gemm.multiply(m: rows, n: P, k: dim, x.pointer, inputWeight.value.pointer, transposeB: true, into: zp, pool: pool)
 
-        // Activations in place, the gates copied out contiguous, and the recurrence input b * v.
+        // Biases and activations in place, the gates copied out contiguous, and the recurrence
+        // input b * v.
         let gates = Tensor(uninitialized: [rows, H]), recurrenceInput = Tensor(uninitialized: [rows, H * 16])
         let scale = configuration.gateScale, group = H / KVH
         let gp = gates.pointer, ip = recurrenceInput.pointer
         forEachRowChunk(rows) { range in
             for r in range {
                 let row = zp + r * P
+                forEachChannelChunk(cols.v, vector: { j in store16(load16(row + j) + load16(bias + j), row + j) },
+                                    scalar: { j in row[j] += bias[j] })
                 applySigmoid(row, count: H, scale: scale)
                 (gp + r * H).update(from: row, count: H)
                 applySigmoid(row + cols.b, count: cols.c - cols.b)
@@ -256,9 +252,15 @@ public final class PhalanxLayer: ParameterContainer {
                         outputGradient: ds.readOnly, layout: layout,
                         initialState: cache.initialState, inputGradient: dInput.buffer, gateGradient: dGates.buffer, pool: pool)
 
+        // dz of a, b and v; each thread also sums its rows of dz's first `cols.v` columns (the
+        // bias gradients), while the row is in cache.
         let dip = dInput.pointer, dgp = dGates.pointer
-        forEachRowChunk(rows) { range in
-            for r in range {
+        let parts = rowChunks(rows)
+        let biasSums = Tensor(zeros: [parts, cols.v])
+        let bsp = biasSums.pointer
+        pool.run(parts) { part in
+            let sum = bsp + part * cols.v
+            for r in (part * rows / parts)..<((part + 1) * rows / parts) {
                 let row = z + r * P, drow = dzp + r * P
                 for h in 0..<H {
                     let a = row[h]
@@ -275,38 +277,28 @@ public final class PhalanxLayer: ParameterContainer {
                     let b = row[k]
                     drow[k] *= b * (1 - b)
                 }
+                forEachChannelChunk(cols.v, vector: { j in store16(load16(sum + j) + load16(drow + j), sum + j) },
+                                    scalar: { j in sum[j] += drow[j] })
             }
         }
+        let db = inputBias.gradient.pointer
+        for part in 0..<parts { for j in 0..<cols.v { db[j] += bsp[part * cols.v + j] } }
 
-        // Weights and biases of all four projections at once, then dx.
+        // Weights of all four projections at once, then dx.
         Gemm.multiply(m: P, n: dim, k: rows, dzp, transposeA: true, cache.input.pointer,
                       into: inputWeight.gradient.pointer, beta: 1, pool: pool)
-        addColumnSums(of: dz, columns: cols.v, into: inputBias.gradient.pointer)
         let dx = Tensor(uninitialized: [batch, length, dim])
         Gemm.multiply(m: rows, n: dim, k: P, dzp, inputWeight.value.pointer, into: dx.pointer, pool: pool)
         return dx
     }
 
-    /// `out[j] += sum_r t[r, j]` for the first `columns` columns, with per-thread partial sums.
-    private func addColumnSums(of t: Tensor, columns: Int, into out: UnsafeMutablePointer<Float>) {
-        let rows = t.rows, width = t.columns
-        let parts = min(pool.threadCount, max(rows / 64, 1))
-        let partial = Tensor(zeros: [parts, columns])
-        let pp = partial.pointer, tp = t.pointer
-        pool.run(parts) { p in
-            let sum = pp + p * columns
-            for r in (p * rows / parts)..<((p + 1) * rows / parts) {
-                let row = tp + r * width
-                for j in 0..<columns { sum[j] += row[j] }
-            }
-        }
-        for p in 0..<parts { for j in 0..<columns { out[j] += pp[p * columns + j] } }
-    }
-
     /// Runs `body` over `rows` split into one contiguous range per pool thread.
     private func forEachRowChunk(_ rows: Int, _ body: (Range<Int>) -> Void) {
-        let parts = min(pool.threadCount, max(rows / 64, 1))
+        let parts = rowChunks(rows)
         pool.run(parts) { p in body((p * rows / parts)..<((p + 1) * rows / parts)) }
     }
+
+    /// Ranges a pass over `rows` rows is cut into: one per pool thread, at least 64 rows each.
+    private func rowChunks(_ rows: Int) -> Int { min(pool.threadCount, max(rows / 64, 1)) }
 }
 
