@@ -36,6 +36,8 @@ final class Block: ParameterContainer {
 
     struct Cache {
         let input: Tensor, mixer: Any, afterMixer: Tensor, mlp: SwiGLU.Cache
+        /// The dropout of the forward pass and this block's index, to regenerate its masks.
+        let dropout: Dropout?, index: Int
     }
 
     init(_ name: String, kind: MixerKind, mixer: AnyMixer, configuration c: ModelConfiguration, rng: inout SeededGenerator) {
@@ -48,12 +50,14 @@ final class Block: ParameterContainer {
 
     var parameters: [Parameter] { mixerNorm.parameters + mixer.layer.parameters + mlpNorm.parameters + mlp.parameters }
 
-    func forward(_ x: Tensor) -> (Tensor, Cache) {
+    func forward(_ x: Tensor, dropout: Dropout? = nil, index: Int = 0) -> (Tensor, Cache) {
         let (mixed, mixerCache) = mixer.forward(mixerNorm.forward(x))
+        dropout?.apply(to: mixed, block: index, branch: 0, pool: .shared)
         mixed.add(x)
         let (out, mlpCache) = mlp.forward(mlpNorm.forward(mixed))
+        dropout?.apply(to: out, block: index, branch: 1, pool: .shared)
         out.add(mixed)
-        return (out, Cache(input: x, mixer: mixerCache, afterMixer: mixed, mlp: mlpCache))
+        return (out, Cache(input: x, mixer: mixerCache, afterMixer: mixed, mlp: mlpCache, dropout: dropout, index: index))
     }
 
     /// Inference: continues from the mixer's state, keeps no cache for backward.
@@ -66,13 +70,23 @@ final class Block: ParameterContainer {
     }
 
     func backward(_ dy: Tensor, cache: Cache) -> Tensor {
-        // Through the MLP branch, plus the residual.
-        let dMixed = mlpNorm.backward(mlp.backward(dy, cache: cache.mlp), input: cache.afterMixer)
+        // Through the MLP branch (its dropout mask again), plus the residual.
+        let dMixed = mlpNorm.backward(mlp.backward(masked(dy, cache, branch: 1), cache: cache.mlp), input: cache.afterMixer)
         dMixed.add(dy)
         // Through the mixer branch, plus the residual.
-        let dx = mixerNorm.backward(mixer.backward(dMixed, cache.mixer), input: cache.input)
+        let dx = mixerNorm.backward(mixer.backward(masked(dMixed, cache, branch: 0), cache.mixer), input: cache.input)
         dx.add(dMixed)
         return dx
+    }
+
+    /// `d` times the forward pass's dropout mask of `branch`, as a copy (`d` itself also flows
+    /// along the residual); `d` unchanged without dropout.
+    private func masked(_ d: Tensor, _ cache: Cache, branch: Int) -> Tensor {
+        guard let dropout = cache.dropout else { return d }
+        let copy = Tensor(uninitialized: d.shape)
+        copy.pointer.update(from: d.pointer, count: d.count)
+        dropout.apply(to: copy, block: cache.index, branch: branch, pool: .shared)
+        return copy
     }
 }
 
@@ -132,12 +146,13 @@ public final class LanguageModel: ParameterContainer {
         embedding.parameters + blocks.flatMap(\.parameters) + finalNorm.parameters + (head?.parameters ?? [])
     }
 
-    /// Logits `[batch * length, vocabulary]` for `tokens` `[batch, length]`.
-    public func forward(tokens: [Int32], batch: Int, length: Int) -> Cache {
+    /// Logits `[batch * length, vocabulary]` for `tokens` `[batch, length]`; `dropout` for a
+    /// training pass (backward then applies the same masks).
+    public func forward(tokens: [Int32], batch: Int, length: Int, dropout: Dropout? = nil) -> Cache {
         var x = embedding.forward(tokens, batch: batch, length: length)
         var caches: [Block.Cache] = []
-        for block in blocks {
-            let (y, cache) = block.forward(x)
+        for (index, block) in blocks.enumerated() {
+            let (y, cache) = block.forward(x, dropout: dropout, index: index)
             caches.append(cache)
             x = y
         }

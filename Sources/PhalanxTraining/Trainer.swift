@@ -69,9 +69,11 @@ public final class Trainer {
         while state.step < c.steps {
             model.zeroGradients()
             var loss: Float = 0
-            for _ in 0..<c.accumulation {
+            for micro in 0..<c.accumulation {
                 let batch = state.sampler.next(from: data.train)
-                let cache = model.forward(tokens: batch.inputs, batch: batch.batchSize, length: batch.contextLength)
+                let dropout = c.dropout.flatMap { $0 > 0 ? Dropout(rate: $0, seed: c.seed, step: state.step, microBatch: micro) : nil }
+                let cache = model.forward(tokens: batch.inputs, batch: batch.batchSize, length: batch.contextLength,
+                                          dropout: dropout)
                 loss += model.loss(cache, targets: batch.targets, gradientScale: 1 / Float(c.accumulation)) / Float(c.accumulation)
                 model.backward(cache)
             }

@@ -25,8 +25,11 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
     public var evaluationBatches = 16
     /// Steps between checkpoints (0: only at the end and on interruption).
     public var checkpointInterval = 500
-    /// Seeds the data order (the model's initialisation has its own seed).
+    /// Seeds the data order and the dropout masks (the model's initialisation has its own seed).
     public var seed: UInt64 = 1
+    /// Residual dropout rate of every block's mixer and MLP output (`Dropout`); nil or 0: none.
+    /// Optional so that checkpoints written before it existed still load.
+    public var dropout: Float?
 
     public init() {}
 
@@ -62,6 +65,7 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
         try check((0..<1).contains(beta1) && (0..<1).contains(beta2), "Adam betas must be in [0, 1), got \(beta1), \(beta2)")
         try check(gradientClip >= 0, "gradient clip must not be negative, got \(gradientClip)")
         try check(evaluationInterval >= 0 && checkpointInterval >= 0, "intervals must not be negative")
+        try check((0..<1).contains(dropout ?? 0), "dropout must be in [0, 1), got \(dropout ?? 0)")
         try check(evaluationBatches >= 1, "evaluation batches must be at least 1, got \(evaluationBatches)")
     }
 }

@@ -64,7 +64,7 @@ struct InspectCommand: ParsableCommand {
         print("  \(model.parameterCount) parameters in \(model.parameters.count) tensors")
         let t = state.configuration
         print("training: step \(state.step) of \(t.steps), \(state.tokensSeen) tokens seen, \(formatDuration(state.elapsedSeconds)) elapsed, optimizer step \(optimizer.step)")
-        print("  batch \(t.batchSize) x context \(t.contextLength) x accumulation \(t.accumulation); lr \(t.peakLearningRate), warm-up \(t.warmupSteps), weight decay \(t.weightDecay), clip \(t.gradientClip)")
+        print("  batch \(t.batchSize) x context \(t.contextLength) x accumulation \(t.accumulation); lr \(t.peakLearningRate), warm-up \(t.warmupSteps), weight decay \(t.weightDecay), clip \(t.gradientClip), dropout \(t.dropout ?? 0)")
         if let last = state.trainLosses.last { print(String(format: "  last train loss %.4f (step %d)", last.loss, last.step)) }
         if let last = state.validationLosses.last { print(String(format: "  last validation loss %.4f (step %d)", last.loss, last.step)) }
         print("data: \(state.dataPath)")

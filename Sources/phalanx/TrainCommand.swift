@@ -49,6 +49,7 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Warm-up steps.") var warmup = 100
     @Option(help: "Weight decay (matrices only unless --decay-all).") var weightDecay: Float = 0.1
     @Flag(help: "Apply weight decay to norms, biases and embeddings too.") var decayAll = false
+    @Option(help: "Residual dropout on every block's mixer and MLP output, in [0, 1) (0: none).") var dropout: Float = 0
     @Option(help: "Global gradient-norm clip (0: off).") var clip: Float = 1
     @Option(help: "Steps between validation evaluations.") var evalEvery = 200
     @Option(help: "Validation batches per evaluation.") var evalBatches = 8
@@ -170,6 +171,7 @@ struct TrainCommand: ParsableCommand {
         training.warmupSteps = warmup
         training.weightDecay = weightDecay
         training.decayAll = decayAll
+        training.dropout = dropout > 0 ? dropout : nil
         training.gradientClip = clip
         training.evaluationInterval = evalEvery
         training.evaluationBatches = evalBatches

@@ -54,19 +54,20 @@ struct ModelTests {
         #expect { try bad.validate() } throws: { "\($0)".contains("pattern must be") }
     }
 
-    @Test("whole-model gradient: directional finite differences agree with backward")
-    func wholeModelGradient() throws {
+    @Test("whole-model gradient: directional finite differences agree with backward, with and without dropout",
+          arguments: [nil, Dropout(rate: 0.3, seed: 4, step: 2, microBatch: 1)])
+    func wholeModelGradient(dropout: Dropout?) throws {
         let model = try LanguageModel(tinyConfiguration(), seed: 3)
         var rng = SeededGenerator(seed: 5)
         let (batch, length) = (2, 21)
         let tokens = (0..<(batch * length)).map { _ in Int32.random(in: 0..<256, using: &rng) }
         let targets = (0..<(batch * length)).map { _ in Int32.random(in: 0..<256, using: &rng) }
         func loss() -> Double {
-            let cache = model.forward(tokens: tokens, batch: batch, length: length)
+            let cache = model.forward(tokens: tokens, batch: batch, length: length, dropout: dropout)
             return Double(model.loss(cache, targets: targets, gradientScale: 0))
         }
         model.zeroGradients()
-        let cache = model.forward(tokens: tokens, batch: batch, length: length)
+        let cache = model.forward(tokens: tokens, batch: batch, length: length, dropout: dropout)
         _ = model.loss(cache, targets: targets)
         model.backward(cache)
         // Along random directions over all parameters at once: float32 forward passes, so the step
@@ -122,7 +123,27 @@ struct ModelTests {
         #expect(last < 1.2, "\(pattern): loss \(last) after 150 steps on a repetitive corpus")
     }
 
-    @Test("checkpoints round-trip, and a resumed run reproduces the uninterrupted losses exactly")
+    @Test("dropout keeps 1 - rate of the elements, scaled by 1 / (1 - rate), with masks fixed by step and place")
+    func dropoutMasks() {
+        func masked(_ dropout: Dropout, block: Int = 0, branch: Int = 0) -> [Float] {
+            let t = Tensor([Float](repeating: 1, count: 100_000), shape: [100_000])
+            dropout.apply(to: t, block: block, branch: branch)
+            return t.array
+        }
+        let d = Dropout(rate: 0.25, seed: 1, step: 3)
+        let m = masked(d)
+        let kept = m.filter { $0 != 0 }
+        #expect(kept.allSatisfy { $0 == 1 / Float(0.75) })
+        #expect(abs(Double(kept.count) / 100_000 - 0.75) < 0.01)
+        #expect(masked(d) == m)
+        for other in [masked(Dropout(rate: 0.25, seed: 1, step: 4)), masked(Dropout(rate: 0.25, seed: 2, step: 3)),
+                      masked(Dropout(rate: 0.25, seed: 1, step: 3, microBatch: 1)), masked(d, block: 1), masked(d, branch: 1)] {
+            let agreement = zip(m, other).filter { ($0 == 0) == ($1 == 0) }.count
+            #expect(Double(agreement) / 100_000 < 0.7, "independent masks agree on about 62.5% of elements")
+        }
+    }
+
+    @Test("checkpoints round-trip, and a resumed run reproduces the uninterrupted losses exactly (with dropout)")
     func checkpointAndResume() throws {
         let (tokens, folder) = try syntheticTokenFile()
         defer { try? FileManager.default.removeItem(at: folder) }
@@ -134,6 +155,7 @@ struct ModelTests {
         training.warmupSteps = 3
         training.evaluationInterval = 0
         training.checkpointInterval = 0
+        training.dropout = 0.2
         func freshTrainer(_ run: String) throws -> Trainer {
             let model = try LanguageModel(tinyConfiguration(), seed: 7)
             let state = TrainingState(configuration: training, sampler: BatchSampler(batchSize: 4, contextLength: 24, seed: 9),
