@@ -20,9 +20,11 @@ struct Ceilings {
     static func measure() -> Ceilings {
         let pool = WorkerPool.shared
         #if canImport(Accelerate)
+        let kernels = "Accelerate"
         print("Machine: \(pool.threadCount) threads, Accelerate")
         #else
-        print("Machine: \(pool.threadCount) threads, OpenBLAS kernels \(BLASKernels.current)")
+        let kernels = BLASKernels.current
+        print("Machine: \(pool.threadCount) threads, OpenBLAS kernels \(kernels)")
         if let wider = BLASKernels.wider {
             print("  (narrower than this processor allows\(BLASKernels.requested.map { ", set by OPENBLAS_CORETYPE=\($0)" } ?? ""): "
                   + "OPENBLAS_CORETYPE=\(wider), or unset, gives about 1.8x the sgemm rate)")
@@ -39,11 +41,6 @@ struct Ceilings {
                      fma > 8e9 ? "vector fast path compiled in" : "SLOW: built without the target CPU's vector instructions"))
         let peak = MachineCeilings.fmaPeak(pool: pool)
         print(String(format: "  FMA peak, all       %7.1f GFLOP/s  (registers only: no kernel can exceed it)", peak / 1e9))
-        #if canImport(Accelerate)
-        let kernels = "Accelerate"
-        #else
-        let kernels = BLASKernels.current
-        #endif
         return Ceilings(threads: pool.threadCount, blasKernels: kernels, copy: copy, sgemm: sgemm, fma: fma, peak: peak)
     }
 
