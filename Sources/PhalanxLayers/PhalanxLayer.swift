@@ -173,7 +173,7 @@ public final class PhalanxLayer: ParameterContainer {
         let gates = Tensor(uninitialized: [rows, H]), recurrenceInput = Tensor(uninitialized: [rows, H * 16])
         let scale = configuration.gateScale, group = H / KVH
         let gp = gates.pointer, ip = recurrenceInput.pointer
-        forEachRowChunk(rows) { range in
+        forEachRowChunk(rows) { _, range in
             for r in range {
                 let row = zp + r * P
                 forEachChannelChunk(cols.v, vector: { j in store16(load16(row + j) + load16(bias + j), row + j) },
@@ -196,7 +196,7 @@ public final class PhalanxLayer: ParameterContainer {
         // Post-gating s * c + v.
         let mixed = Tensor(uninitialized: [rows, H * 16])
         let sp = recurrence.pointer, mp = mixed.pointer
-        forEachRowChunk(rows) { range in
+        forEachRowChunk(rows) { _, range in
             for r in range {
                 let row = zp + r * P
                 for h in 0..<H {
@@ -233,7 +233,7 @@ public final class PhalanxLayer: ParameterContainer {
         let dz = Tensor(uninitialized: [rows, P]), ds = Tensor(uninitialized: [rows, H * 16])
         let z = cache.projections.pointer, dzp = dz.pointer, dmp = dMixed.pointer, dsp = ds.pointer
         let sp = cache.recurrence.pointer
-        forEachRowChunk(rows) { range in
+        forEachRowChunk(rows) { _, range in
             for r in range {
                 let row = z + r * P, drow = dzp + r * P
                 (drow + cols.c).update(repeating: 0, count: cols.v - cols.c)
@@ -258,9 +258,9 @@ public final class PhalanxLayer: ParameterContainer {
         let parts = rowChunks(rows)
         let biasSums = Tensor(zeros: [parts, cols.v])
         let bsp = biasSums.pointer
-        pool.run(parts) { part in
+        forEachRowChunk(rows) { part, range in
             let sum = bsp + part * cols.v
-            for r in (part * rows / parts)..<((part + 1) * rows / parts) {
+            for r in range {
                 let row = z + r * P, drow = dzp + r * P
                 for h in 0..<H {
                     let a = row[h]
@@ -292,10 +292,10 @@ public final class PhalanxLayer: ParameterContainer {
         return dx
     }
 
-    /// Runs `body` over `rows` split into one contiguous range per pool thread.
-    private func forEachRowChunk(_ rows: Int, _ body: (Range<Int>) -> Void) {
+    /// Runs `body(part, range)` over `rows` split into `rowChunks(rows)` contiguous ranges.
+    private func forEachRowChunk(_ rows: Int, _ body: (_ part: Int, Range<Int>) -> Void) {
         let parts = rowChunks(rows)
-        pool.run(parts) { p in body((p * rows / parts)..<((p + 1) * rows / parts)) }
+        pool.run(parts) { p in body(p, (p * rows / parts)..<((p + 1) * rows / parts)) }
     }
 
     /// Ranges a pass over `rows` rows is cut into: one per pool thread, at least 64 rows each.

@@ -52,10 +52,10 @@ final class Block: ParameterContainer {
 
     func forward(_ x: Tensor, dropout: Dropout? = nil, index: Int = 0) -> (Tensor, Cache) {
         let (mixed, mixerCache) = mixer.forward(mixerNorm.forward(x))
-        dropout?.apply(to: mixed, block: index, branch: 0, pool: .shared)
+        dropout?.apply(to: mixed, block: index, branch: 0)
         mixed.add(x)
         let (out, mlpCache) = mlp.forward(mlpNorm.forward(mixed))
-        dropout?.apply(to: out, block: index, branch: 1, pool: .shared)
+        dropout?.apply(to: out, block: index, branch: 1)
         out.add(mixed)
         return (out, Cache(input: x, mixer: mixerCache, afterMixer: mixed, mlp: mlpCache, dropout: dropout, index: index))
     }
@@ -85,7 +85,7 @@ final class Block: ParameterContainer {
         guard let dropout = cache.dropout else { return d }
         let copy = Tensor(uninitialized: d.shape)
         copy.pointer.update(from: d.pointer, count: d.count)
-        dropout.apply(to: copy, block: cache.index, branch: branch, pool: .shared)
+        dropout.apply(to: copy, block: cache.index, branch: branch)
         return copy
     }
 }
