@@ -2,6 +2,18 @@
 /// matrix products (gates, SwiGLU, softmax, attention). The C library's `expf` is a call per
 /// element; these are a handful of fused multiply-adds per 16 elements.
 
+/// Both exponentials round `x` to an integer `n` by adding `1.5 * 2^23`: the sum's low mantissa
+/// bits then hold `n`.
+@inlinable @inline(__always) var roundingMagic: SIMD16<Float> { SIMD16(repeating: 12_582_912) }
+
+/// `2^n` for `n` rounded by `shifted = t + roundingMagic` (lane by lane, `-127 <= n <= 127`),
+/// built directly in the exponent bits; `n = -127` gives 0.
+@inlinable @inline(__always)
+func powerOfTwo(rounded shifted: SIMD16<Float>) -> SIMD16<Float> {
+    let n = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- unsafeBitCast(roundingMagic, to: SIMD16<Int32>.self)
+    return unsafeBitCast((n &+ 127) &<< 23, to: SIMD16<Float>.self)
+}
+
 /// `2^x` lane by lane for `x <= 127`, relative error about 2e-7, and exactly 0 for `x <= -127`
 /// (so `-inf` gives 0):
 ///
@@ -13,10 +25,8 @@
 @inlinable @inline(__always)
 public func exp2(_ x: SIMD16<Float>) -> SIMD16<Float> {
     let clamped = x.replacing(with: -127, where: x .< -127)
-    // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
-    let magic = SIMD16<Float>(repeating: 12_582_912)
-    let shifted = clamped + magic
-    let n = shifted - magic
+    let shifted = clamped + roundingMagic
+    let n = shifted - roundingMagic
     let f = clamped - n
     var p = SIMD16<Float>(repeating: 1.535336188319500e-4)
     p = SIMD16(repeating: 1.339887440266574e-3).addingProduct(p, f)
@@ -25,8 +35,7 @@ public func exp2(_ x: SIMD16<Float>) -> SIMD16<Float> {
     p = SIMD16(repeating: 2.402264791363012e-1).addingProduct(p, f)
     p = SIMD16(repeating: 6.931472028550421e-1).addingProduct(p, f)
     p = SIMD16(repeating: 1).addingProduct(p, f)
-    let exponent = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- unsafeBitCast(magic, to: SIMD16<Int32>.self)
-    return p * unsafeBitCast((exponent &+ 127) &<< 23, to: SIMD16<Float>.self)
+    return p * powerOfTwo(rounded: shifted)
 }
 
 /// `e^x` lane by lane, within about 2 ulp of the exact value; 0 below -87.3 (so `-inf` gives 0),
@@ -40,9 +49,8 @@ public func exp2(_ x: SIMD16<Float>) -> SIMD16<Float> {
 public func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
     let low = SIMD16<Float>(repeating: -87.3), high = SIMD16<Float>(repeating: 88)
     let clamped = x.replacing(with: low, where: x .< low).replacing(with: high, where: x .> high)
-    let magic = SIMD16<Float>(repeating: 12_582_912)
-    let shifted = magic.addingProduct(clamped, SIMD16(repeating: 1.442_695_04))
-    let n = shifted - magic
+    let shifted = roundingMagic.addingProduct(clamped, SIMD16(repeating: 1.442_695_04))
+    let n = shifted - roundingMagic
     let r = clamped.addingProduct(n, SIMD16(repeating: -0.693_359_375)).addingProduct(n, SIMD16(repeating: 2.121_944_4e-4))
     var p = SIMD16<Float>(repeating: 1.987_569_15e-4)
     p = SIMD16(repeating: 1.398_199_950_7e-3).addingProduct(p, r)
@@ -51,8 +59,7 @@ public func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
     p = SIMD16(repeating: 1.666_666_545_9e-1).addingProduct(p, r)
     p = SIMD16(repeating: 5.000_000_120_1e-1).addingProduct(p, r)
     let er = (r + 1).addingProduct(p, r * r)
-    let exponent = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- unsafeBitCast(magic, to: SIMD16<Int32>.self)
-    let result = er * unsafeBitCast((exponent &+ 127) &<< 23, to: SIMD16<Float>.self)
+    let result = er * powerOfTwo(rounded: shifted)
     return result.replacing(with: 0, where: x .< low).replacing(with: .infinity, where: x .> high)
 }
 
