@@ -42,17 +42,8 @@ public enum CUDAExactRecurrenceCheck {
         let layout = SequenceLayout.batched(batch: testCase.batch, length: testCase.length, heads: testCase.heads, headDim: 16)
         let regime = CUDAJaggedWindowCheck.Gates.allCases.firstIndex(of: testCase.gates)!
         var rng = SeededGenerator(seed: UInt64(testCase.length * 917 + testCase.heads * 13 + regime))
-        func stored(_ values: [Float]) -> [Float] { storage == .bfloat16 ? BFloat16.rounded(values) : values }
-        let gates = stored((0..<layout.gateCount).map { _ -> Float in
-            switch testCase.gates {
-            case .random: Float.random(in: 0...1, using: &rng)
-            case .zero: 0
-            case .one: 1
-            case .nearOne: Float(1 - pow(10, Double.random(in: -7 ... -2, using: &rng)))
-            }
-        })
-        let inputs = stored((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) })
-        let outputGradient = stored((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) })
+        let (gates, inputs, outputGradient) = CUDAJaggedWindowCheck.operands(layout, gates: testCase.gates, storage: storage,
+                                                                            rng: &rng)
 
         let a = try storage.upload(gates, context: context), u = try storage.upload(inputs, context: context)
         let dy = try storage.upload(outputGradient, context: context)
@@ -72,7 +63,7 @@ public enum CUDAExactRecurrenceCheck {
             }
         }
         // The backward reads the forward output as stored (rounded once in bfloat16), on both sides.
-        let storedOutput = stored(expected)
+        let storedOutput = storage.rounded(expected)
         var expectedInputGradient = [Float](repeating: 0, count: layout.elementCount)
         var expectedGateGradient = [Float](repeating: 0, count: layout.gateCount)
         gates.withUnsafeBufferPointer { a in

@@ -201,6 +201,9 @@ public struct CUDAJaggedWindow: Sendable {
 }
 
 extension CUDAJaggedWindow.Storage {
+    /// `values` as this storage holds them: rounded once to bfloat16, or unchanged.
+    public func rounded(_ values: [Float]) -> [Float] { self == .bfloat16 ? BFloat16.rounded(values) : values }
+
     /// A device buffer holding `values` in this storage (rounded to bfloat16 if so).
     public func upload(_ values: [Float], context: CUDAContext) throws -> DeviceBuffer {
         switch self {

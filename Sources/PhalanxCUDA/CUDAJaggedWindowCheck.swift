@@ -16,6 +16,24 @@ public enum CUDAJaggedWindowCheck {
         case random, zero, one, nearOne
     }
 
+    /// One case's operands, drawn from `rng` in this order and rounded to `storage` as the device
+    /// holds them: gates `[layout.gateCount]` in `regime`, inputs and an output gradient
+    /// `[layout.elementCount]` uniform in [-1, 1].
+    static func operands(_ layout: SequenceLayout, gates regime: Gates, storage: CUDAJaggedWindow.Storage,
+                         rng: inout SeededGenerator) -> (gates: [Float], inputs: [Float], outputGradient: [Float]) {
+        let gates = storage.rounded((0..<layout.gateCount).map { _ -> Float in
+            switch regime {
+            case .random: Float.random(in: 0...1, using: &rng)
+            case .zero: 0
+            case .one: 1
+            case .nearOne: Float(1 - pow(10, Double.random(in: -7 ... -2, using: &rng)))
+            }
+        })
+        let inputs = storage.rounded((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) })
+        let outputGradient = storage.rounded((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) })
+        return (gates, inputs, outputGradient)
+    }
+
     public struct Case: Sendable, CustomStringConvertible {
         public var storage: CUDAJaggedWindow.Storage
         public var batch: Int
@@ -103,19 +121,7 @@ public enum CUDAJaggedWindowCheck {
 
         let regime = Gates.allCases.firstIndex(of: testCase.gates)!
         var rng = SeededGenerator(seed: UInt64(testCase.length * 1009 + testCase.heads * 31 + regime * 7 + testCase.batch))
-        func stored(_ values: [Float]) -> [Float] {
-            testCase.storage == .bfloat16 ? BFloat16.rounded(values) : values
-        }
-        let gates = stored((0..<layout.gateCount).map { _ -> Float in
-            switch testCase.gates {
-            case .random: Float.random(in: 0...1, using: &rng)
-            case .zero: 0
-            case .one: 1
-            case .nearOne: Float(1 - pow(10, Double.random(in: -7 ... -2, using: &rng)))
-            }
-        })
-        let inputs = stored((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) })
-        let outputGradient = stored((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) })
+        let (gates, inputs, outputGradient) = operands(layout, gates: testCase.gates, storage: testCase.storage, rng: &rng)
 
         let output = try gpu.forward(gates: gates, inputs: inputs, layout: layout)
         let (inputGradient, gateGradient) = try gpu.backward(gates: gates, inputs: inputs, outputGradient: outputGradient,

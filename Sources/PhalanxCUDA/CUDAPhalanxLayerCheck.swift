@@ -97,12 +97,11 @@ public enum CUDAPhalanxLayerCheck {
     /// Runs one case on `context` and on the CPU.
     public static func run(_ testCase: Case, context: CUDAContext, blas: CUBLAS? = nil) throws -> Outcome {
         let storage = testCase.storage
-        func stored(_ values: [Float]) -> [Float] { storage == .bfloat16 ? BFloat16.rounded(values) : values }
         var rng = SeededGenerator(seed: UInt64(testCase.length * 131 + testCase.dim * 7 + testCase.kvHeads))
         let cpu = PhalanxLayer("check", .init(dim: testCase.dim, kvHeads: testCase.kvHeads, gateScale: testCase.gateScale),
                                rng: &rng)
         for parameter in cpu.parameters {
-            let values = stored(parameter.value.array)
+            let values = storage.rounded(parameter.value.array)
             for i in values.indices { parameter.value[i] = values[i] }
         }
         switch testCase.gates {
@@ -111,8 +110,8 @@ public enum CUDAPhalanxLayerCheck {
         case .nearZero: cpu.projABias.value.fill(-30)
         }
         let count = testCase.batch * testCase.length * testCase.dim
-        let x = stored((0..<count).map { _ in Float.random(in: -1...1, using: &rng) })
-        let dy = stored((0..<count).map { _ in Float.random(in: -1...1, using: &rng) })
+        let x = storage.rounded((0..<count).map { _ in Float.random(in: -1...1, using: &rng) })
+        let dy = storage.rounded((0..<count).map { _ in Float.random(in: -1...1, using: &rng) })
 
         let gpu = try CUDAPhalanxLayer(copying: cpu, context: context, storage: storage, blas: blas)
         gpu.tuning = testCase.tuning
