@@ -36,6 +36,8 @@ let package = Package(
         .target(name: "Checkpoint", swiftSettings: cpuFlags),
         .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxLayers", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
+        // The GPU-against-CPU comparisons, shared by the tests and `phalanx bench cuda --check`.
+        .target(name: "PhalanxCUDAChecks", dependencies: ["PhalanxCUDA", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(
             name: "PhalanxLayers",
             dependencies: [
@@ -53,7 +55,7 @@ let package = Package(
         .target(
             name: "PhalanxBench",
             dependencies: [
-                "SWR", "PhalanxLayers", "PhalanxModels", "PhalanxTraining", "PhalanxRuntime",
+                "SWR", "PhalanxLayers", "PhalanxModels", "PhalanxTraining", "PhalanxRuntime", "PhalanxCUDA", "PhalanxCUDAChecks",
                 .target(name: "CBLAS", condition: .when(platforms: [.linux])),
             ], swiftSettings: cpuFlags),
         .executableTarget(
@@ -67,7 +69,7 @@ let package = Package(
             name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
-        .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
+        .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "PhalanxCUDAChecks", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(
             name: "PhalanxModelsTests",

@@ -41,25 +41,17 @@ public final class CUBLAS: @unchecked Sendable {
     private var plans: [PlanKey: Plan] = [:]
 
     /// A number format of a matrix (`cudaDataType_t`).
-    public enum Element: Int32, Sendable, CustomStringConvertible {
-        case float32 = 0    // CUDA_R_32F
-        case bfloat16 = 14  // CUDA_R_16BF
-
-        public var byteCount: Int { self == .float32 ? 4 : 2 }
-        public var description: String { self == .float32 ? "f32" : "bf16" }
-    }
-
     /// One operand: a row-major matrix in a device buffer, `rows x columns` as stored (before any
     /// transpose), `stride` elements from one row to the next (`columns` when nil), starting
     /// `offset` elements into the buffer.
     public struct Matrix {
         public let buffer: DeviceBuffer
-        public let element: Element
+        public let element: NumberFormat
         public let rows: Int, columns: Int
         public let stride: Int
         public let offset: Int
 
-        public init(_ buffer: DeviceBuffer, _ element: Element, rows: Int, columns: Int, stride: Int? = nil, offset: Int = 0) {
+        public init(_ buffer: DeviceBuffer, _ element: NumberFormat, rows: Int, columns: Int, stride: Int? = nil, offset: Int = 0) {
             self.buffer = buffer
             self.element = element
             self.rows = rows
@@ -166,8 +158,8 @@ public final class CUBLAS: @unchecked Sendable {
         require(max(m, n, k, a.stride, b.stride, c.stride) <= Int(Int32.max), "CUBLAS.gemm: sizes exceed cuBLAS's 32-bit ints")
         guard m > 0 && n > 0 else { return }
         try context.makeCurrent()
-        let key = PlanKey(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, input: a.element.rawValue,
-                          output: c.element.rawValue, strides: [a.stride, b.stride, c.stride], readsC: beta != 0)
+        let key = PlanKey(m: m, n: n, k: k, transposeA: transposeA, transposeB: transposeB, input: a.element.cudaDataType,
+                          output: c.element.cudaDataType, strides: [a.stride, b.stride, c.stride], readsC: beta != 0)
         lock.lock()
         defer { lock.unlock() }
         let plan = try plans[key] ?? makePlan(key, a, b, c, alpha: alpha, beta: beta)
@@ -196,7 +188,7 @@ public final class CUBLAS: @unchecked Sendable {
         let plan = Plan(key: key, description: description!)
         for (label, matrix) in [("A", b), ("B", a), ("C", c)] {
             var layout: Handle?
-            try CUBLAS.check(lt.layoutCreate(&layout, matrix.element.rawValue, UInt64(matrix.columns), UInt64(matrix.rows),
+            try CUBLAS.check(lt.layoutCreate(&layout, matrix.element.cudaDataType, UInt64(matrix.columns), UInt64(matrix.rows),
                                              Int64(matrix.stride)), "cublasLtMatrixLayoutCreate(\(label))")
             layouts.append(layout)
         }

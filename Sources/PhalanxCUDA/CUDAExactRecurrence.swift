@@ -24,7 +24,7 @@ import SWR
 /// scratch of `batch * ceil(length / 16) * heads * 17` floats (and 1/16 of that per further level).
 public struct CUDAExactRecurrence: Sendable {
     public let context: CUDAContext
-    public let storage: CUDAJaggedWindow.Storage
+    public let storage: NumberFormat
     /// Threads per thread block of every launch.
     public let threadsPerBlock = 128
     /// The longest carrier scan run sequentially; longer ones are decomposed again.
@@ -33,7 +33,7 @@ public struct CUDAExactRecurrence: Sendable {
     private let kernels: Kernels, carrierKernels: Kernels, scan: CUDAContext.Function
 
     /// Compiles (once per context) and loads the kernels for `storage`.
-    public init(context: CUDAContext, storage: CUDAJaggedWindow.Storage = .float32) throws {
+    public init(context: CUDAContext, storage: NumberFormat = .float32) throws {
         self.context = context
         self.storage = storage
         let source = try KernelSources.source(named: "jagged_window") + "\n" + KernelSources.source(named: "exact_recurrence")

@@ -26,14 +26,6 @@ import SWR
 /// `Kernels/jagged_window.cu`.
 public struct CUDAJaggedWindow: Sendable {
     /// How every buffer of a call stores its numbers.
-    public enum Storage: String, Sendable, CaseIterable, CustomStringConvertible {
-        case float32, bfloat16
-
-        /// Bytes per number.
-        public var byteCount: Int { self == .float32 ? 4 : 2 }
-        public var description: String { self == .float32 ? "f32" : "bf16" }
-    }
-
     /// How the work is cut into GPU threads: changes speed, never results (up to the order of the
     /// gate gradient's 16-channel sum). The defaults were measured fastest on an H200 at dim 2048
     /// and 32K tokens (`phalanx bench cuda` sweeps the alternatives).
@@ -67,7 +59,7 @@ public struct CUDAJaggedWindow: Sendable {
 
     public let context: CUDAContext
     public let window: JaggedWindow
-    public let storage: Storage
+    public let storage: NumberFormat
     /// The kernel variant and work split (see `Tuning`).
     public var tuning = Tuning() {
         didSet {
@@ -89,7 +81,7 @@ public struct CUDAJaggedWindow: Sendable {
     /// Compiles (once per context, then from its cache) and loads the kernels for `storage`.
     ///
     /// - Throws: `CUDAUnavailable` without NVRTC or the kernel sources, `NVRTCError`, `CUDAError`.
-    public init(context: CUDAContext, window: JaggedWindow = JaggedWindow(), storage: Storage = .float32) throws {
+    public init(context: CUDAContext, window: JaggedWindow = JaggedWindow(), storage: NumberFormat = .float32) throws {
         require(window.blockLength == 16,
                 "CUDAJaggedWindow: the kernels have block length 16, the window \(window.blockLength)")
         self.context = context
@@ -198,25 +190,4 @@ public struct CUDAJaggedWindow: Sendable {
 
     /// The first `count` numbers of `buffer` in `storage`, as float32.
     public func download(_ buffer: DeviceBuffer, count: Int) throws -> [Float] { try storage.download(buffer, count: count) }
-}
-
-extension CUDAJaggedWindow.Storage {
-    /// `values` as this storage holds them: rounded once to bfloat16, or unchanged.
-    public func rounded(_ values: [Float]) -> [Float] { self == .bfloat16 ? BFloat16.rounded(values) : values }
-
-    /// A device buffer holding `values` in this storage (rounded to bfloat16 if so).
-    public func upload(_ values: [Float], context: CUDAContext) throws -> DeviceBuffer {
-        switch self {
-        case .float32: try DeviceBuffer(context: context, floats: values)
-        case .bfloat16: try DeviceBuffer(context: context, bfloat16: BFloat16.bits(values))
-        }
-    }
-
-    /// The first `count` numbers of `buffer`, stored in this storage, as float32 (waits for the stream).
-    public func download(_ buffer: DeviceBuffer, count: Int) throws -> [Float] {
-        switch self {
-        case .float32: try buffer.floats(count: count)
-        case .bfloat16: BFloat16.floats(try buffer.bfloat16(count: count))
-        }
-    }
 }

@@ -96,7 +96,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     }
 
     public let configuration: PhalanxLayer.Configuration
-    public let storage: CUDAJaggedWindow.Storage
+    public let storage: NumberFormat
     public let context: CUDAContext
     public let blas: CUBLAS
     public let columns: Columns
@@ -131,7 +131,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     ///
     /// - Throws: `CUDAUnavailable` without NVRTC, cuBLAS or the kernel sources; `NVRTCError`,
     ///   `CUDAError`, `CUBLASError`.
-    public init(copying layer: PhalanxLayer, context: CUDAContext, storage: CUDAJaggedWindow.Storage,
+    public init(copying layer: PhalanxLayer, context: CUDAContext, storage: NumberFormat,
                 blas: CUBLAS? = nil) throws {
         let configuration = layer.configuration
         require(configuration.blockLength == 16, "CUDAPhalanxLayer: the kernels have block length 16, the layer \(configuration.blockLength)")
@@ -161,7 +161,6 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         try zeroGradients()
     }
 
-    private var element: CUBLAS.Element { storage == .float32 ? .float32 : .bfloat16 }
 
     /// Sets every gradient to zero (queued).
     public func zeroGradients() throws {
@@ -176,13 +175,13 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         let z = try DeviceBuffer(context: context, byteCount: rows * columns.stride * storage.byteCount)
         let y = try DeviceBuffer(context: context, byteCount: rows * dim * storage.byteCount)
         if rows > 0 {
-            try blas.gemm(.init(x, element, rows: rows, columns: dim), .init(inputWeight, element, rows: columns.width, columns: dim),
-                          transposeB: true, into: .init(z, element, rows: rows, columns: columns.width, stride: columns.stride))
+            try blas.gemm(.init(x, storage, rows: rows, columns: dim), .init(inputWeight, storage, rows: columns.width, columns: dim),
+                          transposeB: true, into: .init(z, storage, rows: rows, columns: columns.width, stride: columns.stride))
         }
         let (mixed, carriers) = try forwardElementwise(z, batch: batch, length: length)
         if rows > 0 {
-            try blas.gemm(.init(mixed, element, rows: rows, columns: width), .init(outputWeight, element, rows: dim, columns: dim),
-                          transposeB: true, into: .init(y, element, rows: rows, columns: dim))
+            try blas.gemm(.init(mixed, storage, rows: rows, columns: width), .init(outputWeight, storage, rows: dim, columns: dim),
+                          transposeB: true, into: .init(y, storage, rows: rows, columns: dim))
         }
         return (y, Cache(input: x, batch: batch, length: length, projections: z, mixed: mixed, carriers: carriers))
     }
@@ -210,17 +209,17 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         let dx = try DeviceBuffer(context: context, byteCount: rows * dim * storage.byteCount)
         guard rows > 0 else { return dx }
         let dMixed = try DeviceBuffer(context: context, byteCount: rows * width * storage.byteCount)
-        try blas.gemm(.init(dy, element, rows: rows, columns: dim), .init(outputWeight, element, rows: dim, columns: dim),
-                      into: .init(dMixed, element, rows: rows, columns: width))
-        try blas.gemm(.init(dy, element, rows: rows, columns: dim), transposeA: true,
-                      .init(cache.mixed, element, rows: rows, columns: width),
+        try blas.gemm(.init(dy, storage, rows: rows, columns: dim), .init(outputWeight, storage, rows: dim, columns: dim),
+                      into: .init(dMixed, storage, rows: rows, columns: width))
+        try blas.gemm(.init(dy, storage, rows: rows, columns: dim), transposeA: true,
+                      .init(cache.mixed, storage, rows: rows, columns: width),
                       into: .init(outputWeightGradient, .float32, rows: dim, columns: dim), beta: 1)
         let dz = try backwardElementwise(dMixed, cache: cache)
-        let dzMatrix = CUBLAS.Matrix(dz, element, rows: rows, columns: columns.width, stride: columns.stride)
-        try blas.gemm(dzMatrix, transposeA: true, .init(cache.input, element, rows: rows, columns: dim),
+        let dzMatrix = CUBLAS.Matrix(dz, storage, rows: rows, columns: columns.width, stride: columns.stride)
+        try blas.gemm(dzMatrix, transposeA: true, .init(cache.input, storage, rows: rows, columns: dim),
                       into: .init(inputWeightGradient, .float32, rows: columns.width, columns: dim), beta: 1)
-        try blas.gemm(dzMatrix, .init(inputWeight, element, rows: columns.width, columns: dim),
-                      into: .init(dx, element, rows: rows, columns: dim))
+        try blas.gemm(dzMatrix, .init(inputWeight, storage, rows: columns.width, columns: dim),
+                      into: .init(dx, storage, rows: rows, columns: dim))
         return dx
     }
 

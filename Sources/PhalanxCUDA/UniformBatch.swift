@@ -6,7 +6,7 @@ extension SequenceLayout {
     /// package take (a uniform batch, `SequenceLayout.batched`, head dim 16, counts that fit 32
     /// bits) and each buffer of `context` holds at least its count of numbers in `storage`;
     /// returns the batch shape.
-    func checkUniformBatch(_ function: String, context: CUDAContext, storage: CUDAJaggedWindow.Storage,
+    func checkUniformBatch(_ function: String, context: CUDAContext, storage: NumberFormat,
                            _ buffers: [(String, DeviceBuffer, Int)]) -> (batch: Int, length: Int, heads: Int) {
         require(headDim == 16, "\(function): the kernels have head dim 16, the layout is \(self)")
         let length = lengths.first ?? 0

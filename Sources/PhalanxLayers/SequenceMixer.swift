@@ -2,15 +2,19 @@ import SWR
 
 /// A token mixer: a layer `[batch, length, dim] -> [batch, length, dim]` in which positions
 /// exchange information (Phalanx, attention). Models hold mixers of different kinds behind this
-/// protocol.
+/// protocol; each names its own cache and decode-state types, so the compiler checks that a
+/// cache or state only ever reaches the mixer that made it.
 public protocol SequenceMixer: ParameterContainer {
+    /// What `backward` needs from `forward`, for one call.
     associatedtype Cache
     /// What a mixer carries from one inference call to the next (a recurrence state, a key/value
     /// cache). One type per mixer; `makeState` gives the state of empty sequences.
-    associatedtype State
+    associatedtype State: MixerState
+    /// `x` `[batch, length, dim]` to `y` `[batch, length, dim]`, every sequence from its start.
     func forward(_ x: Tensor) -> (Tensor, Cache)
     /// Adds the parameter gradients and returns the input gradient.
     func backward(_ dy: Tensor, cache: Cache) -> Tensor
+    /// The state of `batch` empty sequences.
     func makeState(batch: Int) -> State
     /// Continues each sequence from `state` by the positions of `x` (a prefill chunk of any size,
     /// or one decode step), leaving the state after the last one. Equal to `forward` over the
@@ -18,6 +22,20 @@ public protocol SequenceMixer: ParameterContainer {
     func infer(_ x: Tensor, state: inout State) -> Tensor
 }
 
+/// A mixer's decode state: anything that can say how much memory it holds.
+public protocol MixerState {
+    /// Bytes held for all sequences of the state.
+    var byteCount: Int { get }
+}
+
+extension JaggedState: MixerState {
+    /// `bytesPerSequence * sequences`: the same at every context length.
+    public var byteCount: Int { bytesPerSequence * sequences }
+}
+
+extension KeyValueCache: MixerState {}
+
 extension PhalanxLayer: SequenceMixer {
+    /// `forward(x, state:)` without the cache for backward.
     public func infer(_ x: Tensor, state: inout JaggedState) -> Tensor { forward(x, state: &state).0 }
 }

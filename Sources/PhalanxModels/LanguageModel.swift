@@ -3,44 +3,48 @@ import PhalanxLayers
 import SWR
 import PhalanxRuntime
 
-/// A mixer of any kind, its cache type erased, so blocks of different kinds share one array.
-struct AnyMixer {
-    let layer: any ParameterContainer
-    let forward: (Tensor) -> (Tensor, Any)
-    let backward: (Tensor, Any) -> Tensor
-    let makeState: (Int) -> Any
-    let infer: (Tensor, inout Any) -> Tensor
+/// A mixer paired with its decode state: what `LanguageModel.DecodeState` holds per block. The
+/// pair keeps the state's type tied to its mixer's, so no state can reach another mixer.
+struct MixerDecoder<Mixer: SequenceMixer>: MixerStream {
+    let mixer: Mixer
+    var state: Mixer.State
 
-    init<Mixer: SequenceMixer>(_ mixer: Mixer) {
-        layer = mixer
-        forward = { x in
-            let (y, cache) = mixer.forward(x)
-            return (y, cache)
-        }
-        backward = { dy, cache in mixer.backward(dy, cache: cache as! Mixer.Cache) }
-        makeState = { mixer.makeState(batch: $0) }
-        infer = { x, state in
-            var typed = state as! Mixer.State
-            state = ()  // release the old box so `typed` is the only reference (no copy of a cache)
-            let y = mixer.infer(x, state: &typed)
-            state = typed
-            return y
-        }
-    }
+    mutating func infer(_ x: Tensor) -> Tensor { mixer.infer(x, state: &state) }
+    var byteCount: Int { state.byteCount }
+}
+
+/// One block's decoding: advances its mixer's state by the positions of `x`.
+protocol MixerStream {
+    mutating func infer(_ x: Tensor) -> Tensor
+    /// Bytes held by the mixer's state.
+    var byteCount: Int { get }
+}
+
+/// `mixer.forward(x)` and the backward pass of that call, its cache captured with its own type.
+private func forward<Mixer: SequenceMixer>(_ mixer: Mixer, _ x: Tensor) -> (Tensor, backward: (Tensor) -> Tensor) {
+    let (y, cache) = mixer.forward(x)
+    return (y, { dy in mixer.backward(dy, cache: cache) })
+}
+
+/// A decoder of `batch` empty sequences for `mixer`.
+private func decoder<Mixer: SequenceMixer>(_ mixer: Mixer, batch: Int) -> any MixerStream {
+    MixerDecoder(mixer: mixer, state: mixer.makeState(batch: batch))
 }
 
 /// One block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`.
 final class Block: ParameterContainer {
     let kind: MixerKind
-    let mixerNorm: RMSNorm, mixer: AnyMixer, mlpNorm: RMSNorm, mlp: SwiGLU
+    let mixerNorm: RMSNorm, mixer: any SequenceMixer, mlpNorm: RMSNorm, mlp: SwiGLU
 
     struct Cache {
-        let input: Tensor, mixer: Any, afterMixer: Tensor, mlp: SwiGLU.Cache
+        let input: Tensor, afterMixer: Tensor, mlp: SwiGLU.Cache
+        /// The mixer's backward pass for this call (its cache inside).
+        let mixerBackward: (Tensor) -> Tensor
         /// The dropout of the forward pass and this block's index, to regenerate its masks.
         let dropout: Dropout?, index: Int
     }
 
-    init(_ name: String, kind: MixerKind, mixer: AnyMixer, configuration c: ModelConfiguration, rng: inout SeededGenerator) {
+    init(_ name: String, kind: MixerKind, mixer: any SequenceMixer, configuration c: ModelConfiguration, rng: inout SeededGenerator) {
         self.kind = kind
         mixerNorm = RMSNorm(qualified(name, "mixer_norm"), dim: c.dim)
         self.mixer = mixer
@@ -48,21 +52,21 @@ final class Block: ParameterContainer {
         mlp = SwiGLU(qualified(name, "mlp"), dim: c.dim, hidden: c.mlpHidden, rng: &rng)
     }
 
-    var parameters: [Parameter] { mixerNorm.parameters + mixer.layer.parameters + mlpNorm.parameters + mlp.parameters }
+    var parameters: [Parameter] { mixerNorm.parameters + mixer.parameters + mlpNorm.parameters + mlp.parameters }
 
     func forward(_ x: Tensor, dropout: Dropout? = nil, index: Int = 0) -> (Tensor, Cache) {
-        let (mixed, mixerCache) = mixer.forward(mixerNorm.forward(x))
+        let (mixed, mixerBackward) = PhalanxModels.forward(mixer, mixerNorm.forward(x))
         dropout?.apply(to: mixed, block: index, branch: 0)
         mixed.add(x)
         let (out, mlpCache) = mlp.forward(mlpNorm.forward(mixed))
         dropout?.apply(to: out, block: index, branch: 1)
         out.add(mixed)
-        return (out, Cache(input: x, mixer: mixerCache, afterMixer: mixed, mlp: mlpCache, dropout: dropout, index: index))
+        return (out, Cache(input: x, afterMixer: mixed, mlp: mlpCache, mixerBackward: mixerBackward, dropout: dropout, index: index))
     }
 
     /// Inference: continues from the mixer's state, keeps no cache for backward.
-    func infer(_ x: Tensor, state: inout Any) -> Tensor {
-        let mixed = mixer.infer(mixerNorm.forward(x), &state)
+    func infer(_ x: Tensor, state: inout any MixerStream) -> Tensor {
+        let mixed = state.infer(mixerNorm.forward(x))
         mixed.add(x)
         let (out, _) = mlp.forward(mlpNorm.forward(mixed))
         out.add(mixed)
@@ -74,7 +78,7 @@ final class Block: ParameterContainer {
         let dMixed = mlpNorm.backward(mlp.backward(masked(dy, cache, branch: 1), cache: cache.mlp), input: cache.afterMixer)
         dMixed.add(dy)
         // Through the mixer branch, plus the residual.
-        let dx = mixerNorm.backward(mixer.backward(masked(dMixed, cache, branch: 0), cache.mixer), input: cache.input)
+        let dx = mixerNorm.backward(cache.mixerBackward(masked(dMixed, cache, branch: 0)), input: cache.input)
         dx.add(dMixed)
         return dx
     }
@@ -113,8 +117,9 @@ public final class LanguageModel: ParameterContainer {
         public let logits: Tensor
     }
 
-    /// Builds a model with seeded initialisation; `mixerFactory` lets the caller supply mixers
-    /// of a kind this module cannot build itself (for example attention).
+    /// Builds a model with seeded initialisation (the same seed gives the same weights).
+    ///
+    /// - Throws: `ConfigurationError` naming the first field out of range.
     public init(_ configuration: ModelConfiguration, seed: UInt64, pool: WorkerPool = .shared) throws {
         try configuration.validate()
         self.configuration = configuration
@@ -131,14 +136,14 @@ public final class LanguageModel: ParameterContainer {
             : Linear("lm_head", inputs: configuration.dim, outputs: configuration.vocabulary, bias: false, rng: &rng)
     }
 
-    static func makeMixer(_ kind: MixerKind, name: String, _ c: ModelConfiguration, rng: inout SeededGenerator) -> AnyMixer {
+    static func makeMixer(_ kind: MixerKind, name: String, _ c: ModelConfiguration, rng: inout SeededGenerator) -> any SequenceMixer {
         switch kind {
         case .phalanx:
-            return AnyMixer(PhalanxLayer(name, .init(dim: c.dim, kvHeads: c.phalanxKVHeads, gateScale: c.gateScale), rng: &rng))
+            return PhalanxLayer(name, .init(dim: c.dim, kvHeads: c.phalanxKVHeads, gateScale: c.gateScale), rng: &rng)
         case .attention, .slidingWindow:
-            return AnyMixer(Attention(name, dim: c.dim, heads: c.attentionHeads, kvHeads: c.attentionKVHeads,
+            return Attention(name, dim: c.dim, heads: c.attentionHeads, kvHeads: c.attentionKVHeads,
                                       headDim: c.attentionHeadDim, window: kind == .slidingWindow ? c.window : nil,
-                                      ropeBase: c.ropeBase, rng: &rng))
+                                      ropeBase: c.ropeBase, rng: &rng)
         }
     }
 
@@ -228,26 +233,18 @@ public final class LanguageModel: ParameterContainer {
     /// What decoding carries between calls: one state per block's mixer (a Phalanx recurrence
     /// state, an attention key/value cache, a sliding-window ring) and the position reached.
     public struct DecodeState {
-        var mixers: [Any]
+        var mixers: [any MixerStream]
         public let batch: Int
         /// Positions processed so far.
         public internal(set) var position = 0
 
         /// Bytes held by all mixer states.
-        public var byteCount: Int {
-            mixers.reduce(0) { total, state in
-                switch state {
-                case let s as JaggedState: total + s.bytesPerSequence * s.sequences
-                case let s as KeyValueCache: total + s.byteCount
-                default: total
-                }
-            }
-        }
+        public var byteCount: Int { mixers.reduce(0) { $0 + $1.byteCount } }
     }
 
     /// The state of `batch` empty sequences.
     public func makeDecodeState(batch: Int) -> DecodeState {
-        DecodeState(mixers: blocks.map { $0.mixer.makeState(batch) }, batch: batch)
+        DecodeState(mixers: blocks.map { decoder($0.mixer, batch: batch) }, batch: batch)
     }
 
     /// Logits `[batch * length, vocabulary]` for the next `length` tokens of each sequence

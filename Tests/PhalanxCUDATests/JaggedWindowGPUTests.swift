@@ -1,4 +1,5 @@
 import PhalanxCUDA
+import PhalanxCUDAChecks
 import PhalanxRuntime
 import SWR
 import Testing

@@ -1,4 +1,5 @@
 import PhalanxCUDA
+import PhalanxCUDAChecks
 import PhalanxLayers
 import PhalanxRuntime
 import SWR
@@ -32,14 +33,13 @@ struct LayerGPUTests {
         let a: [Float] = [9, 1, 2, 9, 9, 3, 4, 9, 9, 5, 6, 9, 9]
         let bt: [Float] = [1, 0, 0, 1, 1, 1, 2, -1]
         let expected: [Float] = [1, 2, 3, 0, 3, 4, 7, 2, 5, 6, 11, 4].map { $0 + 1 }
-        for element in [CUBLAS.Element.float32, .bfloat16] {
-            let storage: CUDAJaggedWindow.Storage = element == .float32 ? .float32 : .bfloat16
+        for storage in NumberFormat.allCases {
             let aBuffer = try storage.upload(a, context: context), bBuffer = try storage.upload(bt, context: context)
             let c = try DeviceBuffer(context: context, floats: [Float](repeating: 1, count: 12))
-            try blas.gemm(.init(aBuffer, element, rows: 3, columns: 2, stride: 4, offset: 1),
-                          .init(bBuffer, element, rows: 4, columns: 2), transposeB: true,
+            try blas.gemm(.init(aBuffer, storage, rows: 3, columns: 2, stride: 4, offset: 1),
+                          .init(bBuffer, storage, rows: 4, columns: 2), transposeB: true,
                           into: .init(c, .float32, rows: 3, columns: 4), beta: 1)
-            #expect(try c.floats() == expected, "\(element)")
+            #expect(try c.floats() == expected, "\(storage)")
         }
     }
 

@@ -50,7 +50,7 @@ struct PlanningTests {
             #expect(reason.contains("cuBLAS") && reason.contains("libcublas.so"))
         }
         #expect("\(CUBLASError(call: "cublasGemmEx", status: 15))" == "cublasGemmEx failed: CUBLAS_STATUS_NOT_SUPPORTED (15)")
-        #expect(CUBLAS.Element.bfloat16.rawValue == 14 && CUBLAS.Element.float32.rawValue == 0)  // cudaDataType_t
+        #expect(NumberFormat.bfloat16.cudaDataType == 14 && NumberFormat.float32.cudaDataType == 0)  // cudaDataType_t
     }
 
     @Test("the layer and exact-recurrence sources ship with their entry points and compile (NVRTC, no GPU)")

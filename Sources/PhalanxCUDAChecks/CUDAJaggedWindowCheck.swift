@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxCUDA
 import PhalanxRuntime
 import SWR
 
@@ -19,7 +20,7 @@ public enum CUDAJaggedWindowCheck {
     /// One case's operands, drawn from `rng` in this order and rounded to `storage` as the device
     /// holds them: gates `[layout.gateCount]` in `regime`, inputs and an output gradient
     /// `[layout.elementCount]` uniform in [-1, 1].
-    static func operands(_ layout: SequenceLayout, gates regime: Gates, storage: CUDAJaggedWindow.Storage,
+    static func operands(_ layout: SequenceLayout, gates regime: Gates, storage: NumberFormat,
                          rng: inout SeededGenerator) -> (gates: [Float], inputs: [Float], outputGradient: [Float]) {
         let gates = storage.rounded((0..<layout.gateCount).map { _ -> Float in
             switch regime {
@@ -35,7 +36,7 @@ public enum CUDAJaggedWindowCheck {
     }
 
     public struct Case: Sendable, CustomStringConvertible {
-        public var storage: CUDAJaggedWindow.Storage
+        public var storage: NumberFormat
         public var batch: Int
         public var length: Int
         public var heads: Int
@@ -44,7 +45,7 @@ public enum CUDAJaggedWindowCheck {
         public var tuning: CUDAJaggedWindow.Tuning
 
         /// `tuning` defaults to `Tuning()` with `chunkBlocks`.
-        public init(storage: CUDAJaggedWindow.Storage, batch: Int = 2, length: Int, heads: Int = 3,
+        public init(storage: NumberFormat, batch: Int = 2, length: Int, heads: Int = 3,
                     gates: Gates = .random, blocksSeen: Int = 2, chunkBlocks: Int? = nil,
                     tuning: CUDAJaggedWindow.Tuning? = nil) {
             (self.storage, self.batch, self.length, self.heads, self.gates) = (storage, batch, length, heads, gates)
@@ -81,7 +82,7 @@ public enum CUDAJaggedWindowCheck {
     /// float32: 1e-5 (the kernels do the CPU's operations; only reduction order differs).
     /// bfloat16: 2^-7, two units in the last place at the tensor's scale (each result is rounded
     /// once from float32; the reference is not).
-    public static func tolerance(_ storage: CUDAJaggedWindow.Storage) -> Double {
+    public static func tolerance(_ storage: NumberFormat) -> Double {
         storage == .float32 ? 1e-5 : 1.0 / 128
     }
 
@@ -91,7 +92,7 @@ public enum CUDAJaggedWindowCheck {
     /// of these.
     public static var standardCases: [Case] {
         var cases: [Case] = []
-        for storage in CUDAJaggedWindow.Storage.allCases {
+        for storage in NumberFormat.allCases {
             for length in [1, 15, 16, 17, 100, 1000] {
                 for gates in Gates.allCases { cases.append(Case(storage: storage, length: length, gates: gates)) }
             }

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxCUDA
 import PhalanxLayers
 import PhalanxRuntime
 
@@ -17,7 +18,7 @@ public enum CUDAPhalanxLayerCheck {
     }
 
     public struct Case: Sendable, CustomStringConvertible {
-        public var storage: CUDAJaggedWindow.Storage
+        public var storage: NumberFormat
         public var batch: Int, length: Int
         public var dim: Int, kvHeads: Int
         public var gateScale: Float
@@ -25,7 +26,7 @@ public enum CUDAPhalanxLayerCheck {
         /// The kernel variants and chunk length.
         public var tuning: CUDAPhalanxLayer.Tuning
 
-        public init(storage: CUDAJaggedWindow.Storage, batch: Int, length: Int, dim: Int = 64, kvHeads: Int = 4,
+        public init(storage: NumberFormat, batch: Int, length: Int, dim: Int = 64, kvHeads: Int = 4,
                     gateScale: Float = 1, gates: Gates = .random, tuning: CUDAPhalanxLayer.Tuning = .init()) {
             (self.storage, self.batch, self.length, self.dim, self.kvHeads) = (storage, batch, length, dim, kvHeads)
             (self.gateScale, self.gates, self.tuning) = (gateScale, gates, tuning)
@@ -57,7 +58,7 @@ public enum CUDAPhalanxLayerCheck {
     /// gradient tensor between the two matrix products is rounded once to bfloat16 (2^-9
     /// relative), and a handful of such roundings compound along the backward chain (measured
     /// errors are below 6e-3).
-    public static func tolerance(_ storage: CUDAJaggedWindow.Storage) -> Double {
+    public static func tolerance(_ storage: NumberFormat) -> Double {
         storage == .float32 ? 1e-5 : 1.0 / 64
     }
 
@@ -65,7 +66,7 @@ public enum CUDAPhalanxLayerCheck {
     /// and 4 heads, chunks of 1 and 3 blocks (the halo paths), 8 heads of a warp and a partial warp,
     /// and every kernel variant, in both storages.
     public static var standardCases: [Case] {
-        CUDAJaggedWindow.Storage.allCases.flatMap { storage in
+        NumberFormat.allCases.flatMap { storage in
             [
                 Case(storage: storage, batch: 2, length: 100),
                 Case(storage: storage, batch: 1, length: 33, kvHeads: 2, gateScale: 0.8),

@@ -1,49 +1,11 @@
-import ArgumentParser
 import Foundation
 import PhalanxCUDA
 import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
-/// The checks, the Phalanx layer and the exact recurrence of `phalanx bench cuda`.
-extension BenchCUDA {
-    /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence), one
-    /// PASS/FAIL line each; returns the number of failures.
-    func runChecks(_ context: CUDAContext, json: inout [String: Any]) throws -> Int {
-        var failures = 0, total = 0
-        func report(_ title: String, _ outcomes: () throws -> [(line: String, passed: Bool)]) rethrows {
-            print("\nCheck: \(title)")
-            let results = try outcomes()
-            for result in results { print("  \(result.line)") }
-            let failed = results.filter { !$0.passed }.count
-            print("  \(results.count - failed) passed, \(failed) failed")
-            failures += failed
-            total += results.count
-        }
-        try report("the GPU jagged window against the CPU JaggedWindow") {
-            try CUDAJaggedWindowCheck.standardCases.map {
-                let outcome = try CUDAJaggedWindowCheck.run($0, context: context)
-                return ("\(outcome)", outcome.passed)
-            }
-        }
-        let blas = try CUBLAS(context: context)
-        try report("the GPU Phalanx layer against the CPU PhalanxLayer (output, dx, every parameter gradient)") {
-            try CUDAPhalanxLayerCheck.standardCases.map {
-                let outcome = try CUDAPhalanxLayerCheck.run($0, context: context, blas: blas)
-                return ("\(outcome)", outcome.passed)
-            }
-        }
-        try report("the GPU exact recurrence (hierarchical) against the CPU ExactRecurrence") {
-            try CUDAExactRecurrenceCheck.standardCases.map {
-                let outcome = try CUDAExactRecurrenceCheck.run($0, context: context)
-                return ("\(outcome)", outcome.passed)
-            }
-        }
-        print("\ncheck: \(total - failures) passed, \(failures) failed")
-        json["check"] = ["passed": total - failures, "failed": failures]
-        return failures
-    }
-
+/// The Phalanx layer and the exact recurrence of `phalanx bench cuda`.
+extension CUDABenchmark {
     // MARK: Layer
 
     /// The layer in bfloat16 at dim 16 * heads for each --layer-shapes: forward and
@@ -61,7 +23,7 @@ extension BenchCUDA {
         let baseline = try attention.map { path -> [String: Any] in
             let data = try Data(contentsOf: URL(fileURLWithPath: path))
             guard let object = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-                throw ValidationError("--attention: \(path) holds no JSON object")
+                throw BenchmarkSettingError("attention baseline \(path) holds no JSON object")
             }
             json["attention"] = object
             return object["shapes"] as? [String: Any] ?? [:]
@@ -71,7 +33,7 @@ extension BenchCUDA {
         let cpu = PhalanxLayer("bench", .init(dim: dim, kvHeads: kv), rng: &rng)
         let layer = try CUDAPhalanxLayer(copying: cpu, context: context, storage: .bfloat16, blas: blas)
         json["tuning"] = "\(layer.tuning)"
-        let shapes = layerShapes.compactMap(parse)
+        let shapes = layerShapes
         let tokens = shapes.map { $0.batch * $0.length }.max() ?? 0
         let x = try layer.storage.upload((0..<tokens * dim).map { _ in Float.random(in: -1...1, using: &rng) }, context: context)
         let dy = try layer.storage.upload((0..<tokens * dim).map { _ in Float.random(in: -0.01...0.01, using: &rng) }, context: context)
@@ -114,7 +76,6 @@ extension BenchCUDA {
         }
         print("\nLayer summary")
         for line in summary { print(line) }
-        print("  (Reference Phalanx layer on the same H200: forward 4.20 ms at L=8K, 3.76 ms at L=32K; forward+backward 13.2 / 11.5 ms.)")
         return json
     }
 
@@ -225,7 +186,7 @@ extension BenchCUDA {
         print("\nExact recurrence (hierarchical: block solve, carrier scan, rerun), bf16, \(heads) heads x 16")
         var json: [String: Any] = [:]
         var rng = SeededGenerator(seed: 5)
-        for shape in layerShapes.compactMap(parse) {
+        for shape in layerShapes {
             let layout = SequenceLayout.batched(batch: shape.batch, length: shape.length, heads: heads, headDim: 16)
             let a = try exact.storage.upload((0..<layout.gateCount).map { _ in Float.random(in: 0...1, using: &rng) }, context: context)
             let u = try exact.storage.upload((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) }, context: context)

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxCUDA
 import PhalanxRuntime
 import SWR
 
@@ -7,11 +8,11 @@ import SWR
 /// output, input gradient and gate gradient compared by `CUDAJaggedWindowCheck.relativeError`.
 public enum CUDAExactRecurrenceCheck {
     public struct Case: Sendable, CustomStringConvertible {
-        public var storage: CUDAJaggedWindow.Storage
+        public var storage: NumberFormat
         public var batch: Int, length: Int, heads: Int
         public var gates: CUDAJaggedWindowCheck.Gates
 
-        public init(storage: CUDAJaggedWindow.Storage, batch: Int = 2, length: Int, heads: Int = 3,
+        public init(storage: NumberFormat, batch: Int = 2, length: Int, heads: Int = 3,
                     gates: CUDAJaggedWindowCheck.Gates = .random) {
             (self.storage, self.batch, self.length, self.heads, self.gates) = (storage, batch, length, heads, gates)
         }
@@ -21,14 +22,14 @@ public enum CUDAExactRecurrenceCheck {
 
     /// float32: 1e-5 relative to the tensor's scale (the decomposition reassociates the products of
     /// gates, within a few float32 roundings). bfloat16: 2^-7, as the jagged window.
-    public static func tolerance(_ storage: CUDAJaggedWindow.Storage) -> Double {
+    public static func tolerance(_ storage: NumberFormat) -> Double {
         CUDAJaggedWindowCheck.tolerance(storage)
     }
 
     /// Ragged lengths (1, 15, 16, 17, 100, 1000, 5000: up to 313 blocks in the carrier scan) in
     /// every gate regime and both storages, and 128 heads at 4096 positions.
     public static var standardCases: [Case] {
-        CUDAJaggedWindow.Storage.allCases.flatMap { storage in
+        NumberFormat.allCases.flatMap { storage in
             [1, 15, 16, 17, 100, 1000, 5000].flatMap { length in
                 CUDAJaggedWindowCheck.Gates.allCases.map { Case(storage: storage, length: length, gates: $0) }
             } + [Case(storage: storage, batch: 1, length: 4096, heads: 128)]

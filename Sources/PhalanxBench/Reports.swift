@@ -1,0 +1,216 @@
+import Foundation
+import PhalanxModels
+
+// The CPU benchmark reports of `phalanx bench`: each measures the ceilings, runs its benchmark,
+// prints a table of results as fractions of the ceilings, and ends with one JSON line.
+
+extension OperatorBenchmark.Configuration {
+    /// Throws when a size or count is below 1, naming the setting.
+    public func validate() throws {
+        for (name, value) in [("batch", batch), ("length", length), ("heads", heads), ("head dim", headDim), ("repeats", repeats)]
+        where value < 1 {
+            throw BenchmarkSettingError("\(name) must be at least 1; got \(value).")
+        }
+    }
+}
+
+extension OperatorBenchmark {
+    /// `phalanx bench operators`: each SWR operator's median time and effective bandwidth as a
+    /// fraction of the paired copy bandwidth.
+    public static func report(_ configuration: Configuration) {
+        let ceilings = Ceilings.measure()
+        let c = configuration
+        print("\nSWR operators: batch \(c.batch), length \(c.length), \(c.heads) heads x \(c.headDim), float32, median of \(c.repeats)")
+        print("  operator                  time      bandwidth   of copy (paired)")
+        let results = OperatorBenchmark(configuration).run { r in
+            print(String(format: "  %@ %7.2f ms  %7.1f GB/s  %5.1f%%", padded(r.name), r.seconds * 1e3,
+                         r.bandwidth / 1e9, 100 * r.fractionOfCopy))
+        }
+        let seconds = Dictionary(uniqueKeysWithValues: results.map { ($0.name, $0.seconds) })
+        if let exact = seconds["exact forward"], let jagged = seconds["jagged k=2 forward"] {
+            print(String(format: "  exact forward / jagged forward: %.2fx", exact / jagged))
+        }
+        var json = ceilings.json
+        json["benchmark"] = "swr-operators"
+        json["shape"] = ["batch": c.batch, "length": c.length, "heads": c.heads, "head_dim": c.headDim]
+        for r in results {
+            json[jsonKey(r.name)] = ["ms": r.seconds * 1e3, "gbps": r.bandwidth / 1e9, "fraction_of_copy": r.fractionOfCopy]
+        }
+        printJSONLine(json)
+    }
+}
+
+extension LayerBenchmark {
+    /// What `phalanx bench layers` measures.
+    public struct Settings: Sendable {
+        /// Model width (Phalanx heads of 16; attention heads of `dim / heads`).
+        public var dim = 256
+        /// Attention heads.
+        public var heads = 4
+        /// Key/value heads of the Phalanx layer (nil: as many as heads).
+        public var kvHeads: Int?
+        /// Length of the Phalanx floor and attention-rate measurements.
+        public var length = 4096
+        /// Sliding-window attention window in the sweep.
+        public var window = 512
+        /// Lengths of the sweep.
+        public var sweep = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+        /// Timed repeats per figure (the median is reported).
+        public var repeats = 5
+
+        /// The defaults above.
+        public init() {}
+
+        /// Throws for a width, head count or length the layers cannot take, naming the setting.
+        public func validate() throws {
+            guard dim >= 16 && dim % 16 == 0 else { throw BenchmarkSettingError("dim must be a positive multiple of 16; got \(dim).") }
+            guard heads >= 1 && dim % heads == 0 else { throw BenchmarkSettingError("heads must divide dim; got \(heads).") }
+            if let kvHeads, kvHeads < 1 || (dim / 16) % kvHeads != 0 {
+                throw BenchmarkSettingError("kv heads must divide the \(dim / 16) heads; got \(kvHeads).")
+            }
+            guard length >= 1, window >= 1, repeats >= 1, !sweep.isEmpty, sweep.allSatisfy({ $0 >= 1 }) else {
+                throw BenchmarkSettingError("length, window, repeats and the sweep lengths must be positive.")
+            }
+        }
+    }
+
+    /// `phalanx bench layers`: the Phalanx layer against its GEMM floor, the attention kernel's
+    /// rate against sgemm, and a length sweep of the three mixers with their crossings.
+    public static func report(_ settings: Settings) {
+        let ceilings = Ceilings.measure()
+        let (dim, heads, length, window, repeats) = (settings.dim, settings.heads, settings.length, settings.window, settings.repeats)
+        let kv = settings.kvHeads ?? dim / 16
+        var json = ceilings.json
+        json["benchmark"] = "layers"
+
+        print("\n1. Phalanx layer: dim \(dim), length \(length), batch 1, float32, median of \(repeats)")
+        let t = phalanx(dim: dim, kvHeads: kv, length: length, repeats: repeats)
+        let floor = 3 * t.forwardGemmFlops / ceilings.sgemm
+        print(String(format: "  forward %.2f ms, forward+backward %.2f ms; GEMM floor %.2f ms; ratio %.2fx",
+                     t.forward * 1e3, t.forwardBackward * 1e3, floor * 1e3, t.floorRatio(sgemmRate: ceilings.sgemm)))
+        json["phalanx"] = ["forward_ms": t.forward * 1e3, "forward_backward_ms": t.forwardBackward * 1e3,
+                           "gemm_floor_ms": floor * 1e3, "floor_ratio": t.floorRatio(sgemmRate: ceilings.sgemm)]
+
+        print("\n2. Attention kernel, causal, batch 1, \(heads) heads x \(dim / heads), length \(length)")
+        let a = AttentionBenchmark.kernel(heads: heads, kvHeads: heads, headDim: dim / heads, length: length, window: nil, repeats: repeats)
+        print(String(format: "  forward %.2f ms = %.1f GFLOP/s = %.1f%% of sgemm, %.1f%% of the FMA peak; forward+backward %.2f ms",
+                     a.forward * 1e3, a.forwardRate / 1e9, 100 * a.forwardRate / ceilings.sgemm, 100 * a.forwardRate / ceilings.peak,
+                     a.forwardBackward * 1e3))
+        json["attention_kernel"] = ["forward_ms": a.forward * 1e3, "forward_gflops": a.forwardRate / 1e9,
+                                    "fraction_of_sgemm": a.forwardRate / ceilings.sgemm, "fraction_of_fma_peak": a.forwardRate / ceilings.peak,
+                                    "forward_backward_ms": a.forwardBackward * 1e3]
+
+        print("\n3. Layers' forward+backward (ms) against length, dim \(dim)")
+        print("   length    phalanx   swa-\(window)   attention   swa ms per 1K tokens")
+        var rows: [[String: Any]] = []
+        var previous: (length: Int, p: Double, s: Double, f: Double)?
+        var crossings: [String] = []
+        for length in settings.sweep {
+            let p = phalanx(dim: dim, kvHeads: kv, length: length, repeats: repeats).forwardBackward
+            let s = attention(dim: dim, heads: heads, window: window, length: length, repeats: repeats).forwardBackward
+            let f = attention(dim: dim, heads: heads, window: nil, length: length, repeats: repeats).forwardBackward
+            print(String(format: "  %7d  %9.2f  %9.2f  %10.2f   %8.3f", length, p * 1e3, s * 1e3, f * 1e3, s * 1e3 / Double(length) * 1024))
+            rows.append(["length": length, "phalanx_ms": p * 1e3, "swa_ms": s * 1e3, "attention_ms": f * 1e3])
+            if let q = previous {
+                for (name, before, now) in [("phalanx/swa", q.p - q.s, p - s), ("phalanx/attention", q.p - q.f, p - f),
+                                            ("swa/attention", q.s - q.f, s - f)] where (before < 0) != (now < 0) {
+                    crossings.append("\(name) cross between \(q.length) and \(length)")
+                }
+            }
+            previous = (length, p, s, f)
+        }
+        print(crossings.isEmpty ? "  no crossings in this range (the order at the first length holds throughout)"
+                                : crossings.map { "  " + $0 }.joined(separator: "\n"))
+        json["sweep"] = rows
+        json["crossings"] = crossings
+        printJSONLine(json)
+    }
+}
+
+/// Presets, context lengths and repeats of a model-level benchmark (`bench train`, `bench decode`).
+public struct ModelBenchmarkSettings: Sendable {
+    /// Presets to compare (the first is the baseline of the ratios).
+    public var presets = ["transformer-small", "swa-hybrid-small", "phalanx-hybrid-small"]
+    /// Context lengths.
+    public var contexts: [Int]
+    /// Timed steps per figure.
+    public var steps: Int
+    /// Sliding-window attention window of `S` layers.
+    public var window = 512
+
+    /// The three small presets at `contexts`, `steps` timed steps each.
+    public init(contexts: [Int], steps: Int) {
+        self.contexts = contexts
+        self.steps = steps
+    }
+
+    /// Throws for an unknown preset, a context below `minimumContext` or a count below 1.
+    public func validate(minimumContext: Int = 1) throws {
+        guard !presets.isEmpty else { throw BenchmarkSettingError("name at least one preset.") }
+        for p in presets { _ = try ModelConfiguration.preset(p) }
+        guard !contexts.isEmpty, contexts.allSatisfy({ $0 >= minimumContext }) else {
+            throw BenchmarkSettingError("contexts must be at least \(minimumContext); got \(contexts).")
+        }
+        guard steps >= 1, window >= 1 else { throw BenchmarkSettingError("steps and window must be at least 1.") }
+    }
+}
+
+extension TrainingBenchmark {
+    /// `phalanx bench train`: tokens/s and model-FLOPs utilisation of each preset's training step
+    /// at each context, and each preset's speed-up over the first.
+    public static func report(_ settings: ModelBenchmarkSettings) throws {
+        let ceilings = Ceilings.measure()
+        let presets = settings.presets
+        print("\nTraining step, batch 1, median of \(settings.steps) (window \(settings.window) for S layers)")
+        print("  MFU: model FLOPs per second over the sgemm rate; 'of peak': over the FMA peak")
+        print("  preset                 context   ms/step    tokens/s    MFU   of peak   vs \(presets[0])")
+        var json = ceilings.json
+        json["benchmark"] = "training-step"
+        var rows: [[String: Any]] = []
+        for context in settings.contexts {
+            var baseline: Double?
+            for preset in presets {
+                let r = try measure(preset: preset, context: context, steps: settings.steps, window: settings.window)
+                let speedup = r.tokensPerSecond / (baseline ?? r.tokensPerSecond)
+                if baseline == nil { baseline = r.tokensPerSecond }
+                print(String(format: "  %@ %7d %9.1f %11.0f  %5.1f%%   %5.1f%%   %6.2fx", padded(preset), context,
+                             r.secondsPerStep * 1e3, r.tokensPerSecond, 100 * r.utilisation(sgemmRate: ceilings.sgemm),
+                             100 * r.utilisation(sgemmRate: ceilings.peak), speedup))
+                rows.append(["preset": preset, "context": context, "tokens_per_second": r.tokensPerSecond,
+                             "mfu": r.utilisation(sgemmRate: ceilings.sgemm),
+                             "fraction_of_fma_peak": r.utilisation(sgemmRate: ceilings.peak), "speedup_vs_first": speedup])
+            }
+        }
+        json["results"] = rows
+        printJSONLine(json)
+    }
+}
+
+extension DecodeBenchmark {
+    /// `phalanx bench decode`: prefill and decode tokens/s of each preset at each context, the
+    /// decode state's size, and each preset's decode speed-up over the first.
+    public static func report(_ settings: ModelBenchmarkSettings) throws {
+        let ceilings = Ceilings.measure()
+        let presets = settings.presets
+        print("\nPrefill and decode, batch 1 (\(settings.steps) decode steps per figure)")
+        print("  preset                 context   prefill tok/s   decode tok/s   state        decode vs \(presets[0])")
+        var json = ceilings.json
+        json["benchmark"] = "decode"
+        var rows: [[String: Any]] = []
+        for context in settings.contexts {
+            var baseline: Double?
+            for preset in presets {
+                let r = try measure(preset: preset, context: context, steps: settings.steps, window: settings.window)
+                let ratio = r.decodeTokensPerSecond / (baseline ?? r.decodeTokensPerSecond)
+                if baseline == nil { baseline = r.decodeTokensPerSecond }
+                print(String(format: "  %@ %7d %15.0f %14.1f   %8.2f MB   %6.2fx", padded(preset), context, r.prefillTokensPerSecond,
+                             r.decodeTokensPerSecond, Double(r.stateBytes) / 1e6, ratio))
+                rows.append(["preset": preset, "context": context, "prefill_tokens_per_second": r.prefillTokensPerSecond,
+                             "decode_tokens_per_second": r.decodeTokensPerSecond, "state_bytes": r.stateBytes,
+                             "decode_speedup_vs_first": ratio])
+            }
+        }
+        json["results"] = rows
+        printJSONLine(json)
+    }
+}

@@ -1,0 +1,42 @@
+import Foundation
+import PhalanxCUDA
+
+/// Every GPU-against-CPU comparison of this package, as `phalanx bench cuda --check` runs them on
+/// a GPU machine without a Swift toolchain (the tests run the same cases one by one).
+public enum CUDAChecks {
+    /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence), one
+    /// PASS/FAIL line each; returns the number of failures.
+    public static func runAll(context: CUDAContext) throws -> (passed: Int, failed: Int) {
+        var failures = 0, total = 0
+        func report(_ title: String, _ outcomes: () throws -> [(line: String, passed: Bool)]) rethrows {
+            print("\nCheck: \(title)")
+            let results = try outcomes()
+            for result in results { print("  \(result.line)") }
+            let failed = results.filter { !$0.passed }.count
+            print("  \(results.count - failed) passed, \(failed) failed")
+            failures += failed
+            total += results.count
+        }
+        try report("the GPU jagged window against the CPU JaggedWindow") {
+            try CUDAJaggedWindowCheck.standardCases.map {
+                let outcome = try CUDAJaggedWindowCheck.run($0, context: context)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
+        let blas = try CUBLAS(context: context)
+        try report("the GPU Phalanx layer against the CPU PhalanxLayer (output, dx, every parameter gradient)") {
+            try CUDAPhalanxLayerCheck.standardCases.map {
+                let outcome = try CUDAPhalanxLayerCheck.run($0, context: context, blas: blas)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
+        try report("the GPU exact recurrence (hierarchical) against the CPU ExactRecurrence") {
+            try CUDAExactRecurrenceCheck.standardCases.map {
+                let outcome = try CUDAExactRecurrenceCheck.run($0, context: context)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
+        print("\ncheck: \(total - failures) passed, \(failures) failed")
+        return (total - failures, failures)
+    }
+}
