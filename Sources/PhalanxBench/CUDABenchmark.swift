@@ -1,6 +1,7 @@
 import Foundation
 import PhalanxCUDA
 import PhalanxCUDAChecks
+import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
@@ -11,7 +12,7 @@ public struct CUDABenchmark {
     public struct Settings: Sendable {
         /// Compare with the CPU first (the tests' cases), printing PASS/FAIL per case.
         public var check = false
-        /// Heads of 16 channels (dim = 16 * heads).
+        /// Phalanx heads (dim = `PhalanxLayer.headDim` * heads).
         public var heads = 128
         /// Operator shapes to time, as BATCHxLENGTH.
         public var shapes = ["4x8192", "1x32768"]
@@ -87,7 +88,7 @@ public struct CUDABenchmark {
               + "; driver \(context.driver.path) (CUDA \(context.driver.version / 1000).\(context.driver.version % 1000 / 10))")
         var json: [String: Any] = [
             "benchmark": "swr-cuda", "device": context.deviceName, "architecture": context.architecture,
-            "heads": heads, "head_dim": 16,
+            "heads": heads, "head_dim": PhalanxLayer.headDim,
         ]
 
         var failures = 0
@@ -111,8 +112,8 @@ public struct CUDABenchmark {
     private func timeOperator(_ context: CUDAContext, copy: Double, json: inout [String: Any]) throws {
         var summary: [String] = []
         for shape in shapes {
-            let layout = SequenceLayout.batched(batch: shape.batch, length: shape.length, heads: heads, headDim: 16)
-            let title = "B=\(shape.batch) L=\(shape.length), \(heads) heads x 16 (dim \(16 * heads))"
+            let layout = SequenceLayout.batched(batch: shape.batch, length: shape.length, heads: heads, headDim: PhalanxLayer.headDim)
+            let title = "B=\(shape.batch) L=\(shape.length), \(heads) heads x \(PhalanxLayer.headDim) (dim \(PhalanxLayer.headDim * heads))"
             print("\n\(title), median of \(repeats) x \(launches) launches; every kernel variant, block size and chunk length")
             summary.append(title)
             var rng = SeededGenerator(seed: 7)

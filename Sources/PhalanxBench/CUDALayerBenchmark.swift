@@ -14,8 +14,8 @@ extension CUDABenchmark {
     /// copy bandwidth.
     func timeLayer(_ context: CUDAContext, copy: Double) throws -> [String: Any] {
         let blas = try CUBLAS(context: context)
-        let dim = 16 * heads, kv = kvHeads ?? heads
-        print("\nPhalanx layer, bf16, dim \(dim) (\(heads) heads x 16, \(kv) kv heads); cuBLAS \(blas.version) at \(blas.path)")
+        let dim = PhalanxLayer.headDim * heads, kv = kvHeads ?? heads
+        print("\nPhalanx layer, bf16, dim \(dim) (\(heads) heads x \(PhalanxLayer.headDim), \(kv) kv heads); cuBLAS \(blas.version) at \(blas.path)")
         let rate = try gemmRate(blas)
         print(String(format: "  cuBLAS bf16 GEMM 8192^3 (fp32 accumulation): %.0f TFLOP/s", rate / 1e12))
         var json: [String: Any] = ["dim": dim, "kv_heads": kv, "gemm_8192_tflops": rate / 1e12]
@@ -97,7 +97,7 @@ extension CUDABenchmark {
     private func layerSteps(_ layer: CUDAPhalanxLayer, batch: Int, length: Int, x: DeviceBuffer, dy: DeviceBuffer,
                             copy: Double) throws -> (gemmForward: Double, gemmBackward: Double, lines: [String], json: [String: Any]) {
         let context = layer.context, blas = layer.blas, rows = batch * length
-        let dim = layer.configuration.dim, width = layer.configuration.heads * 16, c = layer.columns
+        let dim = layer.configuration.dim, width = layer.configuration.heads * PhalanxLayer.headDim, c = layer.columns
         let (_, cache) = try layer.forward(x, batch: batch, length: length)
         let dMixed = try DeviceBuffer(context: context, byteCount: rows * width * 2)
         let out = try DeviceBuffer(context: context, byteCount: rows * max(dim, c.stride) * 2)
@@ -183,11 +183,11 @@ extension CUDABenchmark {
     /// time and their effective bandwidth against the copy bandwidth.
     func timeExact(_ context: CUDAContext, copy: Double) throws -> [String: Any] {
         let exact = try CUDAExactRecurrence(context: context, storage: .bfloat16)
-        print("\nExact recurrence (hierarchical: block solve, carrier scan, rerun), bf16, \(heads) heads x 16")
+        print("\nExact recurrence (hierarchical: block solve, carrier scan, rerun), bf16, \(heads) heads x \(PhalanxLayer.headDim)")
         var json: [String: Any] = [:]
         var rng = SeededGenerator(seed: 5)
         for shape in layerShapes {
-            let layout = SequenceLayout.batched(batch: shape.batch, length: shape.length, heads: heads, headDim: 16)
+            let layout = SequenceLayout.batched(batch: shape.batch, length: shape.length, heads: heads, headDim: PhalanxLayer.headDim)
             let a = try exact.storage.upload((0..<layout.gateCount).map { _ in Float.random(in: 0...1, using: &rng) }, context: context)
             let u = try exact.storage.upload((0..<layout.elementCount).map { _ in Float.random(in: -1...1, using: &rng) }, context: context)
             let bytes = layout.elementCount * 2

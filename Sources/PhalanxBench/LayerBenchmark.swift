@@ -44,8 +44,8 @@ public enum LayerBenchmark {
     public static func phalanx(dim: Int, kvHeads: Int, batch: Int = 1, length: Int, repeats: Int) -> LayerTiming {
         var rng = SeededGenerator(seed: 1)
         let layer = PhalanxLayer("bench", .init(dim: dim, kvHeads: kvHeads), rng: &rng)
-        let H = dim / 16
-        let projections = H + 2 * kvHeads * 16 + H * 16 + dim
+        let D = PhalanxLayer.headDim, H = dim / D
+        let projections = H + 2 * kvHeads * D + H * D + dim
         return time(layer, name: "phalanx", dim: dim, batch: batch, length: length, repeats: repeats,
                     gemmFlops: 2 * Double(batch * length) * Double(dim) * Double(projections))
     }

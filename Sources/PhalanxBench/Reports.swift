@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxLayers
 import PhalanxModels
 
 // The CPU benchmark reports of `phalanx bench`: each measures the ceilings, runs its benchmark,
@@ -63,10 +64,11 @@ extension LayerBenchmark {
 
         /// Throws for a width, head count or length the layers cannot take, naming the setting.
         public func validate() throws {
-            guard dim >= 16 && dim % 16 == 0 else { throw BenchmarkSettingError("dim must be a positive multiple of 16; got \(dim).") }
+            let D = PhalanxLayer.headDim
+            guard dim >= D && dim % D == 0 else { throw BenchmarkSettingError("dim must be a positive multiple of \(D); got \(dim).") }
             guard heads >= 1 && dim % heads == 0 else { throw BenchmarkSettingError("heads must divide dim; got \(heads).") }
-            if let kvHeads, kvHeads < 1 || (dim / 16) % kvHeads != 0 {
-                throw BenchmarkSettingError("kv heads must divide the \(dim / 16) heads; got \(kvHeads).")
+            if let kvHeads, kvHeads < 1 || (dim / D) % kvHeads != 0 {
+                throw BenchmarkSettingError("kv heads must divide the \(dim / D) heads; got \(kvHeads).")
             }
             guard length >= 1, window >= 1, repeats >= 1, !sweep.isEmpty, sweep.allSatisfy({ $0 >= 1 }) else {
                 throw BenchmarkSettingError("length, window, repeats and the sweep lengths must be positive.")
@@ -79,7 +81,7 @@ extension LayerBenchmark {
     public static func report(_ settings: Settings) {
         let ceilings = Ceilings.measure()
         let (dim, heads, length, window, repeats) = (settings.dim, settings.heads, settings.length, settings.window, settings.repeats)
-        let kv = settings.kvHeads ?? dim / 16
+        let kv = settings.kvHeads ?? dim / PhalanxLayer.headDim
         var json = ceilings.json
         json["benchmark"] = "layers"
 

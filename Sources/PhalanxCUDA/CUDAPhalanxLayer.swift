@@ -25,7 +25,7 @@ import SWR
 ///
 /// Layouts (row-major; rows = batch * length, sequence by sequence): `x`, `y`, `dx`, `dy`
 /// `[rows, dim]`; `z` and `dz` `[rows, stride]` with columns `b [KVH*16] | c [KVH*16] | v [H*16] |
-/// a [H]` then padding (`Columns`). Activations and weights are stored in `storage` (float32 or
+/// a [H]` then padding (`PhalanxLayer.Columns`, the CPU layer's order). Activations and weights are stored in `storage` (float32 or
 /// bfloat16); arithmetic and accumulation are float32; biases and every gradient of a parameter
 /// are float32.
 ///
@@ -37,22 +37,6 @@ import SWR
 ///     let dx = try gpu.backward(try gpu.storage.upload(outputGradient, context: gpu.context), cache: cache)
 ///     let gradients = try gpu.gradients()                                 // by checkpoint name, float32
 public final class CUDAPhalanxLayer: @unchecked Sendable {
-    /// Column offsets in `z` and `dz`: `b`, `c`, `v`, `a` in this order, so that every block of 16
-    /// channels starts at a multiple of 16; `width` = P = `2*KVH*16 + H*16 + H` columns used,
-    /// `stride` = P rounded up to a multiple of 8 (16- or 32-byte aligned rows).
-    public struct Columns: Hashable, Sendable {
-        public let b: Int, c: Int, v: Int, a: Int, width: Int, stride: Int
-
-        public init(heads: Int, kvHeads: Int) {
-            b = 0
-            c = kvHeads * 16
-            v = 2 * kvHeads * 16
-            a = v + heads * 16
-            width = a + heads
-            stride = (width + 7) / 8 * 8
-        }
-    }
-
     /// Which compiled variant of each kernel runs, and how work is cut: changes speed, never
     /// results (up to the order of float32 sums). The defaults were measured fastest on an H200 at
     /// dim 2048 and 32K tokens (`phalanx bench cuda` times every variant).
@@ -99,7 +83,8 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     public let storage: NumberFormat
     public let context: CUDAContext
     public let blas: CUBLAS
-    public let columns: Columns
+    /// Where each projection sits in `z` and `dz` (the CPU layer's order, padded to `stride`).
+    public let columns: PhalanxLayer.Columns
     /// `[P, dim]` in `storage`, rows in `Columns` order.
     public let inputWeight: DeviceBuffer
     /// `[P]` float32 in `Columns` order (the `v` part is zero: proj_v has no bias).
@@ -140,7 +125,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         self.context = context
         self.blas = try blas ?? CUBLAS(context: context)
         let dim = configuration.dim, H = configuration.heads
-        let columns = Columns(heads: H, kvHeads: configuration.kvHeads)
+        let columns = PhalanxLayer.Columns(configuration)
         self.columns = columns
         let weight = layer.projB.value.array + layer.projC.value.array + layer.projV.value.array + layer.projA.value.array
         inputWeight = try storage.upload(weight, context: context)

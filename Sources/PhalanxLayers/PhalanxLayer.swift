@@ -2,80 +2,104 @@ import Foundation
 import PhalanxRuntime
 import SWR
 
+/// `PhalanxLayer.headDim`, short for the layouts below.
+private let D = PhalanxLayer.headDim
+
 /// The Phalanx token mixer (SWR.md section 6): gated projections around a jagged-window
-/// recurrence (block length 16, k = 2).
+/// recurrence (block length `l` and window `k` from the configuration; the paper's 16 and 2).
 ///
-/// Input `x` `[batch, length, dim]`; `H = dim / 16` heads of `D = 16` channels; `KVH` key/value
-/// heads (head `h` reads kv head `h / (H / KVH)`):
+/// Input `x` `[batch, length, dim]`; `H = dim / D` heads of `D = PhalanxLayer.headDim = 16`
+/// channels; `KVH` key/value heads (head `h` reads kv head `h / (H / KVH)`):
 ///
 ///     a   = gateScale * sigmoid(proj_a(x))      [B, L, H]       one gate per head and position
-///     b   = sigmoid(repeat_kv(proj_b(x)))       [B, L, H, 16]
-///     c   = repeat_kv(proj_c(x))                [B, L, H, 16]   (no sigmoid)
-///     v   = proj_v(x)                           [B, L, H, 16]
-///     s   = SWR_jagged(a, b * v)                [B, L, H, 16]
+///     b   = sigmoid(repeat_kv(proj_b(x)))       [B, L, H, D]
+///     c   = repeat_kv(proj_c(x))                [B, L, H, D]    (no sigmoid)
+///     v   = proj_v(x)                           [B, L, H, D]
+///     s   = SWR_jagged(a, b * v)                [B, L, H, D]
 ///     y   = proj_out(flatten(s * c + v))        [B, L, dim]
 ///
 /// Parameters, named as in the reference checkpoints under `name`: `param.proj_a` `(H, dim)`
-/// with bias, `param.proj_b` and `param.proj_c` `(KVH*16, dim)` with bias, `param.proj_v`
-/// `(H*16, dim)` and `proj_out` `(dim, dim)` without.
+/// with bias, `param.proj_b` and `param.proj_c` `(KVH*D, dim)` with bias, `param.proj_v`
+/// `(H*D, dim)` and `proj_out` `(dim, dim)` without.
 ///
 /// Speed: the four input projections are views into one `[P, dim]` matrix,
-/// `P = H + 2*KVH*16 + H*16`, so forward is one matrix product into `z` `[rows, P]` (columns
-/// `a | b | c | v`) and backward one for `dx` and one for the weights. Gates, `b * v` and the
+/// `P = 2*KVH*D + H*D + H`, so forward is one matrix product into `z` `[rows, P]` (columns
+/// `b | c | v | a`, `Columns`) and backward one for `dx` and one for the weights. Gates, `b * v` and the
 /// post-gating are each one row-parallel pass; backward mirrors it.
 public final class PhalanxLayer: ParameterContainer {
+    /// Channels per head, `D`. Fixed: the CPU kernels hold one head in one 16-lane vector
+    /// (`SIMD16<Float>`), and the GPU kernels assign lanes per head by it.
+    public static let headDim = 16
+
     public struct Configuration: Codable, Hashable, Sendable {
         public var dim: Int
         public var kvHeads: Int
         /// Multiplies the gate sigmoid; the paper's models bound gates near 0.8. Default 1.
         public var gateScale: Float = 1
-        public var blockLength: Int = 16
+        /// Positions per block of the jagged window, `l`.
+        public var blockLength: Int
+        /// Blocks each position sees, `k` (1: its own; 2: its own and the previous one).
+        public var blocksSeen: Int
 
-        public init(dim: Int, kvHeads: Int, gateScale: Float = 1, blockLength: Int = 16) {
+        /// A layer of width `dim` (a multiple of `PhalanxLayer.headDim`) with `kvHeads` key/value heads.
+        public init(dim: Int, kvHeads: Int, gateScale: Float = 1, blockLength: Int = JaggedWindow.standardBlockLength,
+                    blocksSeen: Int = JaggedWindow.standardBlocksSeen) {
             self.dim = dim
             self.kvHeads = kvHeads
             self.gateScale = gateScale
             self.blockLength = blockLength
+            self.blocksSeen = blocksSeen
         }
 
-        public static let headDim = 16
-        public var heads: Int { dim / Self.headDim }
-        /// Columns of the fused input projection: `a | b | c | v`.
-        var projectionWidth: Int { heads + 2 * kvHeads * 16 + heads * 16 }
+        /// `dim / headDim`.
+        public var heads: Int { dim / D }
     }
 
-    /// Column offsets of `a`, `b`, `c`, `v` inside the fused projection output.
-    struct Columns {
-        let a = 0, b: Int, c: Int, v: Int, width: Int
-        init(_ configuration: Configuration) {
-            b = configuration.heads
-            c = b + configuration.kvHeads * 16
-            v = c + configuration.kvHeads * 16
-            width = configuration.projectionWidth
+    /// Column offsets of `b`, `c`, `v`, `a` inside the fused projection `z` `[rows, P]`, in this
+    /// order on every backend: each head's `D` channels start at a multiple of `D`.
+    ///
+    ///     b [KVH*D] | c [KVH*D] | v [H*D] | a [H]        width P = 2*KVH*D + H*D + H
+    ///
+    /// `stride` is `P` rounded up to a multiple of 8: the GPU's row pitch (16- or 32-byte aligned
+    /// rows for its vector loads); the CPU keeps rows `width` apart.
+    public struct Columns: Hashable, Sendable {
+        public let b: Int, c: Int, v: Int, a: Int, width: Int, stride: Int
+
+        /// The columns of a layer with `heads` heads and `kvHeads` key/value heads.
+        public init(heads: Int, kvHeads: Int) {
+            b = 0
+            c = kvHeads * D
+            v = 2 * kvHeads * D
+            a = v + heads * D
+            width = a + heads
+            stride = (width + 7) / 8 * 8
         }
+
+        /// The columns of `configuration`.
+        public init(_ configuration: Configuration) { self.init(heads: configuration.heads, kvHeads: configuration.kvHeads) }
     }
 
     /// What backward needs from forward, for one call.
     public struct Cache {
         public let input: Tensor
         public let shape: (batch: Int, length: Int)
-        /// `[rows, P]`: the activated projections, columns `a | b | c | v` (a after the sigmoid
-        /// and scale, b after the sigmoid).
+        /// `[rows, P]`: the activated projections in `Columns` order (a after the sigmoid and
+        /// scale, b after the sigmoid).
         let projections: Tensor
         /// `[rows, H]`: the gates again, contiguous for the recurrence.
         public let gates: Tensor
-        /// `[rows, H*16]`: `b * v` (the recurrence input), `s`, and `s * c + v`.
+        /// `[rows, H*D]`: `b * v` (the recurrence input), `s`, and `s * c + v`.
         public let recurrenceInput: Tensor, recurrence: Tensor, mixed: Tensor
         /// The recurrence state the call started from.
         let initialState: JaggedState
         let columns: Columns
 
-        /// `[rows, KVH*16]` sigmoid(proj_b(x)), a copy for inspection.
+        /// `[rows, KVH*D]` sigmoid(proj_b(x)), a copy for inspection.
         public var b: Tensor { slice(columns.b, columns.c) }
-        /// `[rows, KVH*16]` proj_c(x), a copy for inspection.
+        /// `[rows, KVH*D]` proj_c(x), a copy for inspection.
         public var c: Tensor { slice(columns.c, columns.v) }
-        /// `[rows, H*16]` proj_v(x), a copy for inspection.
-        public var v: Tensor { slice(columns.v, columns.width) }
+        /// `[rows, H*D]` proj_v(x), a copy for inspection.
+        public var v: Tensor { slice(columns.v, columns.a) }
 
         private func slice(_ from: Int, _ to: Int) -> Tensor {
             let rows = projections.rows
@@ -88,20 +112,22 @@ public final class PhalanxLayer: ParameterContainer {
     }
 
     public let configuration: Configuration
-    /// The fused input projection `[P, dim]` and the biases of `a | b | c` (`v` has none).
+    /// The fused input projection `[P, dim]` and its bias `[P]` (zero and never trained in the
+    /// `v` columns: proj_v has no bias), both in `Columns` order.
     let inputWeight: Parameter, inputBias: Parameter
     public let projA: Parameter, projABias: Parameter, projB: Parameter, projBBias: Parameter
     public let projC: Parameter, projCBias: Parameter, projV: Parameter
     public let projOut: Linear
     public let window: JaggedWindow
-    let columns: Columns
+    /// Where each projection sits in `z`.
+    public let columns: Columns
     let pool: WorkerPool
 
     /// Initialises every projection as PyTorch's `nn.Linear` does (uniform in `±1/sqrt(dim)`).
     public init(_ name: String, _ configuration: Configuration, rng: inout SeededGenerator, pool: WorkerPool = .shared) {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
-        require(dim % Configuration.headDim == 0 && dim > 0,
-                "PhalanxLayer \(name): dim must be a positive multiple of 16 (heads of 16 channels), got \(dim)")
+        require(dim % D == 0 && dim > 0,
+                "PhalanxLayer \(name): dim must be a positive multiple of \(D) (heads of \(D) channels), got \(dim)")
         require(KVH >= 1 && H % KVH == 0, "PhalanxLayer \(name): \(H) heads are not divisible into \(KVH) key/value heads")
         require(configuration.gateScale > 0 && configuration.gateScale <= 1,
                 "PhalanxLayer \(name): gateScale must be in (0, 1], got \(configuration.gateScale)")
@@ -110,7 +136,7 @@ public final class PhalanxLayer: ParameterContainer {
         columns = cols
         let p = qualified(name, "param")
         let weight = Tensor(zeros: [cols.width, dim]), weightGradient = Tensor(zeros: [cols.width, dim])
-        let bias = Tensor(zeros: [cols.v]), biasGradient = Tensor(zeros: [cols.v])
+        let bias = Tensor(zeros: [cols.width]), biasGradient = Tensor(zeros: [cols.width])
         func view(_ key: String, rows: Range<Int>, bias hasBias: Bool) -> (Parameter, Parameter?) {
             let w = Parameter(qualified(p, "\(key).weight"),
                               Tensor(viewing: weight, offset: rows.lowerBound * dim, shape: [rows.count, dim]),
@@ -125,15 +151,16 @@ public final class PhalanxLayer: ParameterContainer {
             if let b { for i in 0..<b.value.count { b.value[i] = Float.random(in: -bound...bound, using: &rng) } }
             return (w, b)
         }
-        let a = view("proj_a", rows: 0..<cols.b, bias: true)
+        // Drawn in the reference's parameter order a, b, c, v, whatever the storage order.
+        let a = view("proj_a", rows: cols.a..<cols.width, bias: true)
         let b = view("proj_b", rows: cols.b..<cols.c, bias: true)
         let c = view("proj_c", rows: cols.c..<cols.v, bias: true)
         (projA, projABias, projB, projBBias, projC, projCBias) = (a.0, a.1!, b.0, b.1!, c.0, c.1!)
-        projV = view("proj_v", rows: cols.v..<cols.width, bias: false).0
+        projV = view("proj_v", rows: cols.v..<cols.a, bias: false).0
         inputWeight = Parameter(qualified(p, "fused_input.weight"), weight, gradient: weightGradient, decays: true)
         inputBias = Parameter(qualified(p, "fused_input.bias"), bias, gradient: biasGradient, decays: false)
         projOut = Linear(qualified(name, "proj_out"), inputs: dim, outputs: dim, bias: false, rng: &rng)
-        window = JaggedWindow(blockLength: configuration.blockLength, blocksSeen: 2)
+        window = JaggedWindow(blockLength: configuration.blockLength, blocksSeen: configuration.blocksSeen)
         self.pool = pool
     }
 
@@ -149,9 +176,9 @@ public final class PhalanxLayer: ParameterContainer {
     }
 
     /// The recurrence state of `batch` sequences at their start: what decoding carries from one
-    /// call to the next (`(2 * 16 + 1) * heads` floats per sequence, whatever the context).
+    /// call to the next (`(2 * D + 1) * heads` floats per sequence, whatever the context).
     public func makeState(batch: Int) -> JaggedState {
-        JaggedState(sequences: batch, heads: configuration.heads, headDim: 16, blockLength: configuration.blockLength)
+        JaggedState(sequences: batch, heads: configuration.heads, headDim: D, blockLength: configuration.blockLength)
     }
 
     /// Continues every sequence from `state` and leaves in it the state after the last position:
@@ -170,38 +197,38 @@ public final class PhalanxLayer: ParameterContainer {
 
         // Biases and activations in place, the gates copied out contiguous, and the recurrence
         // input b * v.
-        let gates = Tensor(uninitialized: [rows, H]), recurrenceInput = Tensor(uninitialized: [rows, H * 16])
+        let gates = Tensor(uninitialized: [rows, H]), recurrenceInput = Tensor(uninitialized: [rows, H * D])
         let scale = configuration.gateScale, group = H / KVH
         let gp = gates.pointer, ip = recurrenceInput.pointer
         forEachRowChunk(rows) { _, range in
             for r in range {
                 let row = zp + r * P
-                forEachChannelChunk(cols.v, vector: { j in store16(load16(row + j) + load16(bias + j), row + j) },
-                                    scalar: { j in row[j] += bias[j] })
-                applySigmoid(row, count: H, scale: scale)
-                (gp + r * H).update(from: row, count: H)
+                addBias(row, bias, range: cols.b..<cols.v)
+                addBias(row, bias, range: cols.a..<cols.width)
+                applySigmoid(row + cols.a, count: H, scale: scale)
+                (gp + r * H).update(from: row + cols.a, count: H)
                 applySigmoid(row + cols.b, count: cols.c - cols.b)
                 for h in 0..<H {
-                    let bh = load16(row + cols.b + (h / group) * 16)
-                    store16(bh * load16(row + cols.v + h * 16), ip + (r * H + h) * 16)
+                    let bh = load16(row + cols.b + (h / group) * D)
+                    store16(bh * load16(row + cols.v + h * D), ip + (r * H + h) * D)
                 }
             }
         }
 
-        let recurrence = Tensor(uninitialized: [rows, H * 16])
-        let layout = SequenceLayout.batched(batch: batch, length: length, heads: H, headDim: 16)
+        let recurrence = Tensor(uninitialized: [rows, H * D])
+        let layout = SequenceLayout.batched(batch: batch, length: length, heads: H, headDim: D)
         window.forward(gates: gates.readOnly, inputs: recurrenceInput.readOnly, output: recurrence.buffer,
                        layout: layout, state: &state, pool: pool)
 
         // Post-gating s * c + v.
-        let mixed = Tensor(uninitialized: [rows, H * 16])
+        let mixed = Tensor(uninitialized: [rows, H * D])
         let sp = recurrence.pointer, mp = mixed.pointer
         forEachRowChunk(rows) { _, range in
             for r in range {
                 let row = zp + r * P
                 for h in 0..<H {
-                    let o = (r * H + h) * 16
-                    store16(load16(row + cols.v + h * 16).addingProduct(load16(sp + o), load16(row + cols.c + (h / group) * 16)), mp + o)
+                    let o = (r * H + h) * D
+                    store16(load16(row + cols.v + h * D).addingProduct(load16(sp + o), load16(row + cols.c + (h / group) * D)), mp + o)
                 }
             }
         }
@@ -226,11 +253,11 @@ public final class PhalanxLayer: ParameterContainer {
         require(dy.shape == [batch, length, dim], "PhalanxLayer.backward: cotangent \(dy.shape), expected \([batch, length, dim])")
         let group = H / KVH, scale = configuration.gateScale
 
-        let dMixed = Tensor(uninitialized: [rows, H * 16])
+        let dMixed = Tensor(uninitialized: [rows, H * D])
         projOut.backward(dy.pointer, input: cache.mixed.pointer, rows: rows, inputGradient: dMixed.pointer)
 
         // dz collects the gradient of every projection; the c columns get sum_group dmixed * s.
-        let dz = Tensor(uninitialized: [rows, P]), ds = Tensor(uninitialized: [rows, H * 16])
+        let dz = Tensor(uninitialized: [rows, P]), ds = Tensor(uninitialized: [rows, H * D])
         let z = cache.projections.pointer, dzp = dz.pointer, dmp = dMixed.pointer, dsp = ds.pointer
         let sp = cache.recurrence.pointer
         forEachRowChunk(rows) { _, range in
@@ -238,7 +265,7 @@ public final class PhalanxLayer: ParameterContainer {
                 let row = z + r * P, drow = dzp + r * P
                 (drow + cols.c).update(repeating: 0, count: cols.v - cols.c)
                 for h in 0..<H {
-                    let o = (r * H + h) * 16, kv = (h / group) * 16
+                    let o = (r * H + h) * D, kv = (h / group) * D
                     let dm = load16(dmp + o)
                     store16(dm * load16(row + cols.c + kv), dsp + o)
                     store16(load16(drow + cols.c + kv).addingProduct(dm, load16(sp + o)), drow + cols.c + kv)
@@ -246,43 +273,45 @@ public final class PhalanxLayer: ParameterContainer {
             }
         }
 
-        let dInput = Tensor(uninitialized: [rows, H * 16]), dGates = Tensor(uninitialized: [rows, H])
-        let layout = SequenceLayout.batched(batch: batch, length: length, heads: H, headDim: 16)
+        let dInput = Tensor(uninitialized: [rows, H * D]), dGates = Tensor(uninitialized: [rows, H])
+        let layout = SequenceLayout.batched(batch: batch, length: length, heads: H, headDim: D)
         window.backward(gates: cache.gates.readOnly, inputs: cache.recurrenceInput.readOnly,
                         outputGradient: ds.readOnly, layout: layout,
                         initialState: cache.initialState, inputGradient: dInput.buffer, gateGradient: dGates.buffer, pool: pool)
 
-        // dz of a, b and v; each thread also sums its rows of dz's first `cols.v` columns (the
+        // dz of a, b and v; each thread also sums its rows of dz's b, c and a columns (the
         // bias gradients), while the row is in cache.
         let dip = dInput.pointer, dgp = dGates.pointer
         let parts = rowChunks(rows)
-        let biasSums = Tensor(zeros: [parts, cols.v])
+        let biasSums = Tensor(zeros: [parts, P])
         let bsp = biasSums.pointer
         forEachRowChunk(rows) { part, range in
-            let sum = bsp + part * cols.v
+            let sum = bsp + part * P
             for r in range {
                 let row = z + r * P, drow = dzp + r * P
                 for h in 0..<H {
-                    let a = row[h]
-                    drow[h] = dgp[r * H + h] * a * (1 - a / scale)
+                    let a = row[cols.a + h]
+                    drow[cols.a + h] = dgp[r * H + h] * a * (1 - a / scale)
                 }
                 (drow + cols.b).update(repeating: 0, count: cols.c - cols.b)
                 for h in 0..<H {
-                    let o = (r * H + h) * 16, kv = cols.b + (h / group) * 16
+                    let o = (r * H + h) * D, kv = cols.b + (h / group) * D
                     let di = load16(dip + o)
-                    store16(load16(drow + kv).addingProduct(di, load16(row + cols.v + h * 16)), drow + kv)
-                    store16(load16(dmp + o).addingProduct(di, load16(row + kv)), drow + cols.v + h * 16)
+                    store16(load16(drow + kv).addingProduct(di, load16(row + cols.v + h * D)), drow + kv)
+                    store16(load16(dmp + o).addingProduct(di, load16(row + kv)), drow + cols.v + h * D)
                 }
                 for k in cols.b..<cols.c {
                     let b = row[k]
                     drow[k] *= b * (1 - b)
                 }
-                forEachChannelChunk(cols.v, vector: { j in store16(load16(sum + j) + load16(drow + j), sum + j) },
-                                    scalar: { j in sum[j] += drow[j] })
+                addBias(sum, drow, range: cols.b..<cols.v)
+                addBias(sum, drow, range: cols.a..<cols.width)
             }
         }
         let db = inputBias.gradient.pointer
-        for part in 0..<parts { for j in 0..<cols.v { db[j] += bsp[part * cols.v + j] } }
+        for part in 0..<parts {
+            for j in Array(cols.b..<cols.v) + Array(cols.a..<cols.width) { db[j] += bsp[part * P + j] }
+        }
 
         // Weights of all four projections at once, then dx.
         Gemm.multiply(m: P, n: dim, k: rows, dzp, transposeA: true, cache.input.pointer,
@@ -290,6 +319,14 @@ public final class PhalanxLayer: ParameterContainer {
         let dx = Tensor(uninitialized: [batch, length, dim])
         Gemm.multiply(m: rows, n: dim, k: P, dzp, inputWeight.value.pointer, into: dx.pointer, pool: pool)
         return dx
+    }
+
+    /// `row[j] += bias[j]` for `j` in `range`.
+    @inline(__always)
+    private func addBias(_ row: UnsafeMutablePointer<Float>, _ bias: UnsafePointer<Float>, range: Range<Int>) {
+        let (r, b) = (row + range.lowerBound, bias + range.lowerBound)
+        forEachChannelChunk(range.count, vector: { j in store16(load16(r + j) + load16(b + j), r + j) },
+                            scalar: { j in r[j] += b[j] })
     }
 
     /// Runs `body(part, range)` over `rows` split into `rowChunks(rows)` contiguous ranges.

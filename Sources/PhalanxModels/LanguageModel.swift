@@ -139,7 +139,8 @@ public final class LanguageModel: ParameterContainer {
     static func makeMixer(_ kind: MixerKind, name: String, _ c: ModelConfiguration, rng: inout SeededGenerator) -> any SequenceMixer {
         switch kind {
         case .phalanx:
-            return PhalanxLayer(name, .init(dim: c.dim, kvHeads: c.phalanxKVHeads, gateScale: c.gateScale), rng: &rng)
+            return PhalanxLayer(name, .init(dim: c.dim, kvHeads: c.phalanxKVHeads, gateScale: c.gateScale,
+                                                            blockLength: c.blockLength, blocksSeen: c.blocksSeen), rng: &rng)
         case .attention, .slidingWindow:
             return Attention(name, dim: c.dim, heads: c.attentionHeads, kvHeads: c.attentionKVHeads,
                                       headDim: c.attentionHeadDim, window: kind == .slidingWindow ? c.window : nil,

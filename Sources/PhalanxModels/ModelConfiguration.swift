@@ -1,4 +1,6 @@
 import Foundation
+import PhalanxLayers
+import SWR
 
 /// The kind of token mixer of a block, as written in a layer pattern.
 public enum MixerKind: Character, Codable, Sendable, CaseIterable {
@@ -28,8 +30,13 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
     public var window: Int
     /// Hidden width of the SwiGLU MLP.
     public var mlpHidden: Int
-    /// Key/value heads of the Phalanx layers (of `dim / 16` heads).
+    /// Key/value heads of the Phalanx layers (of `dim / PhalanxLayer.headDim` heads).
     public var phalanxKVHeads: Int
+    /// Positions per block of the Phalanx layers' jagged window, `l` (the paper's 16).
+    public var blockLength: Int
+    /// Blocks each position of a Phalanx layer sees, `k`: 1 (its own) or 2 (its own and the
+    /// previous one, the paper's choice).
+    public var blocksSeen: Int
     /// Scale on the Phalanx gate sigmoid (1: plain sigmoid).
     public var gateScale: Float
     public var tiedEmbedding: Bool
@@ -37,7 +44,8 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
 
     public init(vocabulary: Int = 256, dim: Int, depth: Int, pattern: String, attentionHeads: Int,
                 attentionKVHeads: Int? = nil, attentionHeadDim: Int? = nil, window: Int = 512,
-                mlpHidden: Int, phalanxKVHeads: Int? = nil, gateScale: Float = 1, tiedEmbedding: Bool = true,
+                mlpHidden: Int, phalanxKVHeads: Int? = nil, blockLength: Int = JaggedWindow.standardBlockLength,
+                blocksSeen: Int = JaggedWindow.standardBlocksSeen, gateScale: Float = 1, tiedEmbedding: Bool = true,
                 ropeBase: Float = 10000) {
         self.vocabulary = vocabulary
         self.dim = dim
@@ -48,7 +56,9 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
         self.attentionHeadDim = attentionHeadDim ?? dim / max(attentionHeads, 1)
         self.window = window
         self.mlpHidden = mlpHidden
-        self.phalanxKVHeads = phalanxKVHeads ?? dim / 16
+        self.phalanxKVHeads = phalanxKVHeads ?? dim / PhalanxLayer.headDim
+        self.blockLength = blockLength
+        self.blocksSeen = blocksSeen
         self.gateScale = gateScale
         self.tiedEmbedding = tiedEmbedding
         self.ropeBase = ropeBase
@@ -64,7 +74,8 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
     public func validate() throws {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message) }
         guard vocabulary >= 2 else { throw fail("vocabulary must be at least 2, got \(vocabulary)") }
-        guard dim >= 16 && dim % 16 == 0 else { throw fail("dim must be a positive multiple of 16 (Phalanx heads of 16), got \(dim)") }
+        let D = PhalanxLayer.headDim
+        guard dim >= D && dim % D == 0 else { throw fail("dim must be a positive multiple of \(D) (Phalanx heads of \(D)), got \(dim)") }
         guard depth >= 1 else { throw fail("depth must be at least 1, got \(depth)") }
         guard !pattern.isEmpty, pattern.allSatisfy({ MixerKind(rawValue: $0) != nil }) else {
             throw fail("pattern must be a non-empty string of P (Phalanx), S (sliding-window attention) and A (attention), got '\(pattern)'")
@@ -77,13 +88,44 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
         }
         guard window >= 1 else { throw fail("window must be at least 1, got \(window)") }
         guard mlpHidden >= 1 else { throw fail("mlpHidden must be at least 1, got \(mlpHidden)") }
-        guard phalanxKVHeads >= 1, (dim / 16) % phalanxKVHeads == 0 else {
-            throw fail("Phalanx key/value heads must divide the \(dim / 16) heads, got \(phalanxKVHeads)")
+        guard phalanxKVHeads >= 1, (dim / D) % phalanxKVHeads == 0 else {
+            throw fail("Phalanx key/value heads must divide the \(dim / D) heads, got \(phalanxKVHeads)")
         }
+        guard blockLength >= 1 else { throw fail("blockLength must be at least 1, got \(blockLength)") }
+        guard blocksSeen == 1 || blocksSeen == 2 else { throw fail("blocksSeen (k) must be 1 or 2, got \(blocksSeen)") }
         guard gateScale > 0 && gateScale <= 1 else { throw fail("gateScale must be in (0, 1], got \(gateScale)") }
     }
 }
 
+extension ModelConfiguration {
+    private enum CodingKeys: String, CodingKey {
+        case vocabulary, dim, depth, pattern, attentionHeads, attentionKVHeads, attentionHeadDim, window, mlpHidden
+        case phalanxKVHeads, blockLength, blocksSeen, gateScale, tiedEmbedding, ropeBase
+    }
+
+    /// Decodes a configuration; `blockLength` and `blocksSeen`, absent from checkpoints written
+    /// before they were configurable, default to the paper's 16 and 2 that those models used.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        vocabulary = try c.decode(Int.self, forKey: .vocabulary)
+        dim = try c.decode(Int.self, forKey: .dim)
+        depth = try c.decode(Int.self, forKey: .depth)
+        pattern = try c.decode(String.self, forKey: .pattern)
+        attentionHeads = try c.decode(Int.self, forKey: .attentionHeads)
+        attentionKVHeads = try c.decode(Int.self, forKey: .attentionKVHeads)
+        attentionHeadDim = try c.decode(Int.self, forKey: .attentionHeadDim)
+        window = try c.decode(Int.self, forKey: .window)
+        mlpHidden = try c.decode(Int.self, forKey: .mlpHidden)
+        phalanxKVHeads = try c.decode(Int.self, forKey: .phalanxKVHeads)
+        blockLength = try c.decodeIfPresent(Int.self, forKey: .blockLength) ?? JaggedWindow.standardBlockLength
+        blocksSeen = try c.decodeIfPresent(Int.self, forKey: .blocksSeen) ?? JaggedWindow.standardBlocksSeen
+        gateScale = try c.decode(Float.self, forKey: .gateScale)
+        tiedEmbedding = try c.decode(Bool.self, forKey: .tiedEmbedding)
+        ropeBase = try c.decode(Float.self, forKey: .ropeBase)
+    }
+}
+
+/// A model configuration value out of range; the message names the field and what is allowed.
 public struct ConfigurationError: Error, CustomStringConvertible, Equatable {
     public let description: String
     public init(_ description: String) { self.description = description }

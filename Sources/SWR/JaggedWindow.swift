@@ -21,12 +21,18 @@ import PhalanxRuntime
 /// Complexity: one streaming pass, 2 multiply-adds per channel and position; work is split over
 /// sequences and head groups, and over time chunks (with a one-block halo) when those are few.
 public struct JaggedWindow: Hashable, Sendable {
+    /// The paper's block length, `l = 16`: the default everywhere a block length is taken.
+    public static let standardBlockLength = 16
+    /// The paper's window, `k = 2` (a position sees its own block and the previous one).
+    public static let standardBlocksSeen = 2
+
     /// Positions per block, `l` (16 on the reference GPU kernel).
     public let blockLength: Int
     /// How many blocks a position sees: 1 (its own) or 2 (its own and the previous one).
     public let blocksSeen: Int
 
-    public init(blockLength: Int = 16, blocksSeen: Int = 2) {
+    /// A window of `blocksSeen` blocks of `blockLength` positions.
+    public init(blockLength: Int = standardBlockLength, blocksSeen: Int = standardBlocksSeen) {
         require(blockLength >= 1, "JaggedWindow: blockLength must be at least 1, got \(blockLength)")
         require(blocksSeen == 1 || blocksSeen == 2,
                      "JaggedWindow: blocksSeen (the reference's k) must be 1 or 2, got \(blocksSeen); use ExactRecurrence for the untruncated scan")

@@ -58,7 +58,7 @@ public struct JaggedState: Hashable, Sendable {
     public var offset: [Int]
 
     /// The state at the start of every sequence: offset 0, carrier 0 (no history).
-    public init(sequences: Int, heads: Int, headDim: Int, blockLength: Int = 16) {
+    public init(sequences: Int, heads: Int, headDim: Int, blockLength: Int = JaggedWindow.standardBlockLength) {
         require(blockLength >= 1, "JaggedState: blockLength must be at least 1, got \(blockLength)")
         self.sequences = sequences
         self.heads = heads
@@ -71,7 +71,7 @@ public struct JaggedState: Hashable, Sendable {
     }
 
     /// The empty-history state matching a layout.
-    public init(for layout: SequenceLayout, blockLength: Int = 16) {
+    public init(for layout: SequenceLayout, blockLength: Int = JaggedWindow.standardBlockLength) {
         self.init(sequences: layout.sequenceCount, heads: layout.heads, headDim: layout.headDim,
                   blockLength: blockLength)
     }

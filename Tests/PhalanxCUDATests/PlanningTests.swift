@@ -33,12 +33,12 @@ struct PlanningTests {
 
     @Test("the layer's projection columns: b | c | v | a, 16-aligned vectors, stride a multiple of 8")
     func columns() {
-        let full = CUDAPhalanxLayer.Columns(heads: 128, kvHeads: 128)
+        let full = PhalanxLayer.Columns(heads: 128, kvHeads: 128)
         #expect([full.b, full.c, full.v, full.a, full.width, full.stride] == [0, 2048, 4096, 6144, 6272, 6272])
-        let grouped = CUDAPhalanxLayer.Columns(heads: 3, kvHeads: 1)
+        let grouped = PhalanxLayer.Columns(heads: 3, kvHeads: 1)
         #expect([grouped.b, grouped.c, grouped.v, grouped.a, grouped.width, grouped.stride] == [0, 16, 32, 80, 83, 88])
         for heads in 1...20 {
-            let columns = CUDAPhalanxLayer.Columns(heads: heads, kvHeads: 1)
+            let columns = PhalanxLayer.Columns(heads: heads, kvHeads: 1)
             #expect(columns.stride % 8 == 0 && columns.stride >= columns.width && columns.stride < columns.width + 8)
             #expect(columns.width == 2 * 16 + heads * 17)
         }
