@@ -1,3 +1,4 @@
+import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
@@ -29,6 +30,9 @@ public struct CUDAExactRecurrence: Sendable {
     public let threadsPerBlock = 128
     /// The longest carrier scan run sequentially; longer ones are decomposed again.
     public static let scanLength = 32
+    /// Positions per block of the decomposition (a tiling, not a window: the result is exact
+    /// whatever it is), compiled into the kernels.
+    public static let blockLength = JaggedWindow.standardBlockLength
     private typealias Kernels = (carriers: CUDAContext.Function, apply: CUDAContext.Function)
     private let kernels: Kernels, carrierKernels: Kernels, scan: CUDAContext.Function
 
@@ -38,9 +42,13 @@ public struct CUDAExactRecurrence: Sendable {
         self.storage = storage
         let source = try KernelSources.source(named: "jagged_window") + "\n" + KernelSources.source(named: "exact_recurrence")
         let f = try context.functions(["exact_carriers_\(storage)", "exact_apply_\(storage)", "exact_carriers_f32",
-                                       "exact_apply_f32", "exact_scan"], source: source, sourceName: "exact_recurrence.cu")
+                                       "exact_apply_f32", "exact_scan"], source: source, sourceName: "exact_recurrence.cu",
+                                      options: KernelSources.definitions(blockLength: Self.blockLength))
         (kernels, carrierKernels, scan) = ((f[0], f[1]), (f[2], f[3]), f[4])
     }
+
+    /// Blocks of `blockLength` covering `length` positions.
+    private func blocks(_ length: Int) -> Int { (length + Self.blockLength - 1) / Self.blockLength }
 
     /// `output = x`, queued on the context's stream.
     ///
@@ -76,7 +84,7 @@ public struct CUDAExactRecurrence: Sendable {
                      output: DeviceBuffer, forwardOutput: DeviceBuffer, gateGradient: DeviceBuffer, reverse: Bool) throws {
         guard shape.batch > 0 && shape.length > 0 else { return }
         let (carriers, compounds) = try reduce(kernels.carriers, shape, gates: gates, values: values, reverse: reverse)
-        try scanCarriers(carriers, compounds: compounds, (shape.batch, (shape.length + 15) / 16, shape.heads))
+        try scanCarriers(carriers, compounds: compounds, (shape.batch, blocks(shape.length), shape.heads))
         try launch(kernels.apply, shape, [.buffer(gates), .buffer(values), .buffer(carriers), .buffer(output),
                                           .buffer(forwardOutput), .buffer(gateGradient)], reverse: reverse)
     }
@@ -85,8 +93,8 @@ public struct CUDAExactRecurrence: Sendable {
     /// (float32).
     private func reduce(_ kernel: CUDAContext.Function, _ shape: (batch: Int, length: Int, heads: Int),
                         gates: DeviceBuffer, values: DeviceBuffer, reverse: Bool) throws -> (DeviceBuffer, DeviceBuffer) {
-        let blocks = (shape.length + 15) / 16
-        let carriers = try DeviceBuffer(context: context, byteCount: shape.batch * blocks * shape.heads * 16 * 4)
+        let blocks = blocks(shape.length)
+        let carriers = try DeviceBuffer(context: context, byteCount: shape.batch * blocks * shape.heads * PhalanxLayer.headDim * 4)
         let compounds = try DeviceBuffer(context: context, byteCount: shape.batch * blocks * shape.heads * 4)
         try launch(kernel, shape, [.buffer(gates), .buffer(values), .buffer(carriers), .buffer(compounds)], reverse: reverse)
         return (carriers, compounds)
@@ -98,14 +106,14 @@ public struct CUDAExactRecurrence: Sendable {
     private func scanCarriers(_ carriers: DeviceBuffer, compounds: DeviceBuffer,
                               _ shape: (batch: Int, length: Int, heads: Int)) throws {
         if shape.length <= Self.scanLength {
-            let threads = shape.batch * shape.heads * 16
+            let threads = shape.batch * shape.heads * PhalanxLayer.headDim
             try context.launch(scan, grid: ((threads + threadsPerBlock - 1) / threadsPerBlock, 1, 1), block: (threadsPerBlock, 1, 1),
                                arguments: [.buffer(carriers), .buffer(compounds), .int32(Int32(shape.batch)),
                                            .int32(Int32(shape.length)), .int32(Int32(shape.heads))])
             return
         }
         let (upper, upperCompounds) = try reduce(carrierKernels.carriers, shape, gates: compounds, values: carriers, reverse: false)
-        try scanCarriers(upper, compounds: upperCompounds, (shape.batch, (shape.length + 15) / 16, shape.heads))
+        try scanCarriers(upper, compounds: upperCompounds, (shape.batch, blocks(shape.length), shape.heads))
         try launch(carrierKernels.apply, shape, [.buffer(compounds), .buffer(carriers), .buffer(upper), .buffer(carriers),
                                                  .buffer(carriers), .buffer(carriers)], reverse: false)
     }
@@ -113,7 +121,7 @@ public struct CUDAExactRecurrence: Sendable {
     /// A launch of one thread per (sequence, block, head, 4 channels).
     private func launch(_ kernel: CUDAContext.Function, _ shape: (batch: Int, length: Int, heads: Int),
                         _ buffers: [CUDAContext.Argument], reverse: Bool) throws {
-        let threads = shape.batch * ((shape.length + 15) / 16) * shape.heads * 4
+        let threads = shape.batch * (blocks(shape.length)) * shape.heads * 4
         try context.launch(kernel, grid: ((threads + threadsPerBlock - 1) / threadsPerBlock, 1, 1), block: (threadsPerBlock, 1, 1),
                            arguments: buffers + [.int32(Int32(shape.batch)), .int32(Int32(shape.length)),
                                                  .int32(Int32(shape.heads)), .int32(reverse ? 1 : 0)])

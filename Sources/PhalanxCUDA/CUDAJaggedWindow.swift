@@ -1,3 +1,4 @@
+import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
@@ -78,19 +79,23 @@ public struct CUDAJaggedWindow: Sendable {
     private var forwardKernelName: String { "swr_jagged_forward_\(kernelType)_v4" }
     private var backwardKernelName: String { "swr_jagged_backward_\(kernelType)_v\(tuning.backwardChannels)" }
 
+    /// The block lengths the kernels compile for: a whole block lives in registers.
+    public static let blockLengths = 1...16
+
     /// Compiles (once per context, then from its cache) and loads the kernels for `storage`.
     ///
     /// - Throws: `CUDAUnavailable` without NVRTC or the kernel sources, `NVRTCError`, `CUDAError`.
     public init(context: CUDAContext, window: JaggedWindow = JaggedWindow(), storage: NumberFormat = .float32) throws {
-        require(window.blockLength == 16,
-                "CUDAJaggedWindow: the kernels have block length 16, the window \(window.blockLength)")
+        require(Self.blockLengths.contains(window.blockLength),
+                "CUDAJaggedWindow: the kernels take block lengths \(Self.blockLengths), the window has \(window.blockLength)")
         self.context = context
         self.window = window
         self.storage = storage
         let type = storage == .float32 ? "f32" : "bf16"
         let names = ["swr_jagged_forward_\(type)_v4"] + Tuning.variants.map { "swr_jagged_backward_\(type)_v\($0.backwardChannels)" }
         let functions = try context.functions(names, source: try KernelSources.source(named: "jagged_window"),
-                                              sourceName: "jagged_window.cu")
+                                              sourceName: "jagged_window.cu",
+                                              options: KernelSources.definitions(blockLength: window.blockLength))
         kernels = Dictionary(uniqueKeysWithValues: zip(names, functions))
     }
 
@@ -152,7 +157,8 @@ public struct CUDAJaggedWindow: Sendable {
     func plan(_ shape: (batch: Int, length: Int, heads: Int), kernel: CUDAContext.Function,
               channels: Int) throws -> (chunkBlocks: Int, grid: Int) {
         let resident = tuning.chunkBlocks == nil ? try context.residentBlocks(kernel, threadsPerBlock: tuning.threadsPerBlock) : 0
-        let plan = ChunkPlan(batch: shape.batch, length: shape.length, lanesPerRow: shape.heads * (16 / channels),
+        let plan = ChunkPlan(batch: shape.batch, length: shape.length, blockLength: window.blockLength,
+                             lanesPerRow: shape.heads * (PhalanxLayer.headDim / channels),
                              threadsPerBlock: tuning.threadsPerBlock, chunkBlocks: tuning.chunkBlocks,
                              residentThreads: resident * tuning.threadsPerBlock * context.multiprocessorCount)
         return (plan.chunkBlocks, plan.gridBlocks)

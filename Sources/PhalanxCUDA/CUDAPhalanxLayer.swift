@@ -2,6 +2,9 @@ import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
+/// `PhalanxLayer.headDim`, short for the layouts below.
+private let D = PhalanxLayer.headDim
+
 /// The Phalanx token mixer (SWR.md section 6) on a CUDA device: the CPU `PhalanxLayer`'s
 /// parameters, names and results, as three steps per direction.
 ///
@@ -103,6 +106,9 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
             }
         }
     }
+    /// The block lengths the kernels compile for: multiples of 8 (rows load in groups of up to 8)
+    /// up to 16 (a block's gates and values fill the backward kernel's shared memory).
+    public static let blockLengths = [8, 16]
     /// Threads per thread block of the kernels.
     public let threadsPerBlock = 128
 
@@ -119,7 +125,9 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     public init(copying layer: PhalanxLayer, context: CUDAContext, storage: NumberFormat,
                 blas: CUBLAS? = nil) throws {
         let configuration = layer.configuration
-        require(configuration.blockLength == 16, "CUDAPhalanxLayer: the kernels have block length 16, the layer \(configuration.blockLength)")
+        require(Self.blockLengths.contains(configuration.blockLength),
+                "CUDAPhalanxLayer: the kernels take block lengths \(Self.blockLengths), the layer has \(configuration.blockLength)")
+        require(configuration.blocksSeen == 2, "CUDAPhalanxLayer: the kernels compute k = 2 (blocksSeen), the layer has \(configuration.blocksSeen)")
         self.configuration = configuration
         self.storage = storage
         self.context = context
@@ -130,7 +138,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         let weight = layer.projB.value.array + layer.projC.value.array + layer.projV.value.array + layer.projA.value.array
         inputWeight = try storage.upload(weight, context: context)
         bias = try DeviceBuffer(context: context, floats: layer.projBBias.value.array + layer.projCBias.value.array
-                                + [Float](repeating: 0, count: H * 16) + layer.projABias.value.array)
+                                + [Float](repeating: 0, count: H * D) + layer.projABias.value.array)
         outputWeight = try storage.upload(layer.projOut.weight.value.array, context: context)
         inputWeightGradient = try DeviceBuffer(context: context, byteCount: columns.width * dim * 4)
         biasGradient = try DeviceBuffer(context: context, byteCount: columns.width * 4)
@@ -141,7 +149,8 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         let kernelNames = Tuning.forwardVariants.map { "phalanx_forward_\(type)_v\($0.0)_r\($0.1)" }
             + Tuning.backwardVariants.map { "phalanx_backward_\(type)_v4_s\($0)" } + ["phalanx_group_sum_\(type)"]
         let source = try KernelSources.source(named: "jagged_window") + "\n" + KernelSources.source(named: "phalanx_layer")
-        let functions = try context.functions(kernelNames, source: source, sourceName: "phalanx_layer.cu")
+        let functions = try context.functions(kernelNames, source: source, sourceName: "phalanx_layer.cu",
+                                              options: KernelSources.definitions(blockLength: configuration.blockLength))
         kernels = Dictionary(uniqueKeysWithValues: zip(kernelNames, functions))
         try zeroGradients()
     }
@@ -155,7 +164,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     /// `y` `[batch, length, dim]` for `x` `[batch, length, dim]` (both in `storage`), every sequence
     /// from its start; queued on the context's stream.
     public func forward(_ x: DeviceBuffer, batch: Int, length: Int) throws -> (DeviceBuffer, Cache) {
-        let dim = configuration.dim, rows = batch * length, width = configuration.heads * 16
+        let dim = configuration.dim, rows = batch * length, width = configuration.heads * D
         check(x, rows * dim, "forward: x")
         let z = try DeviceBuffer(context: context, byteCount: rows * columns.stride * storage.byteCount)
         let y = try DeviceBuffer(context: context, byteCount: rows * dim * storage.byteCount)
@@ -176,8 +185,9 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     public func forwardElementwise(_ z: DeviceBuffer, batch: Int, length: Int) throws -> (mixed: DeviceBuffer, carriers: DeviceBuffer) {
         let rows = batch * length, H = configuration.heads
         check(z, rows * columns.stride, "forwardElementwise: z")
-        let mixed = try DeviceBuffer(context: context, byteCount: rows * H * 16 * storage.byteCount)
-        let carriers = try DeviceBuffer(context: context, byteCount: batch * ((length + 15) / 16) * H * 16 * 4)
+        let mixed = try DeviceBuffer(context: context, byteCount: rows * H * D * storage.byteCount)
+        let blocks = (length + configuration.blockLength - 1) / configuration.blockLength
+        let carriers = try DeviceBuffer(context: context, byteCount: batch * blocks * H * PhalanxLayer.headDim * 4)
         guard rows > 0 else { return (mixed, carriers) }
         let kernel = kernels["phalanx_forward_\(storage)_\(tuning.forwardSuffix)"]!
         let plan = try self.plan(kernel, channels: tuning.forwardChannels, batch: batch, length: length)
@@ -189,7 +199,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     /// Adds every parameter gradient for the output gradient `dy` `[batch, length, dim]` (in
     /// `storage`) to the float32 gradient buffers and returns `dx`; queued on the context's stream.
     public func backward(_ dy: DeviceBuffer, cache: Cache) throws -> DeviceBuffer {
-        let dim = configuration.dim, rows = cache.batch * cache.length, width = configuration.heads * 16
+        let dim = configuration.dim, rows = cache.batch * cache.length, width = configuration.heads * D
         check(dy, rows * dim, "backward: dy")
         let dx = try DeviceBuffer(context: context, byteCount: rows * dim * storage.byteCount)
         guard rows > 0 else { return dx }
@@ -212,7 +222,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     /// `dmixed` `[rows, H*16]`, adding the bias gradient; queued.
     public func backwardElementwise(_ dMixed: DeviceBuffer, cache: Cache) throws -> DeviceBuffer {
         let H = configuration.heads, KVH = configuration.kvHeads
-        let rows = cache.batch * cache.length, width = H * 16
+        let rows = cache.batch * cache.length, width = H * D
         check(dMixed, rows * width, "backwardElementwise: dmixed")
         let dz = try DeviceBuffer(context: context, byteCount: rows * columns.stride * storage.byteCount)
         guard rows > 0 else { return dz }
@@ -228,7 +238,7 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
             .buffer(cache.projections), .buffer(bias), .buffer(dMixed), .buffer(cache.carriers), .buffer(dz)] + headTargets
             + [.buffer(biasGradient)] + shapeArguments(batch: cache.batch, length: cache.length, plan: plan))
         if let scratch {
-            let sums = rows * KVH * 16
+            let sums = rows * KVH * D
             for (source, column) in [(scratch.b, columns.b), (scratch.c, columns.c)] {
                 try context.launch(kernels["phalanx_group_sum_\(storage)"]!, grid: ((sums + 255) / 256, 1, 1), block: (256, 1, 1),
                                    arguments: [
@@ -265,7 +275,8 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     /// The work split of a kernel with `channels` channels per thread.
     private func plan(_ kernel: CUDAContext.Function, channels: Int, batch: Int, length: Int) throws -> ChunkPlan {
         let resident = tuning.chunkBlocks == nil ? try context.residentBlocks(kernel, threadsPerBlock: threadsPerBlock) : 0
-        return ChunkPlan(batch: batch, length: length, lanesPerRow: configuration.heads * (16 / channels),
+        return ChunkPlan(batch: batch, length: length, blockLength: configuration.blockLength,
+                         lanesPerRow: configuration.heads * (PhalanxLayer.headDim / channels),
                          threadsPerBlock: threadsPerBlock, chunkBlocks: tuning.chunkBlocks,
                          residentThreads: resident * threadsPerBlock * context.multiprocessorCount)
     }
@@ -279,6 +290,6 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         require(buffer.context === context, "CUDAPhalanxLayer.\(label) belongs to another CUDAContext")
         require(buffer.byteCount >= count * storage.byteCount,
                 "CUDAPhalanxLayer.\(label) holds \(buffer.byteCount) bytes, expected \(count) \(storage) numbers")
-        require(count <= Int(Int32.max) * 16, "CUDAPhalanxLayer.\(label): \(count) numbers exceed the kernels' sizes")
+        require(count <= Int(Int32.max) * D, "CUDAPhalanxLayer.\(label): \(count) numbers exceed the kernels' sizes")
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxLayers
 
 /// What identifies a compiled kernel module: a hash of its source and compile options, and the GPU
 /// architecture it was compiled for (`sm_90`). Equal keys mean interchangeable CUBINs.
@@ -56,6 +57,13 @@ public enum KernelSources {
         let url = directory.appendingPathComponent("\(name).cu")
         do { return try String(contentsOf: url, encoding: .utf8) }
         catch { throw CUDAUnavailable("kernel source \(url.path) could not be read: \(error)") }
+    }
+
+    /// The compile definitions that give the kernels their shape constants: `SWR_BLOCK_LENGTH`
+    /// (positions per block, the model configuration's `blockLength`) and `SWR_HEAD_DIM`
+    /// (`PhalanxLayer.headDim`). Part of the compile options, hence of the kernel cache's key.
+    public static func definitions(blockLength: Int) -> [String] {
+        ["-DSWR_BLOCK_LENGTH=\(blockLength)", "-DSWR_HEAD_DIM=\(PhalanxLayer.headDim)"]
     }
 
     /// The NVRTC options every kernel of this package is compiled with for `architecture`:

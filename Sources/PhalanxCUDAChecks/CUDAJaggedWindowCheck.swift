@@ -1,5 +1,6 @@
 import Foundation
 import PhalanxCUDA
+import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
@@ -42,20 +43,22 @@ public enum CUDAJaggedWindowCheck {
         public var heads: Int
         public var gates: Gates
         public var blocksSeen: Int
+        /// Positions per block, compiled into the kernels.
+        public var blockLength: Int
         public var tuning: CUDAJaggedWindow.Tuning
 
         /// `tuning` defaults to `Tuning()` with `chunkBlocks`.
         public init(storage: NumberFormat, batch: Int = 2, length: Int, heads: Int = 3,
-                    gates: Gates = .random, blocksSeen: Int = 2, chunkBlocks: Int? = nil,
-                    tuning: CUDAJaggedWindow.Tuning? = nil) {
+                    gates: Gates = .random, blocksSeen: Int = 2, blockLength: Int = JaggedWindow.standardBlockLength,
+                    chunkBlocks: Int? = nil, tuning: CUDAJaggedWindow.Tuning? = nil) {
             (self.storage, self.batch, self.length, self.heads, self.gates) = (storage, batch, length, heads, gates)
-            self.blocksSeen = blocksSeen
+            (self.blocksSeen, self.blockLength) = (blocksSeen, blockLength)
             self.tuning = tuning ?? CUDAJaggedWindow.Tuning()
             if let chunkBlocks { self.tuning.chunkBlocks = chunkBlocks }
         }
 
         public var description: String {
-            "\(storage) B=\(batch) L=\(length) H=\(heads) gates \(gates) k=\(blocksSeen), \(tuning)"
+            "\(storage) B=\(batch) L=\(length) H=\(heads) gates \(gates) l=\(blockLength) k=\(blocksSeen), \(tuning)"
         }
     }
 
@@ -87,7 +90,7 @@ public enum CUDAJaggedWindowCheck {
     }
 
     /// Ragged lengths (1, 15, 16, 17, 100, 1000) in every gate regime and both storages; chunks of
-    /// 1 and 3 blocks (every halo path); k = 1; one case of 128 heads and 4096 positions (many
+    /// 1 and 3 blocks (every halo path); k = 1; block lengths 5 and 8; one case of 128 heads and 4096 positions (many
     /// warps and chunks); and every kernel variant (`Tuning.variants`) and block size 256 on a few
     /// of these.
     public static var standardCases: [Case] {
@@ -101,6 +104,12 @@ public enum CUDAJaggedWindowCheck {
                 cases.append(Case(storage: storage, length: 1000, gates: .one, chunkBlocks: chunk))
             }
             cases.append(Case(storage: storage, length: 17, blocksSeen: 1))
+            // Other block lengths (compiled in): 5 and 8 positions, with chunks that cut them.
+            for blockLength in [5, 8] {
+                cases.append(Case(storage: storage, length: 100, blockLength: blockLength))
+                cases.append(Case(storage: storage, length: 100, blocksSeen: 1, blockLength: blockLength))
+                cases.append(Case(storage: storage, length: 1000, gates: .nearOne, blockLength: blockLength, chunkBlocks: 3))
+            }
             cases.append(Case(storage: storage, batch: 1, length: 4096, heads: 128))
             let alternatives = CUDAJaggedWindow.Tuning.variants + [CUDAJaggedWindow.Tuning(threadsPerBlock: 256)]
             for tuning in alternatives where tuning != CUDAJaggedWindow.Tuning() {
@@ -115,10 +124,10 @@ public enum CUDAJaggedWindowCheck {
 
     /// Runs one case on `context` and on the CPU.
     public static func run(_ testCase: Case, context: CUDAContext) throws -> Outcome {
-        let window = JaggedWindow(blockLength: 16, blocksSeen: testCase.blocksSeen)
+        let window = JaggedWindow(blockLength: testCase.blockLength, blocksSeen: testCase.blocksSeen)
         var gpu = try CUDAJaggedWindow(context: context, window: window, storage: testCase.storage)
         gpu.tuning = testCase.tuning
-        let layout = SequenceLayout.batched(batch: testCase.batch, length: testCase.length, heads: testCase.heads, headDim: 16)
+        let layout = SequenceLayout.batched(batch: testCase.batch, length: testCase.length, heads: testCase.heads, headDim: PhalanxLayer.headDim)
 
         let regime = Gates.allCases.firstIndex(of: testCase.gates)!
         var rng = SeededGenerator(seed: UInt64(testCase.length * 1009 + testCase.heads * 31 + regime * 7 + testCase.batch))
@@ -131,7 +140,7 @@ public enum CUDAJaggedWindowCheck {
         var expectedOutput = [Float](repeating: 0, count: layout.elementCount)
         var expectedInputGradient = expectedOutput
         var expectedGateGradient = [Float](repeating: 0, count: layout.gateCount)
-        var state = JaggedState(for: layout)
+        var state = JaggedState(for: layout, blockLength: window.blockLength)
         gates.withUnsafeBufferPointer { a in
             inputs.withUnsafeBufferPointer { u in
                 outputGradient.withUnsafeBufferPointer { dy in
@@ -141,7 +150,7 @@ public enum CUDAJaggedWindowCheck {
                     expectedInputGradient.withUnsafeMutableBufferPointer { du in
                         expectedGateGradient.withUnsafeMutableBufferPointer { da in
                             _ = window.backward(gates: a, inputs: u, outputGradient: dy, layout: layout,
-                                            initialState: JaggedState(for: layout), inputGradient: du, gateGradient: da)
+                                            initialState: JaggedState(for: layout, blockLength: window.blockLength), inputGradient: du, gateGradient: da)
                         }
                     }
                 }

@@ -2,6 +2,7 @@ import Foundation
 import PhalanxCUDA
 import PhalanxLayers
 import PhalanxRuntime
+import SWR
 
 /// The comparisons of `CUDAPhalanxLayer` with the CPU `PhalanxLayer` that define it: the tests run
 /// them, and so does `phalanx bench cuda --check`.
@@ -23,17 +24,20 @@ public enum CUDAPhalanxLayerCheck {
         public var dim: Int, kvHeads: Int
         public var gateScale: Float
         public var gates: Gates
+        /// Positions per block, compiled into the kernels.
+        public var blockLength: Int
         /// The kernel variants and chunk length.
         public var tuning: CUDAPhalanxLayer.Tuning
 
         public init(storage: NumberFormat, batch: Int, length: Int, dim: Int = 64, kvHeads: Int = 4,
-                    gateScale: Float = 1, gates: Gates = .random, tuning: CUDAPhalanxLayer.Tuning = .init()) {
+                    gateScale: Float = 1, gates: Gates = .random, blockLength: Int = JaggedWindow.standardBlockLength,
+                    tuning: CUDAPhalanxLayer.Tuning = .init()) {
             (self.storage, self.batch, self.length, self.dim, self.kvHeads) = (storage, batch, length, dim, kvHeads)
-            (self.gateScale, self.gates, self.tuning) = (gateScale, gates, tuning)
+            (self.gateScale, self.gates, self.blockLength, self.tuning) = (gateScale, gates, blockLength, tuning)
         }
 
         public var description: String {
-            "layer \(storage) B=\(batch) L=\(length) dim=\(dim) KVH=\(kvHeads) scale \(gateScale) gates \(gates), \(tuning)"
+            "layer \(storage) B=\(batch) L=\(length) dim=\(dim) KVH=\(kvHeads) scale \(gateScale) gates \(gates) l=\(blockLength), \(tuning)"
         }
     }
 
@@ -63,7 +67,7 @@ public enum CUDAPhalanxLayerCheck {
     }
 
     /// Ragged lengths (1, 17, 33, 100, 300), every gate regime, gate scale 0.8, kv groups of 1, 2
-    /// and 4 heads, chunks of 1 and 3 blocks (the halo paths), 8 heads of a warp and a partial warp,
+    /// and 4 heads, chunks of 1 and 3 blocks (the halo paths), block length 8, 8 heads of a warp and a partial warp,
     /// and every kernel variant, in both storages.
     public static var standardCases: [Case] {
         NumberFormat.allCases.flatMap { storage in
@@ -77,6 +81,8 @@ public enum CUDAPhalanxLayerCheck {
                 Case(storage: storage, batch: 2, length: 300, dim: 48, kvHeads: 3, tuning: .init(chunkBlocks: 1)),
                 Case(storage: storage, batch: 1, length: 300, dim: 128, kvHeads: 2, gateScale: 0.8, gates: .nearOne,
                      tuning: .init(chunkBlocks: 3)),
+                Case(storage: storage, batch: 2, length: 100, kvHeads: 2, blockLength: 8),
+                Case(storage: storage, batch: 1, length: 300, gates: .nearOne, blockLength: 8, tuning: .init(chunkBlocks: 3)),
             ] + variants.flatMap { tuning in
                 [Case(storage: storage, batch: 2, length: 100, kvHeads: 2, gateScale: 0.8, tuning: tuning),
                  Case(storage: storage, batch: 1, length: 300, dim: 128, kvHeads: 8, gates: .nearOne, tuning: tuning)]
@@ -99,7 +105,8 @@ public enum CUDAPhalanxLayerCheck {
     public static func run(_ testCase: Case, context: CUDAContext, blas: CUBLAS? = nil) throws -> Outcome {
         let storage = testCase.storage
         var rng = SeededGenerator(seed: UInt64(testCase.length * 131 + testCase.dim * 7 + testCase.kvHeads))
-        let cpu = PhalanxLayer("check", .init(dim: testCase.dim, kvHeads: testCase.kvHeads, gateScale: testCase.gateScale),
+        let cpu = PhalanxLayer("check", .init(dim: testCase.dim, kvHeads: testCase.kvHeads, gateScale: testCase.gateScale,
+                                                      blockLength: testCase.blockLength),
                                rng: &rng)
         for parameter in cpu.parameters {
             let values = storage.rounded(parameter.value.array)

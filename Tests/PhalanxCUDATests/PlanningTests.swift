@@ -10,24 +10,27 @@ struct PlanningTests {
     func chunkPlan() {
         // 1 x 32768 rows, 128 heads x 4 lanes: 2048 blocks, 512 lanes per row.
         let wave = 132 * 3 * 128
-        let plan = ChunkPlan(batch: 1, length: 32768, lanesPerRow: 512, threadsPerBlock: 128, residentThreads: wave)
+        let plan = ChunkPlan(batch: 1, length: 32768, blockLength: 16, lanesPerRow: 512, threadsPerBlock: 128, residentThreads: wave)
         #expect(plan.chunkBlocks == 21)  // ceil(2048 * 512 / 50688)
         #expect(plan.threads == 98 * 512)  // ceil(2048 / 21) chunks
         #expect(plan.gridBlocks == 392)
         #expect(plan.threads <= wave)
         // Work smaller than a wave: one block per thread.
-        #expect(ChunkPlan(batch: 2, length: 100, lanesPerRow: 12, threadsPerBlock: 128, residentThreads: wave).chunkBlocks == 1)
+        #expect(ChunkPlan(batch: 2, length: 100, blockLength: 16, lanesPerRow: 12, threadsPerBlock: 128, residentThreads: wave).chunkBlocks == 1)
         // A fixed chunk longer than the sequence is clamped to it; the partial block counts.
-        let fixed = ChunkPlan(batch: 3, length: 33, lanesPerRow: 8, threadsPerBlock: 32, chunkBlocks: 10, residentThreads: 0)
+        let fixed = ChunkPlan(batch: 3, length: 33, blockLength: 16, lanesPerRow: 8, threadsPerBlock: 32, chunkBlocks: 10, residentThreads: 0)
         #expect(fixed.chunkBlocks == 3 && fixed.threads == 24 && fixed.gridBlocks == 1)
-        let empty = ChunkPlan(batch: 0, length: 0, lanesPerRow: 4, threadsPerBlock: 128, residentThreads: wave)
+        // Blocks follow the block length: 33 rows are 5 blocks of 8.
+        let eights = ChunkPlan(batch: 3, length: 33, blockLength: 8, lanesPerRow: 8, threadsPerBlock: 32, chunkBlocks: 10, residentThreads: 0)
+        #expect(eights.chunkBlocks == 5 && eights.threads == 24)
+        let empty = ChunkPlan(batch: 0, length: 0, blockLength: 16, lanesPerRow: 4, threadsPerBlock: 128, residentThreads: wave)
         #expect(empty.threads == 0 && empty.gridBlocks == 0)
     }
 
     @Test("a chunk plan refuses a chunk of no blocks")
     func chunkPlanMisuse() async {
         await #expect(processExitsWith: .failure) {
-            _ = ChunkPlan(batch: 1, length: 16, lanesPerRow: 4, threadsPerBlock: 128, chunkBlocks: 0, residentThreads: 1)
+            _ = ChunkPlan(batch: 1, length: 16, blockLength: 16, lanesPerRow: 4, threadsPerBlock: 128, chunkBlocks: 0, residentThreads: 1)
         }
     }
 
@@ -53,18 +56,30 @@ struct PlanningTests {
         #expect(NumberFormat.bfloat16.cudaDataType == 14 && NumberFormat.float32.cudaDataType == 0)  // cudaDataType_t
     }
 
-    @Test("the layer and exact-recurrence sources ship with their entry points and compile (NVRTC, no GPU)")
+    @Test("the layer and exact-recurrence sources ship with their entry points")
     func layerSources() throws {
         #expect(Set(["jagged_window", "phalanx_layer", "exact_recurrence"]).isSubset(of: KernelSources.names))
         let layer = try KernelSources.source(named: "phalanx_layer"), exact = try KernelSources.source(named: "exact_recurrence")
         #expect(layer.contains("PHALANX_KERNELS(f32, Float32)") && layer.contains("PHALANX_KERNELS(bf16, BFloat16)"))
         #expect(exact.contains("EXACT_KERNELS(f32, Float32)") && exact.contains("void exact_scan("))
-        guard case .success(let nvrtc) = NVRTC.shared else { return }
-        let base = try KernelSources.source(named: "jagged_window")
-        for (name, source) in [("phalanx_layer.cu", layer), ("exact_recurrence.cu", exact)] {
+    }
+
+    @Test("the layer and exact-recurrence kernels compile at the block lengths they take, and not at others (NVRTC, no GPU)",
+          .enabled(if: NVRTCAvailable.yes, Comment(rawValue: "NVRTC not found: \(NVRTCAvailable.reason)")))
+    func layerSourcesCompile() throws {
+        let nvrtc = try NVRTC.shared.get()
+        let base = try KernelSources.source(named: "jagged_window"), options = KernelSources.compileOptions(architecture: "sm_90")
+        let layer = try KernelSources.source(named: "phalanx_layer"), exact = try KernelSources.source(named: "exact_recurrence")
+        let builds = CUDAPhalanxLayer.blockLengths.map { ("phalanx_layer.cu", layer, $0) }
+            + [("exact_recurrence.cu", exact, CUDAExactRecurrence.blockLength)]
+        for (name, source, blockLength) in builds {
             let compiled = try nvrtc.compile(source: base + "\n" + source, name: name,
-                                             options: KernelSources.compileOptions(architecture: "sm_90"))
-            #expect(Array(compiled.cubin.prefix(4)) == [0x7f, 0x45, 0x4c, 0x46], "\(name)")
+                                             options: options + KernelSources.definitions(blockLength: blockLength))
+            #expect(Array(compiled.cubin.prefix(4)) == [0x7f, 0x45, 0x4c, 0x46], "\(name) l=\(blockLength)")
+        }
+        #expect(throws: NVRTCError.self) {  // rows load in groups of up to 8
+            _ = try nvrtc.compile(source: base + "\n" + layer, name: "phalanx_layer.cu",
+                                  options: options + KernelSources.definitions(blockLength: 12))
         }
     }
 }

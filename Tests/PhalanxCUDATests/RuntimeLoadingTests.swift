@@ -72,17 +72,36 @@ struct RuntimeLoadingTests {
         #expect(KernelSources.compileOptions(architecture: "sm_90").prefix(2) == ["--gpu-architecture=sm_90", "-std=c++17"])
     }
 
-    @Test("the kernels compile with NVRTC for Hopper and Ampere (no GPU needed)",
+    @Test("the kernels compile with NVRTC for Hopper and Ampere at every block length they take (no GPU needed)",
           .enabled(if: NVRTCAvailable.yes, Comment(rawValue: "NVRTC not found: \(NVRTCAvailable.reason)")))
     func kernelsCompile() throws {
         let nvrtc = try NVRTC.shared.get()
         let source = try KernelSources.source(named: "jagged_window")
         for architecture in ["sm_90", "sm_80"] {
-            let compiled = try nvrtc.compile(source: source, name: "jagged_window.cu",
-                                             options: KernelSources.compileOptions(architecture: architecture))
-            #expect(compiled.cubin.count > 1000, "\(architecture): \(compiled.cubin.count) bytes")
-            #expect(Array(compiled.cubin.prefix(4)) == [0x7f, 0x45, 0x4c, 0x46])  // an ELF image
+            for blockLength in [1, 5, 8, 16] {
+                let compiled = try nvrtc.compile(source: source, name: "jagged_window.cu",
+                                                 options: KernelSources.compileOptions(architecture: architecture)
+                                                     + KernelSources.definitions(blockLength: blockLength))
+                #expect(compiled.cubin.count > 1000, "\(architecture) l=\(blockLength): \(compiled.cubin.count) bytes")
+                #expect(Array(compiled.cubin.prefix(4)) == [0x7f, 0x45, 0x4c, 0x46])  // an ELF image
+            }
         }
+    }
+
+    @Test("the block length reaches the kernels only as a compile definition, and one they cannot take does not compile",
+          .enabled(if: NVRTCAvailable.yes, Comment(rawValue: "NVRTC not found: \(NVRTCAvailable.reason)")))
+    func blockLengthDefinition() throws {
+        let nvrtc = try NVRTC.shared.get()
+        let source = try KernelSources.source(named: "jagged_window")
+        let options = KernelSources.compileOptions(architecture: "sm_90")
+        #expect(KernelSources.definitions(blockLength: 8) == ["-DSWR_BLOCK_LENGTH=8", "-DSWR_HEAD_DIM=16"])
+        for (label, extra) in [("no definitions", [String]()), ("block length 17", KernelSources.definitions(blockLength: 17))] {
+            #expect(throws: NVRTCError.self, "\(label)") {
+                _ = try nvrtc.compile(source: source, name: "jagged_window.cu", options: options + extra)
+            }
+        }
+        #expect(KernelKey(source: source, options: options + KernelSources.definitions(blockLength: 8), architecture: "sm_90")
+                != KernelKey(source: source, options: options + KernelSources.definitions(blockLength: 16), architecture: "sm_90"))
     }
 
     @Test("a source that does not compile is NVRTCError with the compiler's log")

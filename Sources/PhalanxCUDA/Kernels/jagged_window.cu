@@ -26,8 +26,16 @@
 
 namespace swr {
 
-constexpr int kBlock = 16;    // positions per block, l
-constexpr int kHeadDim = 16;  // channels per head, DH
+// The shape constants come from the host as compile definitions (KernelSources.definitions), so
+// one number, the model configuration's, reaches every kernel.
+#if !defined(SWR_BLOCK_LENGTH) || !defined(SWR_HEAD_DIM)
+#error "compile with -DSWR_BLOCK_LENGTH=<positions per block> -DSWR_HEAD_DIM=<channels per head>"
+#endif
+constexpr int kBlock = SWR_BLOCK_LENGTH;  // positions per block, l
+constexpr int kHeadDim = SWR_HEAD_DIM;    // channels per head, DH
+// A whole block of gates and values lives in registers; a head is 16 / V threads of V channels.
+static_assert(kBlock >= 1 && kBlock <= 16, "block length must be in 1...16 on the GPU");
+static_assert(kHeadDim == 16, "the kernels assign 16 / V threads of V channels to a head");
 
 // ---- storage: float32 or bfloat16 bits, converted to float32 on load --------------------------
 

@@ -40,6 +40,8 @@
 namespace phalanx {
 
 using swr::kBlock;
+// Rows are loaded in groups of up to 8 (RowGroup) without per-row bounds inside a full block.
+static_assert(kBlock % 8 == 0, "the Phalanx layer kernels take block lengths that are multiples of 8");
 using swr::kHeadDim;
 
 // The problem of one launch.
