@@ -1,6 +1,7 @@
 import Foundation
 import PhalanxLayers
 import PhalanxRuntime
+import PhalanxTestSupport
 import Testing
 
 /// Double-precision definitions of the basic layers, for forward checks and finite differences.
@@ -39,7 +40,7 @@ struct BasicLayerTests {
         let params = parameters.map { $0.value.array.map(Double.init) }
         func loss(_ x: [Double], _ p: [[Double]]) -> Double { dot(dy64, f(x, p)) }
         let xs = probes(x64.count)
-        expectClose(xs.map { dx[$0] }, finiteDifferences(x64, probes: xs) { loss($0, params) }, "dx")
+        expectClose(xs.map { dx[$0] }, finiteDifferences(x64, probes: xs) { loss($0, params) }, tolerance: .float32Layer, "dx")
         for (i, p) in parameters.enumerated() {
             let ps = probes(params[i].count)
             let numeric = finiteDifferences(params[i], probes: ps) { v in
@@ -47,7 +48,7 @@ struct BasicLayerTests {
                 q[i] = v
                 return loss(x64, q)
             }
-            expectClose(ps.map { p.gradient[$0] }, numeric, p.name)
+            expectClose(ps.map { p.gradient[$0] }, numeric, tolerance: .float32Layer, p.name)
         }
     }
 
@@ -61,7 +62,7 @@ struct BasicLayerTests {
         let f = { (x: [Double], p: [[Double]]) in
             BasicReference.linear(x, rows: 6, inputs: 7, outputs: 5, weight: p[0], bias: bias ? p[1] : nil)
         }
-        expectClose(y.array, f(x.array.map(Double.init), layer.parameters.map { $0.value.array.map(Double.init) }))
+        expectClose(y.array, f(x.array.map(Double.init), layer.parameters.map { $0.value.array.map(Double.init) }), tolerance: .float32Layer)
         let dx = layer.backward(dy, input: x)
         checkGradients(x: x, dx: dx, dy: dy, parameters: layer.parameters, f)
     }
@@ -74,7 +75,7 @@ struct BasicLayerTests {
         let x = randomTensor([5, 8], _: &rng), dy = randomTensor([5, 8], _: &rng)
         for i in 0..<8 { x[8 + i] = 0 }
         let f = { (x: [Double], p: [[Double]]) in BasicReference.rmsNorm(x, dim: 8, weight: p[0], eps: 1e-5) }
-        expectClose(norm.forward(x).array, f(x.array.map(Double.init), [norm.weight.value.array.map(Double.init)]))
+        expectClose(norm.forward(x).array, f(x.array.map(Double.init), [norm.weight.value.array.map(Double.init)]), tolerance: .float32Layer)
         let dx = norm.backward(dy, input: x)
         checkGradients(x: x, dx: dx, dy: dy, parameters: norm.parameters, f)
     }
@@ -88,7 +89,7 @@ struct BasicLayerTests {
         let f = { (x: [Double], p: [[Double]]) in
             BasicReference.swiGLU(x, rows: 8, dim: 6, hidden: 10, gate: p[0], up: p[1], down: p[2])
         }
-        expectClose(y.array, f(x.array.map(Double.init), mlp.parameters.map { $0.value.array.map(Double.init) }))
+        expectClose(y.array, f(x.array.map(Double.init), mlp.parameters.map { $0.value.array.map(Double.init) }), tolerance: .float32Layer)
         let dx = mlp.backward(dy, cache: cache)
         checkGradients(x: x, dx: dx, dy: dy, parameters: mlp.parameters, f)
     }

@@ -1,4 +1,5 @@
 import PhalanxRuntime
+import PhalanxTestSupport
 import SWR
 import Testing
 
@@ -18,7 +19,7 @@ struct JaggedWindowTests {
                 let inputs = randomInputs(layout.elementCount, &rng)
                 let expected = Reference.jaggedWindow(
                     gates: gates.map(Double.init), inputs: inputs.map(Double.init), layout: layout, window: window)
-                expectClose(jagged(window, gates: gates, inputs: inputs, layout: layout), expected.output,
+                expectClose(jagged(window, gates: gates, inputs: inputs, layout: layout), expected.output, tolerance: .float32Kernel,
                             "\(regime), \(layout)")
             }
         }
@@ -33,7 +34,7 @@ struct JaggedWindowTests {
         let inputs = randomInputs(layout.elementCount, &rng)
         let expected = Reference.jaggedWindow(gates: gates.map(Double.init), inputs: inputs.map(Double.init),
                                               layout: layout, window: window)
-        expectClose(jagged(window, gates: gates, inputs: inputs, layout: layout), expected.output)
+        expectClose(jagged(window, gates: gates, inputs: inputs, layout: layout), expected.output, tolerance: .float32Kernel)
     }
 
     @Test("a window covering the whole sequence equals the exact recurrence")
@@ -43,7 +44,7 @@ struct JaggedWindowTests {
         let gates = GateRegime.nearOne.draw(layout.gateCount, &rng)
         let inputs = randomInputs(layout.elementCount, &rng)
         let full = Reference.exactRecurrence(gates: gates.map(Double.init), inputs: inputs.map(Double.init), layout: layout)
-        expectClose(jagged(JaggedWindow(blockLength: 40), gates: gates, inputs: inputs, layout: layout), full.output)
+        expectClose(jagged(JaggedWindow(blockLength: 40), gates: gates, inputs: inputs, layout: layout), full.output, tolerance: .float32Kernel)
         #expect(maxRelativeError(jagged(JaggedWindow(), gates: gates, inputs: inputs, layout: layout), full.output) > 1e-3,
                 "with gates near 1 a 16-block window must drop visible history")
     }
@@ -70,7 +71,7 @@ struct JaggedWindowTests {
         let y1 = jagged(window, gates: gates, inputs: u1, layout: layout)
         let y2 = jagged(window, gates: gates, inputs: u2, layout: layout)
         let y12 = jagged(window, gates: gates, inputs: zip(u1, u2).map { 2 * $0 - 3 * $1 }, layout: layout)
-        expectClose(y12, zip(y1, y2).map { 2 * Double($0) - 3 * Double($1) })
+        expectClose(y12, zip(y1, y2).map { 2 * Double($0) - 3 * Double($1) }, tolerance: .float32Kernel)
     }
 
     @Test("causal, and k = 1 never crosses a block, k = 2 never reaches two blocks back")
@@ -143,10 +144,10 @@ struct JaggedWindowTests {
             let y = jagged(window, gates: gates, inputs: inputs, layout: layout, state: &s)
             let expected = Reference.jaggedWindow(gates: gates.map(Double.init), inputs: inputs.map(Double.init),
                                                   layout: layout, window: window, initial: .init(state))
-            expectClose(y, expected.output)
-            expectClose(s.local, expected.final.local)
-            expectClose(s.carrier, expected.final.carrier)
-            expectClose(s.gateProduct, expected.final.gateProduct)
+            expectClose(y, expected.output, tolerance: .float32Kernel)
+            expectClose(s.local, expected.final.local, tolerance: .float32Kernel)
+            expectClose(s.carrier, expected.final.carrier, tolerance: .float32Kernel)
+            expectClose(s.gateProduct, expected.final.gateProduct, tolerance: .float32Kernel)
             #expect(s.offset == expected.final.offset)
         }
     }
