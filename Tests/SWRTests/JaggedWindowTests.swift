@@ -37,16 +37,35 @@ struct JaggedWindowTests {
         expectClose(jagged(window, gates: gates, inputs: inputs, layout: layout), expected.output, tolerance: .float32Kernel)
     }
 
-    @Test("a window covering the whole sequence equals the exact recurrence")
+    /// k = 2 sees the current and the previous block, so a sequence of at most two blocks is seen
+    /// whole: its every output must be the exact recurrence's, which needs the carrier handed
+    /// from block 0 to block 1 (gates near 1 keep that carrier large).
+    @Test("a window covering the whole sequence equals the exact recurrence, across a carrier")
     func wholeWindowIsExact() {
         var rng = SeededGenerator(seed: 7)
-        let layout = SequenceLayout.batched(batch: 2, length: 40, heads: 2, headDim: 16)
+        let window = JaggedWindow(blockLength: 20, blocksSeen: 2)
+        // Ragged sequences of 37, 21, 40 (two full blocks), 1 and 20 positions: four carriers crossed.
+        let layout = SequenceLayout.packed(offsets: [0, 37, 58, 98, 99, 119], heads: 2, headDim: 16)
         let gates = GateRegime.nearOne.draw(layout.gateCount, &rng)
         let inputs = randomInputs(layout.elementCount, &rng)
         let full = Reference.exactRecurrence(gates: gates.map(Double.init), inputs: inputs.map(Double.init), layout: layout)
-        expectClose(jagged(JaggedWindow(blockLength: 40), gates: gates, inputs: inputs, layout: layout), full.output, tolerance: .float32Kernel)
-        #expect(maxRelativeError(jagged(JaggedWindow(), gates: gates, inputs: inputs, layout: layout), full.output) > 1e-3,
-                "with gates near 1 a 16-block window must drop visible history")
+        expectClose(jagged(window, gates: gates, inputs: inputs, layout: layout), full.output, tolerance: .float32Kernel)
+        #expect(maxRelativeError(jagged(JaggedWindow(blockLength: 8), gates: gates, inputs: inputs, layout: layout),
+                                 full.output) > 1e-3, "with gates near 1 a window of 8-blocks must drop visible history")
+
+        // The same 37 positions fed in two chunks, the hand-off before and after the carrier.
+        let one = SequenceLayout.batched(batch: 1, length: 37, heads: 2, headDim: 16)
+        let expected37 = Array(full.output.prefix(one.elementCount))
+        for split in [13, 25] {
+            var state = JaggedState(for: one, blockLength: 20)
+            var y: [Float] = []
+            for range in [0..<split, split..<37] {
+                let part = SequenceLayout.batched(batch: 1, length: range.count, heads: 2, headDim: 16)
+                y += jagged(window, gates: rows(gates, batch: 1, length: 37, width: 2, range),
+                            inputs: rows(inputs, batch: 1, length: 37, width: 32, range), layout: part, state: &state)
+            }
+            expectClose(y, expected37, tolerance: .float32Kernel, "split at \(split)")
+        }
     }
 
     @Test("gate 0 returns the input exactly")
