@@ -73,7 +73,7 @@ let package = Package(
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
-        .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime"], swiftSettings: cpuFlags),
+        .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime", "PhalanxTestSupport"], swiftSettings: cpuFlags),
         .testTarget(
             name: "PhalanxModelsTests",
             dependencies: [

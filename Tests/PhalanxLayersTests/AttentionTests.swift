@@ -44,16 +44,16 @@ struct AttentionLayerReference {
     /// Parameters in `Attention.parameters` order: q, k, v, o weights.
     func forward(x: [Double], batch: Int, length: Int, parameters p: [[Double]]) -> [Double] {
         let rows = batch * length
-        var q = BasicReference.linear(x, rows: rows, inputs: dim, outputs: heads * headDim, weight: p[0], bias: nil)
-        var k = BasicReference.linear(x, rows: rows, inputs: dim, outputs: kvHeads * headDim, weight: p[1], bias: nil)
-        let v = BasicReference.linear(x, rows: rows, inputs: dim, outputs: kvHeads * headDim, weight: p[2], bias: nil)
+        var q = LayerReference.linear(x, rows: rows, inputs: dim, outputs: heads * headDim, weight: p[0], bias: nil)
+        var k = LayerReference.linear(x, rows: rows, inputs: dim, outputs: kvHeads * headDim, weight: p[1], bias: nil)
+        let v = LayerReference.linear(x, rows: rows, inputs: dim, outputs: kvHeads * headDim, weight: p[2], bias: nil)
         if let ropeBase {
             q = Self.rotate(q, batch: batch, length: length, heads: heads, headDim: headDim, base: ropeBase)
             k = Self.rotate(k, batch: batch, length: length, heads: kvHeads, headDim: headDim, base: ropeBase)
         }
         let layout = AttentionLayout(batch: batch, length: length, heads: heads, kvHeads: kvHeads, headDim: headDim)
         let a = AttentionReference(layout: layout, window: window).forward(q: q, k: k, v: v).output
-        return BasicReference.linear(a, rows: rows, inputs: heads * headDim, outputs: dim, weight: p[3], bias: nil)
+        return LayerReference.linear(a, rows: rows, inputs: heads * headDim, outputs: dim, weight: p[3], bias: nil)
     }
 
     /// Rotate-half RoPE: pair `(i, i + D/2)` at position `p` turned by `p * base^(-2i/D)`.

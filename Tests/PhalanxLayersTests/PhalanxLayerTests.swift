@@ -15,15 +15,7 @@ struct PhalanxReference {
     func forward(x: [Double], batch: Int, length: Int, parameters p: [[Double]]) -> [Double] {
         let H = heads, KVH = kvHeads, rows = batch * length, group = H / KVH
         func linear(_ w: [Double], _ b: [Double]?, _ input: [Double], inputs: Int, outputs: Int) -> [Double] {
-            var y = [Double](repeating: 0, count: rows * outputs)
-            for r in 0..<rows {
-                for o in 0..<outputs {
-                    var sum = b?[o] ?? 0
-                    for i in 0..<inputs { sum += w[o * inputs + i] * input[r * inputs + i] }
-                    y[r * outputs + o] = sum
-                }
-            }
-            return y
+            LayerReference.linear(input, rows: rows, inputs: inputs, outputs: outputs, weight: w, bias: b)
         }
         let sig = { (z: Double) in 1 / (1 + exp(-z)) }
         let a = linear(p[0], p[1], x, inputs: dim, outputs: H).map { gateScale * sig($0) }

@@ -6,46 +6,10 @@ import PhalanxTestSupport
 import Testing
 
 /// The model-level pieces in double precision, straight from their definitions: the tied head's
-/// cross-entropy, RMSNorm, and a linear Phalanx block stack. Each analytic gradient here is first
+/// cross-entropy, the head path, and a linear Phalanx block stack (layers from `LayerReference`). Each analytic gradient here is first
 /// checked against central differences in double precision; the float32 model is then scored
 /// against it.
 enum ModelReference {
-    /// `y = x / sqrt(mean(x^2) + eps) * w` per row of `dim`.
-    static func rmsNorm(_ x: [Double], dim: Int, weight w: [Double], eps: Double) -> [Double] {
-        var y = x
-        for r in 0..<(x.count / dim) {
-            let scale = 1 / ((0..<dim).reduce(0) { $0 + x[r * dim + $1] * x[r * dim + $1] } / Double(dim) + eps).squareRoot()
-            for i in 0..<dim { y[r * dim + i] = x[r * dim + i] * scale * w[i] }
-        }
-        return y
-    }
-
-    /// With `r = 1/sqrt(mean(x^2) + eps)`, `xhat = x r`, `g = dy w`:
-    /// `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows dy xhat`.
-    static func rmsNormBackward(_ dy: [Double], input x: [Double], dim: Int, weight w: [Double], eps: Double)
-        -> (dx: [Double], dw: [Double]) {
-        var dx = x, dw = [Double](repeating: 0, count: dim)
-        for r in 0..<(x.count / dim) {
-            let scale = 1 / ((0..<dim).reduce(0) { $0 + x[r * dim + $1] * x[r * dim + $1] } / Double(dim) + eps).squareRoot()
-            let mean = (0..<dim).reduce(0) { $0 + dy[r * dim + $1] * w[$1] * x[r * dim + $1] * scale } / Double(dim)
-            for i in 0..<dim {
-                let xhat = x[r * dim + i] * scale
-                dx[r * dim + i] = scale * (dy[r * dim + i] * w[i] - xhat * mean)
-                dw[i] += dy[r * dim + i] * xhat
-            }
-        }
-        return (dx, dw)
-    }
-
-    /// `y = x W^T` (no bias), `W` `[outputs, inputs]`.
-    static func linear(_ x: [Double], inputs: Int, outputs: Int, weight w: [Double]) -> [Double] {
-        let rows = x.count / inputs
-        return (0..<(rows * outputs)).map { k in
-            let (r, o) = (k / outputs, k % outputs)
-            return (0..<inputs).reduce(0) { $0 + w[o * inputs + $1] * x[r * inputs + $1] }
-        }
-    }
-
     struct CrossEntropy {
         let loss: Double
         /// `[rows, vocabulary]`.
@@ -60,7 +24,7 @@ enum ModelReference {
     ///     dz = (softmax(z) - onehot(t)) / rows,   dE = dz^T n,   dn = dz E
     static func crossEntropy(normalized n: [Double], embedding e: [Double], targets: [Int32], dim: Int) -> CrossEntropy {
         let rows = targets.count, V = e.count / dim
-        let z = linear(n, inputs: dim, outputs: V, weight: e)
+        let z = LayerReference.linear(n, rows: rows, inputs: dim, outputs: V, weight: e, bias: nil)
         var dz = z, loss = 0.0
         for r in 0..<rows {
             let row = z[(r * V)..<((r + 1) * V)]
@@ -87,9 +51,9 @@ enum ModelReference {
     static func headPath(tokens: [Int32], targets: [Int32], embedding e: [Double], normWeight w: [Double], dim: Int, eps: Double)
         -> (loss: Double, logits: [Double], dLogits: [Double], dEmbedding: [Double], dNormWeight: [Double]) {
         let x = tokens.flatMap { e[(Int($0) * dim)..<((Int($0) + 1) * dim)] }
-        let n = rmsNorm(x, dim: dim, weight: w, eps: eps)
+        let n = LayerReference.rmsNorm(x, dim: dim, weight: w, eps: eps)
         let ce = crossEntropy(normalized: n, embedding: e, targets: targets, dim: dim)
-        let (dx, dw) = rmsNormBackward(ce.dNormalized, input: x, dim: dim, weight: w, eps: eps)
+        let (dx, dw) = LayerReference.rmsNormBackward(ce.dNormalized, input: x, dim: dim, weight: w, eps: eps)
         var dE = ce.dEmbedding
         for (r, t) in tokens.enumerated() { for d in 0..<dim { dE[Int(t) * dim + d] += dx[r * dim + d] } }
         return (ce.loss, ce.logits, ce.dLogits, dE, dw)
@@ -117,18 +81,19 @@ struct LinearPhalanxReference {
         }
         for l in 0..<depth {
             let name = "layers.\(l)"
-            let n1 = ModelReference.rmsNorm(x, dim: dim, weight: p["\(name).mixer_norm.weight"]!, eps: eps)
-            let v = ModelReference.linear(n1, inputs: dim, outputs: dim, weight: p["\(name).mixer.param.proj_v.weight"]!)
-            let mixed = ModelReference.linear(v, inputs: dim, outputs: dim, weight: p["\(name).mixer.proj_out.weight"]!)
+            let n1 = LayerReference.rmsNorm(x, dim: dim, weight: p["\(name).mixer_norm.weight"]!, eps: eps)
+            let rows = tokens.count
+            let v = LayerReference.linear(n1, rows: rows, inputs: dim, outputs: dim,
+                                          weight: p["\(name).mixer.param.proj_v.weight"]!, bias: nil)
+            let mixed = LayerReference.linear(v, rows: rows, inputs: dim, outputs: dim,
+                                              weight: p["\(name).mixer.proj_out.weight"]!, bias: nil)
             let h = residual(x, mixed, block: l, 0)
-            let n2 = ModelReference.rmsNorm(h, dim: dim, weight: p["\(name).mlp_norm.weight"]!, eps: eps)
-            let g = ModelReference.linear(n2, inputs: dim, outputs: hidden, weight: p["\(name).mlp.gate_proj.weight"]!)
-            let u = ModelReference.linear(n2, inputs: dim, outputs: hidden, weight: p["\(name).mlp.up_proj.weight"]!)
-            let silu: [Double] = zip(g, u).map { (g: Double, u: Double) -> Double in g / (1 + exp(-g)) * u }
-            let f = ModelReference.linear(silu, inputs: hidden, outputs: dim, weight: p["\(name).mlp.down_proj.weight"]!)
+            let n2 = LayerReference.rmsNorm(h, dim: dim, weight: p["\(name).mlp_norm.weight"]!, eps: eps)
+            let f = LayerReference.swiGLU(n2, rows: rows, dim: dim, hidden: hidden, gate: p["\(name).mlp.gate_proj.weight"]!,
+                                          up: p["\(name).mlp.up_proj.weight"]!, down: p["\(name).mlp.down_proj.weight"]!)
             x = residual(h, f, block: l, 1)
         }
-        let n = ModelReference.rmsNorm(x, dim: dim, weight: p["norm.weight"]!, eps: eps)
+        let n = LayerReference.rmsNorm(x, dim: dim, weight: p["norm.weight"]!, eps: eps)
         let ce = ModelReference.crossEntropy(normalized: n, embedding: e, targets: targets, dim: dim)
         return (ce.logits, ce.loss)
     }
@@ -172,8 +137,8 @@ struct ModelPieceGradientTests {
         let xs = (0..<rows).flatMap { r in randomInputs(dim, scale: rowScales[r], &rng) }
         let w = randomInputs(dim, scale: 2, &rng), dy = randomInputs(rows * dim, &rng)
         let x64 = xs.map(Double.init), w64 = w.map(Double.init), dy64 = dy.map(Double.init)
-        let (dx, dw) = ModelReference.rmsNormBackward(dy64, input: x64, dim: dim, weight: w64, eps: Self.eps)
-        let loss = { (x: [Double], w: [Double]) in dot(dy64, ModelReference.rmsNorm(x, dim: dim, weight: w, eps: Self.eps)) }
+        let (dx, dw) = LayerReference.rmsNormBackward(dy64, input: x64, dim: dim, weight: w64, eps: Self.eps)
+        let loss = { (x: [Double], w: [Double]) in dot(dy64, LayerReference.rmsNorm(x, dim: dim, weight: w, eps: Self.eps)) }
         // Per row, with a step below the row's scale (dx of a row scales as 1 / its input scale).
         for r in 0..<rows {
             let row = Array((r * dim)..<((r + 1) * dim))
@@ -185,7 +150,7 @@ struct ModelPieceGradientTests {
         let norm = RMSNorm("norm", dim: dim)
         _ = norm.weight.value.buffer.update(fromContentsOf: w)
         let x = Tensor(xs, shape: [rows, dim])
-        expectClose(norm.forward(x).array, ModelReference.rmsNorm(x64, dim: dim, weight: w64, eps: Self.eps),
+        expectClose(norm.forward(x).array, LayerReference.rmsNorm(x64, dim: dim, weight: w64, eps: Self.eps),
                     tolerance: .float32Layer, "y")
         norm.zeroGradients()
         let dxFloat = norm.backward(Tensor(dy, shape: [rows, dim]), input: x)
