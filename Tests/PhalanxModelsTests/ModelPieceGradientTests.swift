@@ -6,9 +6,9 @@ import PhalanxTestSupport
 import Testing
 
 /// The model-level pieces in double precision, straight from their definitions: the tied head's
-/// cross-entropy, the head path, and a linear Phalanx block stack (layers from `LayerReference`). Each analytic gradient here is first
-/// checked against central differences in double precision; the float32 model is then scored
-/// against it.
+/// cross-entropy and the head path (embedding, final norm, tied head), built on `LayerReference`.
+/// Each analytic gradient here is first checked against central differences in double precision;
+/// the float32 model is then scored against it.
 enum ModelReference {
     struct CrossEntropy {
         let loss: Double
