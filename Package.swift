@@ -65,18 +65,26 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: cpuFlags),
+        // What every test target shares: named tolerances, `expectClose`, finite differences,
+        // seeded random data (from the library's `SeededGenerator`).
+        .target(
+            name: "PhalanxTestSupport", dependencies: ["PhalanxLayers", "PhalanxRuntime"],
+            path: "Tests/TestSupport", swiftSettings: cpuFlags),
         .testTarget(
-            name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime"],
+            name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime", "PhalanxTestSupport"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "PhalanxCUDAChecks", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
-        .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime"], swiftSettings: cpuFlags),
+        .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime", "PhalanxTestSupport"], swiftSettings: cpuFlags),
         .testTarget(
             name: "PhalanxModelsTests",
-            dependencies: ["PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxLayers", "PhalanxRuntime", "Checkpoint"],
+            dependencies: [
+                "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxLayers", "PhalanxRuntime", "Checkpoint",
+                "PhalanxTestSupport",
+            ],
             swiftSettings: cpuFlags),
         .testTarget(
-            name: "PhalanxLayersTests", dependencies: ["PhalanxLayers", "PhalanxRuntime", "Checkpoint"],
+            name: "PhalanxLayersTests", dependencies: ["PhalanxLayers", "PhalanxRuntime", "Checkpoint", "PhalanxTestSupport"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
     ]
 )

@@ -1,14 +1,8 @@
 import Foundation
 import PhalanxData
 import PhalanxRuntime
+import PhalanxTestSupport
 import Testing
-
-/// A new empty folder under the system temporary folder; the caller removes it.
-func makeTemporaryFolder() throws -> URL {
-    let folder = FileManager.default.temporaryDirectory.appendingPathComponent("phalanx-data-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
-    return folder
-}
 
 /// A tokenizer with more than 65536 tokens (so its token files store `UInt32`): 65281 merges,
 /// each joining two bytes.
@@ -18,7 +12,7 @@ let wideTokenizer = try! BPETokenizer(merges: (0..<65281).map { BPETokenizer.Mer
 struct TokenFileTests {
     @Test("what is written reads back, at token width 2 and 4", arguments: [false, true])
     func roundTrip(wide: Bool) throws {
-        let folder = try makeTemporaryFolder()
+        let folder = temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
         let tokenizer: any Tokenizer = wide ? wideTokenizer : ByteTokenizer()
         let top = Int32(tokenizer.vocabularySize - 1)
@@ -47,7 +41,7 @@ struct TokenFileTests {
 
     @Test("writing replaces the file atomically and leaves no temporary files")
     func atomicReplace() throws {
-        let folder = try makeTemporaryFolder()
+        let folder = temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
         let url = folder.appendingPathComponent("corpus.tokens")
         try TokenFile.write(train: [1, 2, 3], validation: [4], tokenizer: ByteTokenizer(), to: url)
@@ -59,7 +53,7 @@ struct TokenFileTests {
 
     /// A valid image (ByteTokenizer, train [1, 2, 3, 4], validation [5, 6]) changed by `edit`.
     static func corrupted(_ edit: (inout Data) -> Void) throws -> Data {
-        let folder = try makeTemporaryFolder()
+        let folder = temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
         let url = folder.appendingPathComponent("valid.tokens")
         try TokenFile.write(train: [1, 2, 3, 4], validation: [5, 6], tokenizer: ByteTokenizer(), to: url)
@@ -86,7 +80,7 @@ struct TokenFileTests {
         (try corrupted { $0[$0.count - 3] = 1 }, "validation token 0 is 261, outside the vocabulary 0..<256"),
     ])
     func corrupt(data: Data, expected: String) throws {
-        let folder = try makeTemporaryFolder()
+        let folder = temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
         let url = folder.appendingPathComponent("corrupt.tokens")
         try data.write(to: url)
@@ -109,7 +103,7 @@ struct TokenFileTests {
 struct CorpusPreparationTests {
     @Test("the last fraction of each file's tokens is validation; the result is reproducible")
     func split() throws {
-        let folder = try makeTemporaryFolder()
+        let folder = temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
         let a = folder.appendingPathComponent("a.txt"), b = folder.appendingPathComponent("b.txt")
         let textA = syntheticText(words: 200, seed: 10), textB = syntheticText(words: 97, seed: 11)
@@ -139,7 +133,7 @@ struct CorpusPreparationTests {
 
     @Test("a file that is not UTF-8 fails with its name and offset, and leaves the old output intact")
     func invalidInput() throws {
-        let folder = try makeTemporaryFolder()
+        let folder = temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
         let good = folder.appendingPathComponent("good.txt"), bad = folder.appendingPathComponent("bad.txt")
         let output = folder.appendingPathComponent("out.tokens")
@@ -209,7 +203,7 @@ struct BatchingTests {
 
     @Test("a mapped UInt16 split gives the same batches as the same tokens in memory")
     func fileSplit() throws {
-        let folder = try makeTemporaryFolder()
+        let folder = temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
         let tokens = (0..<700).map { Int32($0 * 7 % 256) }
         let url = folder.appendingPathComponent("t.tokens")

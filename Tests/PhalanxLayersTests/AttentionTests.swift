@@ -1,6 +1,7 @@
 import Foundation
 import PhalanxLayers
 import PhalanxRuntime
+import PhalanxTestSupport
 import Testing
 
 /// Causal attention in double precision, quadratic and obviously correct: the specification of
@@ -43,16 +44,16 @@ struct AttentionLayerReference {
     /// Parameters in `Attention.parameters` order: q, k, v, o weights.
     func forward(x: [Double], batch: Int, length: Int, parameters p: [[Double]]) -> [Double] {
         let rows = batch * length
-        var q = BasicReference.linear(x, rows: rows, inputs: dim, outputs: heads * headDim, weight: p[0], bias: nil)
-        var k = BasicReference.linear(x, rows: rows, inputs: dim, outputs: kvHeads * headDim, weight: p[1], bias: nil)
-        let v = BasicReference.linear(x, rows: rows, inputs: dim, outputs: kvHeads * headDim, weight: p[2], bias: nil)
+        var q = LayerReference.linear(x, rows: rows, inputs: dim, outputs: heads * headDim, weight: p[0], bias: nil)
+        var k = LayerReference.linear(x, rows: rows, inputs: dim, outputs: kvHeads * headDim, weight: p[1], bias: nil)
+        let v = LayerReference.linear(x, rows: rows, inputs: dim, outputs: kvHeads * headDim, weight: p[2], bias: nil)
         if let ropeBase {
             q = Self.rotate(q, batch: batch, length: length, heads: heads, headDim: headDim, base: ropeBase)
             k = Self.rotate(k, batch: batch, length: length, heads: kvHeads, headDim: headDim, base: ropeBase)
         }
         let layout = AttentionLayout(batch: batch, length: length, heads: heads, kvHeads: kvHeads, headDim: headDim)
         let a = AttentionReference(layout: layout, window: window).forward(q: q, k: k, v: v).output
-        return BasicReference.linear(a, rows: rows, inputs: heads * headDim, outputs: dim, weight: p[3], bias: nil)
+        return LayerReference.linear(a, rows: rows, inputs: heads * headDim, outputs: dim, weight: p[3], bias: nil)
     }
 
     /// Rotate-half RoPE: pair `(i, i + D/2)` at position `p` turned by `p * base^(-2i/D)`.
@@ -71,7 +72,7 @@ struct AttentionLayerReference {
 }
 
 /// Tolerance of a float32 rotation against its double definition (a few roundings of 2^-24).
-let rotationTolerance = 1e-6
+let rotationTolerance: Tolerance = 1e-6
 
 /// The float32 kernel's forward and backward on one set of inputs.
 struct KernelRun {
@@ -120,8 +121,8 @@ struct AttentionKernelTests {
             let expected = AttentionReference(layout: layout, window: window)
                 .forward(q: run.q.array.map(Double.init), k: run.k.array.map(Double.init), v: run.v.array.map(Double.init))
             let label = "\(layout), window \(window.map(String.init) ?? "none")"
-            expectClose(run.output.array, expected.output, "output \(label)")
-            expectClose(run.logsumexp.array, expected.logsumexp, "logsumexp \(label)")
+            expectClose(run.output.array, expected.output, tolerance: .float32Layer, "output \(label)")
+            expectClose(run.logsumexp.array, expected.logsumexp, tolerance: .float32Layer, "logsumexp \(label)")
         }
     }
 
@@ -171,7 +172,7 @@ struct AttentionKernelTests {
                 defer { inputs[n] = saved }
                 return dot(dy64, reference.forward(q: inputs[0], k: inputs[1], v: inputs[2]).output)
             }
-            expectClose(ps.map { gradient[$0] }, numeric, "\(name) \(layout), window \(window.map(String.init) ?? "none")")
+            expectClose(ps.map { gradient[$0] }, numeric, tolerance: .float32Layer, "\(name) \(layout), window \(window.map(String.init) ?? "none")")
         }
     }
 
@@ -217,7 +218,7 @@ struct RotaryEmbeddingTests {
             return (0..<16).reduce(0) { $0 + Double(a[$1]) * Double(b[$1]) }
         }
         for shift in [1, 40, 3000] {
-            expectClose([Float(score(9 + shift, 4 + shift))], [score(9, 4)], tolerance: float32Tolerance, "shift \(shift)")
+            expectClose([Float(score(9 + shift, 4 + shift))], [score(9, 4)], tolerance: .float32Layer, "shift \(shift)")
         }
     }
 }
@@ -246,7 +247,7 @@ struct AttentionLayerTests {
         let x64 = x.array.map(Double.init), dy64 = dy.array.map(Double.init)
         let loss = { (x: [Double], p: [[Double]]) in dot(dy64, reference.forward(x: x, batch: batch, length: length, parameters: p)) }
         let xs = probes(x64.count, limit: 40)
-        expectClose(xs.map { dx[$0] }, finiteDifferences(x64, probes: xs) { loss($0, params) }, "dx")
+        expectClose(xs.map { dx[$0] }, finiteDifferences(x64, probes: xs) { loss($0, params) }, tolerance: .float32Layer, "dx")
         for (i, p) in layer.parameters.enumerated() {
             let ps = probes(params[i].count, limit: 30)
             let numeric = finiteDifferences(params[i], probes: ps) { v in
@@ -254,7 +255,7 @@ struct AttentionLayerTests {
                 q[i] = v
                 return loss(x64, q)
             }
-            expectClose(ps.map { p.gradient[$0] }, numeric, p.name)
+            expectClose(ps.map { p.gradient[$0] }, numeric, tolerance: .float32Layer, p.name)
         }
     }
 
@@ -267,7 +268,7 @@ struct AttentionLayerTests {
         let (y, _) = layer.forward(x)
         let reference = AttentionLayerReference(dim: dim, heads: 4, kvHeads: 2, headDim: 16, window: 100, ropeBase: 10000)
         expectClose(y.array, reference.forward(x: x.array.map(Double.init), batch: batch, length: length,
-                                               parameters: layer.parameters.map { $0.value.array.map(Double.init) }), "y")
+                                               parameters: layer.parameters.map { $0.value.array.map(Double.init) }), tolerance: .float32Layer, "y")
     }
 
     @Test("a change at position p moves only the outputs at p ..< p + window", arguments: [nil, 6])

@@ -1,34 +1,8 @@
 import Foundation
 import PhalanxLayers
 import PhalanxRuntime
+import PhalanxTestSupport
 import Testing
-
-/// Double-precision definitions of the basic layers, for forward checks and finite differences.
-enum BasicReference {
-    static func linear(_ x: [Double], rows: Int, inputs: Int, outputs: Int, weight w: [Double], bias: [Double]?) -> [Double] {
-        (0..<(rows * outputs)).map { k in
-            let (r, o) = (k / outputs, k % outputs)
-            return (0..<inputs).reduce(bias?[o] ?? 0) { $0 + w[o * inputs + $1] * x[r * inputs + $1] }
-        }
-    }
-
-    static func rmsNorm(_ x: [Double], dim: Int, weight: [Double], eps: Double) -> [Double] {
-        var y = x
-        for r in 0..<(x.count / dim) {
-            let row = x[(r * dim)..<((r + 1) * dim)]
-            let scale = 1 / (row.reduce(0) { $0 + $1 * $1 } / Double(dim) + eps).squareRoot()
-            for i in 0..<dim { y[r * dim + i] = x[r * dim + i] * scale * weight[i] }
-        }
-        return y
-    }
-
-    static func swiGLU(_ x: [Double], rows: Int, dim: Int, hidden: Int, gate: [Double], up: [Double], down: [Double]) -> [Double] {
-        let g = linear(x, rows: rows, inputs: dim, outputs: hidden, weight: gate, bias: nil)
-        let u = linear(x, rows: rows, inputs: dim, outputs: hidden, weight: up, bias: nil)
-        let h = zip(g, u).map { $0 / (1 + exp(-$0)) * $1 }
-        return linear(h, rows: rows, inputs: hidden, outputs: dim, weight: down, bias: nil)
-    }
-}
 
 @Suite("Linear, RMSNorm, Embedding, SwiGLU")
 struct BasicLayerTests {
@@ -39,7 +13,7 @@ struct BasicLayerTests {
         let params = parameters.map { $0.value.array.map(Double.init) }
         func loss(_ x: [Double], _ p: [[Double]]) -> Double { dot(dy64, f(x, p)) }
         let xs = probes(x64.count)
-        expectClose(xs.map { dx[$0] }, finiteDifferences(x64, probes: xs) { loss($0, params) }, "dx")
+        expectClose(xs.map { dx[$0] }, finiteDifferences(x64, probes: xs) { loss($0, params) }, tolerance: .float32Layer, "dx")
         for (i, p) in parameters.enumerated() {
             let ps = probes(params[i].count)
             let numeric = finiteDifferences(params[i], probes: ps) { v in
@@ -47,7 +21,7 @@ struct BasicLayerTests {
                 q[i] = v
                 return loss(x64, q)
             }
-            expectClose(ps.map { p.gradient[$0] }, numeric, p.name)
+            expectClose(ps.map { p.gradient[$0] }, numeric, tolerance: .float32Layer, p.name)
         }
     }
 
@@ -59,9 +33,9 @@ struct BasicLayerTests {
         let y = layer.forward(x)
         #expect(y.shape == [2, 3, 5])
         let f = { (x: [Double], p: [[Double]]) in
-            BasicReference.linear(x, rows: 6, inputs: 7, outputs: 5, weight: p[0], bias: bias ? p[1] : nil)
+            LayerReference.linear(x, rows: 6, inputs: 7, outputs: 5, weight: p[0], bias: bias ? p[1] : nil)
         }
-        expectClose(y.array, f(x.array.map(Double.init), layer.parameters.map { $0.value.array.map(Double.init) }))
+        expectClose(y.array, f(x.array.map(Double.init), layer.parameters.map { $0.value.array.map(Double.init) }), tolerance: .float32Layer)
         let dx = layer.backward(dy, input: x)
         checkGradients(x: x, dx: dx, dy: dy, parameters: layer.parameters, f)
     }
@@ -73,8 +47,8 @@ struct BasicLayerTests {
         for i in 0..<8 { norm.weight.value[i] = Float.random(in: 0.5...1.5, using: &rng) }
         let x = randomTensor([5, 8], _: &rng), dy = randomTensor([5, 8], _: &rng)
         for i in 0..<8 { x[8 + i] = 0 }
-        let f = { (x: [Double], p: [[Double]]) in BasicReference.rmsNorm(x, dim: 8, weight: p[0], eps: 1e-5) }
-        expectClose(norm.forward(x).array, f(x.array.map(Double.init), [norm.weight.value.array.map(Double.init)]))
+        let f = { (x: [Double], p: [[Double]]) in LayerReference.rmsNorm(x, dim: 8, weight: p[0], eps: 1e-5) }
+        expectClose(norm.forward(x).array, f(x.array.map(Double.init), [norm.weight.value.array.map(Double.init)]), tolerance: .float32Layer)
         let dx = norm.backward(dy, input: x)
         checkGradients(x: x, dx: dx, dy: dy, parameters: norm.parameters, f)
     }
@@ -86,9 +60,9 @@ struct BasicLayerTests {
         let x = randomTensor([2, 4, 6], scale: 2, &rng), dy = randomTensor([2, 4, 6], _: &rng)
         let (y, cache) = mlp.forward(x)
         let f = { (x: [Double], p: [[Double]]) in
-            BasicReference.swiGLU(x, rows: 8, dim: 6, hidden: 10, gate: p[0], up: p[1], down: p[2])
+            LayerReference.swiGLU(x, rows: 8, dim: 6, hidden: 10, gate: p[0], up: p[1], down: p[2])
         }
-        expectClose(y.array, f(x.array.map(Double.init), mlp.parameters.map { $0.value.array.map(Double.init) }))
+        expectClose(y.array, f(x.array.map(Double.init), mlp.parameters.map { $0.value.array.map(Double.init) }), tolerance: .float32Layer)
         let dx = mlp.backward(dy, cache: cache)
         checkGradients(x: x, dx: dx, dy: dy, parameters: mlp.parameters, f)
     }

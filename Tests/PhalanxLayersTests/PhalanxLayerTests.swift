@@ -2,6 +2,7 @@ import Checkpoint
 import Foundation
 import PhalanxLayers
 import PhalanxRuntime
+import PhalanxTestSupport
 import SWR
 import Testing
 
@@ -14,15 +15,7 @@ struct PhalanxReference {
     func forward(x: [Double], batch: Int, length: Int, parameters p: [[Double]]) -> [Double] {
         let H = heads, KVH = kvHeads, rows = batch * length, group = H / KVH
         func linear(_ w: [Double], _ b: [Double]?, _ input: [Double], inputs: Int, outputs: Int) -> [Double] {
-            var y = [Double](repeating: 0, count: rows * outputs)
-            for r in 0..<rows {
-                for o in 0..<outputs {
-                    var sum = b?[o] ?? 0
-                    for i in 0..<inputs { sum += w[o * inputs + i] * input[r * inputs + i] }
-                    y[r * outputs + o] = sum
-                }
-            }
-            return y
+            LayerReference.linear(input, rows: rows, inputs: inputs, outputs: outputs, weight: w, bias: b)
         }
         let sig = { (z: Double) in 1 / (1 + exp(-z)) }
         let a = linear(p[0], p[1], x, inputs: dim, outputs: H).map { gateScale * sig($0) }
@@ -46,14 +39,6 @@ struct PhalanxReference {
 
 @Suite("Phalanx layer")
 struct PhalanxLayerTests {
-    static func referenceLayout(_ x: [Float], batch: Int, heads: Int, channels: Int, length: Int) -> [Float] {
-        var out = x
-        for b in 0..<batch { for h in 0..<heads { for c in 0..<channels { for i in 0..<length {
-            out[((b * length + i) * heads + h) * channels + c] = x[((b * heads + h) * channels + c) * length + i]
-        } } } }
-        return out
-    }
-
     func goldenLayer() throws -> PhalanxLayer {
         var rng = SeededGenerator(seed: 1)
         let layer = PhalanxLayer("", .init(dim: 64, kvHeads: 4), rng: &rng)
@@ -73,10 +58,10 @@ struct PhalanxLayerTests {
             ("h", cache.recurrence, 16), ("mix", cache.mixed, 16),
         ]
         for (key, tensor, channels) in intermediates {
-            let expected = Self.referenceLayout(try io.floats(key), batch: 2, heads: 4, channels: channels, length: 100)
+            let expected = fromReferenceLayout(try io.floats(key), batch: 2, heads: 4, channels: channels, length: 100)
             expectClose(tensor.array, expected.map(Double.init), tolerance: 1e-5, key)
         }
-        let c = Self.referenceLayout(try io.floats("C"), batch: 2, heads: 4, channels: 16, length: 100)
+        let c = fromReferenceLayout(try io.floats("C"), batch: 2, heads: 4, channels: 16, length: 100)
         expectClose(cache.c.array, c.map(Double.init), tolerance: 1e-5, "C")
     }
 
@@ -113,7 +98,7 @@ struct PhalanxLayerTests {
         let x64 = x.array.map(Double.init), dy64 = dy.array.map(Double.init)
         let loss = { (x: [Double], p: [[Double]]) in dot(dy64, reference.forward(x: x, batch: batch, length: length, parameters: p)) }
         let inputProbes = probes(x64.count, limit: 60)
-        expectClose(inputProbes.map { dx[$0] }, finiteDifferences(x64, probes: inputProbes) { loss($0, params) }, "dx")
+        expectClose(inputProbes.map { dx[$0] }, finiteDifferences(x64, probes: inputProbes) { loss($0, params) }, tolerance: .float32Layer, "dx")
         for (i, p) in layer.parameters.enumerated() {
             let ps = probes(params[i].count, limit: 40)
             let numeric = finiteDifferences(params[i], probes: ps) { v in
@@ -121,7 +106,7 @@ struct PhalanxLayerTests {
                 q[i] = v
                 return loss(x64, q)
             }
-            expectClose(ps.map { p.gradient[$0] }, numeric, p.name)
+            expectClose(ps.map { p.gradient[$0] }, numeric, tolerance: .float32Layer, p.name)
         }
     }
 

@@ -1,12 +1,8 @@
 import PhalanxLayers
 import PhalanxModels
 import PhalanxRuntime
+import PhalanxTestSupport
 import Testing
-
-/// Rows `range` of every sequence of `[batch, length, width]` values.
-func rows<T>(_ x: [T], batch: Int, length: Int, width: Int, _ range: Range<Int>) -> [T] {
-    (0..<batch).flatMap { b in x[((b * length + range.lowerBound) * width)..<((b * length + range.upperBound) * width)] }
-}
 
 func maxDifference(_ a: [Float], _ b: [Float]) -> Float {
     zip(a, b).map { abs($0 - $1) }.max() ?? 0
@@ -85,8 +81,4 @@ struct DecodingTests {
         #expect(state.position == total)
         #expect(maxDifference(decoded, full) < 1e-4, "prompt \(prompt)")
     }
-}
-
-func randomTensor(_ shape: [Int], _ rng: inout SeededGenerator) -> Tensor {
-    Tensor((0..<shape.reduce(1, *)).map { _ in Float.random(in: -1...1, using: &rng) }, shape: shape)
 }

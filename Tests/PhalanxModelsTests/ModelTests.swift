@@ -4,6 +4,7 @@ import PhalanxData
 import PhalanxLayers
 import PhalanxModels
 import PhalanxRuntime
+import PhalanxTestSupport
 import PhalanxTraining
 import Testing
 
@@ -16,12 +17,6 @@ func tinyConfiguration(pattern: String = "PSA", depth: Int = 3) -> ModelConfigur
 func syntheticText(lines: Int = 400) -> String {
     let words = ["alpha", "beta", "gamma", "delta", "sigma", "omega"]
     return (0..<lines).map { i in "\(words[i % 6]) \(words[(i * 7 + 1) % 6]) \(i % 10);" }.joined(separator: "\n")
-}
-
-func temporaryFolder() -> URL {
-    let url = FileManager.default.temporaryDirectory.appendingPathComponent("phalanx-test-\(UUID().uuidString)")
-    try? FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-    return url
 }
 
 /// A token file of `syntheticText` in a fresh folder.

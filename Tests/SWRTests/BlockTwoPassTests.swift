@@ -1,4 +1,5 @@
 import PhalanxRuntime
+import PhalanxTestSupport
 import SWR
 import Testing
 
@@ -25,7 +26,7 @@ struct BlockTwoPassTests {
                 let expected = Reference.jaggedWindow(gates: gates.map(Double.init), inputs: inputs.map(Double.init),
                                                       layout: layout, window: window)
                 // Log space turns each product into exp(sum of logs): a few ulps more per entry.
-                expectClose(out, expected.output, tolerance: space == .log ? 4e-5 : float32Tolerance,
+                expectClose(out, expected.output, tolerance: space == .log ? 4e-5 : .float32Kernel,
                             "\(space) \(regime) length \(length)")
             }
         }

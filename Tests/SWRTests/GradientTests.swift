@@ -1,25 +1,11 @@
 import PhalanxRuntime
+import PhalanxTestSupport
 import SWR
 import Testing
 
 /// Every backward kernel against central finite differences of the double-precision reference.
 @Suite("Gradients against finite differences in double precision")
 struct GradientTests {
-    /// Central difference of `f` at `x[index]`.
-    static func centralDifference(_ x: [Double], _ index: Int, step: Double = 1e-6, _ f: ([Double]) -> Double) -> Double {
-        var plus = x, minus = x
-        plus[index] += step
-        minus[index] -= step
-        return (f(plus) - f(minus)) / (2 * step)
-    }
-
-    static func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
-
-    /// Indices to probe: all of a small tensor, an even spread over a large one.
-    static func probes(_ count: Int, limit: Int = 160) -> [Int] {
-        count <= limit ? Array(0..<count) : (0..<limit).map { $0 * count / limit }
-    }
-
     @Test("jagged window: inputs, gates and every part of a mid-block initial state",
           arguments: [1, 2], [5, 16])
     func jaggedWindow(blocksSeen: Int, headDim: Int) {
@@ -52,7 +38,7 @@ struct GradientTests {
         let a64 = gates.map(Double.init), u64 = inputs.map(Double.init)
         let s64 = Reference.JaggedState64(state)
         func loss(a: [Double] = a64, u: [Double] = u64, s: Reference.JaggedState64 = s64) -> Double {
-            Self.dot(cotangent, Reference.jaggedWindow(gates: a, inputs: u, layout: layout, window: window, initial: s).output)
+            dot(cotangent, Reference.jaggedWindow(gates: a, inputs: u, layout: layout, window: window, initial: s).output)
         }
         let checks: [(String, [Float], [Double], ([Double]) -> Double)] = [
             ("du", du, u64, { loss(u: $0) }),
@@ -62,9 +48,9 @@ struct GradientTests {
             ("d carrier", dState.carrier, s64.carrier, { var s = s64; s.carrier = $0; return loss(s: s) }),
         ]
         for (name, analytic, point, f) in checks {
-            let probes = Self.probes(point.count)
-            let numeric = probes.map { Self.centralDifference(point, $0, f) }
-            expectClose(probes.map { analytic[$0] }, numeric, "\(name), k=\(blocksSeen), headDim \(headDim)")
+            let probes = probes(point.count, limit: 160)
+            let numeric = finiteDifferences(point, probes: probes, f)
+            expectClose(probes.map { analytic[$0] }, numeric, tolerance: .float32Kernel, "\(name), k=\(blocksSeen), headDim \(headDim)")
         }
     }
 
@@ -96,15 +82,15 @@ struct GradientTests {
         }
         let a64 = gates.map(Double.init), u64 = inputs.map(Double.init), x64 = initial.x.map(Double.init)
         func loss(a: [Double] = a64, u: [Double] = u64, x0: [Double] = x64) -> Double {
-            Self.dot(cotangent, Reference.exactRecurrence(gates: a, inputs: u, layout: layout, initial: x0).output)
+            dot(cotangent, Reference.exactRecurrence(gates: a, inputs: u, layout: layout, initial: x0).output)
         }
         let checks: [(String, [Float], [Double], ([Double]) -> Double)] = [
             ("du", du, u64, { loss(u: $0) }), ("da", da, a64, { loss(a: $0) }), ("dx0", dState.x, x64, { loss(x0: $0) }),
         ]
         for (name, analytic, point, f) in checks {
-            let probes = Self.probes(point.count, limit: .max)
-            let numeric = probes.map { Self.centralDifference(point, $0, f) }
-            expectClose(probes.map { analytic[$0] }, numeric, "\(name), headDim \(headDim)")
+            let probes = probes(point.count, limit: .max)
+            let numeric = finiteDifferences(point, probes: probes, f)
+            expectClose(probes.map { analytic[$0] }, numeric, tolerance: .float32Kernel, "\(name), headDim \(headDim)")
         }
     }
 }

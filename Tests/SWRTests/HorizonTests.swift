@@ -1,5 +1,6 @@
-import PhalanxRuntime
 import Foundation
+import PhalanxRuntime
+import PhalanxTestSupport
 import SWR
 import Testing
 

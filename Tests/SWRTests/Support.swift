@@ -1,8 +1,6 @@
-import PhalanxRuntime
 import Foundation
+import PhalanxRuntime
 import SWR
-import Testing
-
 
 /// Gate regimes that stress different parts of the operators.
 enum GateRegime: CaseIterable, CustomStringConvertible {
@@ -19,33 +17,6 @@ enum GateRegime: CaseIterable, CustomStringConvertible {
             }
         }
     }
-}
-
-func randomInputs(_ count: Int, _ rng: inout SeededGenerator) -> [Float] {
-    (0..<count).map { _ in Float.random(in: -1...1, using: &rng) }
-}
-
-/// Tolerance of a float32 kernel against a double reference, relative to the reference's scale:
-/// `|actual - expected| <= tol * (|expected| + max|expected|)`. A window of 32 float32
-/// multiply-adds keeps its rounding well below 1e-5 of that scale.
-let float32Tolerance = 1e-5
-
-func maxRelativeError(_ actual: [Float], _ expected: [Double]) -> Double {
-    precondition(actual.count == expected.count)
-    let scale = max(expected.map(abs).max() ?? 0, 1e-30)
-    var worst = 0.0
-    for (a, e) in zip(actual, expected) {
-        worst = max(worst, abs(Double(a) - e) / (abs(e) + scale))
-    }
-    return worst
-}
-
-func expectClose(_ actual: [Float], _ expected: [Double], tolerance: Double = float32Tolerance,
-                 _ comment: @autoclosure () -> String = "", sourceLocation: SourceLocation = #_sourceLocation) {
-    #expect(actual.count == expected.count, sourceLocation: sourceLocation)
-    #expect(!actual.contains { !$0.isFinite }, "non-finite output \(comment())", sourceLocation: sourceLocation)
-    let error = maxRelativeError(actual, expected)
-    #expect(error <= tolerance, "relative error \(error) > \(tolerance) \(comment())", sourceLocation: sourceLocation)
 }
 
 /// Runs the jagged window on arrays (a fresh state unless one is given).
@@ -80,43 +51,7 @@ func exact(gates: [Float], inputs: [Float], layout: SequenceLayout, state: inout
     return out
 }
 
-/// Reference layout `[batch, heads, channels, length]` (and gates `[batch, heads, length]`) to
-/// this project's `[batch, length, heads, channels]` (`[batch, length, heads]`).
-func fromReferenceLayout<T>(_ x: [T], batch: Int, heads: Int, channels: Int, length: Int) -> [T] {
-    var out = x
-    for b in 0..<batch {
-        for h in 0..<heads {
-            for c in 0..<channels {
-                for i in 0..<length {
-                    out[((b * length + i) * heads + h) * channels + c] = x[((b * heads + h) * channels + c) * length + i]
-                }
-            }
-        }
-    }
-    return out
-}
-
-/// The fixture folder of this test target.
+/// The fixture folder of this test target (`Bundle.module` is per target, so this stays here).
 func fixture(_ name: String) -> URL {
     Bundle.module.url(forResource: "Fixtures/\(name)", withExtension: nil)!
-}
-
-/// Rows `range` of every sequence of a uniform batch: `x` is `[batch, length, width]`, the result
-/// `[batch, range.count, width]`.
-func rows(_ x: [Float], batch: Int, length: Int, width: Int, _ range: Range<Int>) -> [Float] {
-    var out: [Float] = []
-    out.reserveCapacity(batch * range.count * width)
-    for b in 0..<batch {
-        out += x[((b * length + range.lowerBound) * width)..<((b * length + range.upperBound) * width)]
-    }
-    return out
-}
-
-/// Writes `part` (`[batch, range.count, width]`) into rows `range` of `x` (`[batch, length, width]`).
-func setRows(_ x: inout [Float], _ part: [Float], batch: Int, length: Int, width: Int, _ range: Range<Int>) {
-    let n = range.count * width
-    for b in 0..<batch {
-        x.replaceSubrange(((b * length + range.lowerBound) * width)..<((b * length + range.upperBound) * width),
-                          with: part[(b * n)..<((b + 1) * n)])
-    }
 }
