@@ -61,7 +61,7 @@ let package = Package(
         .executableTarget(
             name: "phalanx",
             dependencies: [
-                "SWR", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime", "PhalanxCUDA",
+                "SWR", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: cpuFlags),
@@ -84,7 +84,7 @@ let package = Package(
             ],
             swiftSettings: cpuFlags),
         .testTarget(
-            name: "PhalanxLayersTests", dependencies: ["PhalanxLayers", "PhalanxRuntime", "Checkpoint", "PhalanxTestSupport"],
+            name: "PhalanxLayersTests", dependencies: ["PhalanxLayers", "PhalanxRuntime", "SWR", "Checkpoint", "PhalanxTestSupport"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
     ]
 )
