@@ -13,6 +13,8 @@ public enum DecodeBenchmark {
         public let decodeTokensPerSecond: Double
         /// Bytes of decode state after the prefill (recurrence states and key/value caches).
         public let stateBytes: Int
+        /// Of `stateBytes`, those held by the Phalanx blocks (the same at every context).
+        public let phalanxStateBytes: Int
     }
 
     public static func measure(preset: String, context: Int, steps: Int, window: Int? = nil) throws -> Result {
@@ -23,7 +25,7 @@ public enum DecodeBenchmark {
         let prompt = (0..<context).map { _ in Int32.random(in: 0..<Int32(configuration.vocabulary), using: &rng) }
         var state = model.makeDecodeState(batch: 1)
         let prefill = Timing.seconds { _ = model.infer(tokens: prompt, length: context, state: &state) }
-        let stateBytes = state.byteCount
+        let stateBytes = state.byteCount, phalanxStateBytes = state.byteCount(of: .phalanx)
         var token: Int32 = 1
         let decode = Timing.seconds {
             for _ in 0..<steps {
@@ -32,6 +34,7 @@ public enum DecodeBenchmark {
             }
         }
         return Result(preset: preset, context: context, prefillTokensPerSecond: Double(context) / prefill,
-                      decodeTokensPerSecond: Double(steps) / decode, stateBytes: stateBytes)
+                      decodeTokensPerSecond: Double(steps) / decode, stateBytes: stateBytes,
+                      phalanxStateBytes: phalanxStateBytes)
     }
 }

@@ -50,3 +50,49 @@ public enum LayerBenchmark {
                     gemmFlops: 2 * Double(batch * length) * Double(dim) * Double(projections))
     }
 }
+
+/// One matrix product of a layer, timed alone at the layer's shape: `C[m, n] (+)= op(A) op(B)`
+/// with inner dimension `k`.
+public struct ProductTiming: Sendable {
+    /// What the product computes (`z = x W_in^T`, ...).
+    public let name: String
+    /// Rows and columns of the result and the inner dimension.
+    public let m: Int, n: Int, k: Int
+    /// Median seconds per product.
+    public let seconds: Double
+    /// FLOP/s: `2 m n k / seconds`.
+    public var rate: Double { 2 * Double(m) * Double(n) * Double(k) / seconds }
+}
+
+extension LayerBenchmark {
+    /// The Phalanx layer's six matrix products (three per direction), each alone at the layer's
+    /// shapes for one sequence of `length` (`rows = length`, `P` fused projection columns):
+    ///
+    ///     forward:  z = x W_in^T [rows, P] (k = dim);  y = mixed W_out^T [rows, dim] (k = dim)
+    ///     backward: dmixed = dy W_out;  dW_out += dy^T mixed [dim, dim] (k = rows);
+    ///               dW_in += dz^T x [P, dim] (k = rows);  dx = dz W_in [rows, dim] (k = P)
+    ///
+    /// Their sum is the layer's matrix-product time at its own (skinny) shapes; the rest of the
+    /// layer's forward+backward is its element-wise passes and the recurrence.
+    public static func phalanxProducts(dim: Int, kvHeads: Int, length: Int, repeats: Int) -> [ProductTiming] {
+        let columns = PhalanxLayer.Columns(heads: dim / PhalanxLayer.headDim, kvHeads: kvHeads)
+        let (rows, P) = (length, columns.width)
+        var rng = SeededGenerator(seed: 2)
+        func buffer(_ count: Int) -> BenchBuffer { BenchBuffer(count: count) { _ in Float.random(in: -1...1, using: &rng) } }
+        let x = buffer(rows * dim), z = buffer(rows * P), mixed = buffer(rows * dim), dy = buffer(rows * dim)
+        let inputWeight = buffer(P * dim), outputWeight = buffer(dim * dim), out = buffer(max(rows, P) * max(P, dim))
+        let (xp, zp, mp, dyp) = (x.readOnly.baseAddress!, z.readOnly.baseAddress!, mixed.readOnly.baseAddress!, dy.readOnly.baseAddress!)
+        let (wi, wo, op) = (inputWeight.readOnly.baseAddress!, outputWeight.readOnly.baseAddress!, out.pointer.baseAddress!)
+        let products: [(String, Int, Int, Int, () -> Void)] = [
+            ("z = x W_in^T", rows, P, dim, { Gemm.multiply(m: rows, n: P, k: dim, xp, wi, transposeB: true, into: op) }),
+            ("y = mixed W_out^T", rows, dim, dim, { Gemm.multiply(m: rows, n: dim, k: dim, mp, wo, transposeB: true, into: op) }),
+            ("dmixed = dy W_out", rows, dim, dim, { Gemm.multiply(m: rows, n: dim, k: dim, dyp, wo, into: op) }),
+            ("dW_out += dy^T mixed", dim, dim, rows, { Gemm.multiply(m: dim, n: dim, k: rows, dyp, transposeA: true, mp, into: op, beta: 1) }),
+            ("dW_in += dz^T x", P, dim, rows, { Gemm.multiply(m: P, n: dim, k: rows, zp, transposeA: true, xp, into: op, beta: 1) }),
+            ("dx = dz W_in", rows, dim, P, { Gemm.multiply(m: rows, n: dim, k: P, zp, wi, into: op) }),
+        ]
+        return products.map { name, m, n, k, body in
+            ProductTiming(name: name, m: m, n: n, k: k, seconds: Timing.median(repeats: repeats, body))
+        }
+    }
+}

@@ -58,6 +58,8 @@ extension LayerBenchmark {
         public var sweep = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
         /// Timed repeats per figure (the median is reported).
         public var repeats = 5
+        /// Also time each of the Phalanx layer's matrix products alone (where its time goes).
+        public var profile = false
 
         /// The defaults above.
         public init() {}
@@ -92,6 +94,20 @@ extension LayerBenchmark {
                      t.forward * 1e3, t.forwardBackward * 1e3, floor * 1e3, t.floorRatio(sgemmRate: ceilings.sgemm)))
         json["phalanx"] = ["forward_ms": t.forward * 1e3, "forward_backward_ms": t.forwardBackward * 1e3,
                            "gemm_floor_ms": floor * 1e3, "floor_ratio": t.floorRatio(sgemmRate: ceilings.sgemm)]
+        if settings.profile {
+            let products = phalanxProducts(dim: dim, kvHeads: kv, length: length, repeats: repeats)
+            print("  profile: each matrix product alone at the layer's shapes (C[m, n], inner k)")
+            for p in products {
+                print(String(format: "    %@ m %5d n %5d k %5d  %7.3f ms  %6.1f GFLOP/s  %5.1f%% of sgemm", padded(p.name),
+                             p.m, p.n, p.k, p.seconds * 1e3, p.rate / 1e9, 100 * p.rate / ceilings.sgemm))
+            }
+            let sum = products.reduce(0) { $0 + $1.seconds }
+            print(String(format: "    products %.2f ms; the rest of forward+backward (element-wise passes, recurrence) %.2f ms",
+                         sum * 1e3, (t.forwardBackward - sum) * 1e3))
+            json["phalanx_profile"] = ["products": products.map { ["name": $0.name, "m": $0.m, "n": $0.n, "k": $0.k,
+                                                                    "ms": $0.seconds * 1e3, "gflops": $0.rate / 1e9] },
+                                       "products_ms": sum * 1e3, "rest_ms": (t.forwardBackward - sum) * 1e3]
+        }
 
         print("\n2. Attention kernel, causal, batch 1, \(heads) heads x \(dim / heads), length \(length)")
         let a = AttentionBenchmark.kernel(heads: heads, kvHeads: heads, headDim: dim / heads, length: length, window: nil, repeats: repeats)
@@ -195,7 +211,7 @@ extension DecodeBenchmark {
         let ceilings = Ceilings.measure()
         let presets = settings.presets
         print("\nPrefill and decode, batch 1 (\(settings.steps) decode steps per figure)")
-        print("  preset                 context   prefill tok/s   decode tok/s   state        decode vs \(presets[0])")
+        print("  preset                 context   prefill tok/s   decode tok/s   state        of it Phalanx   decode vs \(presets[0])")
         var json = ceilings.json
         json["benchmark"] = "decode"
         var rows: [[String: Any]] = []
@@ -205,10 +221,12 @@ extension DecodeBenchmark {
                 let r = try measure(preset: preset, context: context, steps: settings.steps, window: settings.window)
                 let ratio = r.decodeTokensPerSecond / (baseline ?? r.decodeTokensPerSecond)
                 if baseline == nil { baseline = r.decodeTokensPerSecond }
-                print(String(format: "  %@ %7d %15.0f %14.1f   %8.2f MB   %6.2fx", padded(preset), context, r.prefillTokensPerSecond,
-                             r.decodeTokensPerSecond, Double(r.stateBytes) / 1e6, ratio))
+                print(String(format: "  %@ %7d %15.0f %14.1f   %8.2f MB  %9.1f KB   %6.2fx", padded(preset), context,
+                             r.prefillTokensPerSecond, r.decodeTokensPerSecond, Double(r.stateBytes) / 1e6,
+                             Double(r.phalanxStateBytes) / 1e3, ratio))
                 rows.append(["preset": preset, "context": context, "prefill_tokens_per_second": r.prefillTokensPerSecond,
                              "decode_tokens_per_second": r.decodeTokensPerSecond, "state_bytes": r.stateBytes,
+                             "phalanx_state_bytes": r.phalanxStateBytes,
                              "decode_speedup_vs_first": ratio])
             }
         }

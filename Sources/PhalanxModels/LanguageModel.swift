@@ -235,17 +235,24 @@ public final class LanguageModel: ParameterContainer {
     /// state, an attention key/value cache, a sliding-window ring) and the position reached.
     public struct DecodeState {
         var mixers: [any MixerStream]
+        /// The mixer kind of each block, in order.
+        let kinds: [MixerKind]
         public let batch: Int
         /// Positions processed so far.
         public internal(set) var position = 0
 
         /// Bytes held by all mixer states.
         public var byteCount: Int { mixers.reduce(0) { $0 + $1.byteCount } }
+
+        /// Bytes held by the states of the blocks whose mixer is `kind`.
+        public func byteCount(of kind: MixerKind) -> Int {
+            zip(kinds, mixers).reduce(0) { total, block in total + (block.0 == kind ? block.1.byteCount : 0) }
+        }
     }
 
     /// The state of `batch` empty sequences.
     public func makeDecodeState(batch: Int) -> DecodeState {
-        DecodeState(mixers: blocks.map { decoder($0.mixer, batch: batch) }, batch: batch)
+        DecodeState(mixers: blocks.map { decoder($0.mixer, batch: batch) }, kinds: blocks.map(\.kind), batch: batch)
     }
 
     /// Logits `[batch * length, vocabulary]` for the next `length` tokens of each sequence

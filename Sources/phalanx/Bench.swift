@@ -62,10 +62,13 @@ struct BenchLayers: ParsableCommand {
     @Option(help: "Sliding-window attention window in the sweep.") var window = 512
     @Option(parsing: .upToNextOption, help: "Lengths of the sweep.") var sweep = LayerBenchmark.Settings().sweep
     @Option(help: "Timed repeats per figure (the median is reported).") var repeats = 5
+    @Flag(help: "Also time each of the Phalanx layer's matrix products alone at its shapes (where the time goes).")
+    var profile = false
 
     var settings: LayerBenchmark.Settings {
         var s = LayerBenchmark.Settings()
         (s.dim, s.heads, s.kvHeads, s.length, s.window, s.sweep, s.repeats) = (dim, heads, kvHeads, length, window, sweep, repeats)
+        s.profile = profile
         return s
     }
 
