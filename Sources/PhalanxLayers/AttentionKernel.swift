@@ -22,7 +22,8 @@ public struct AttentionLayout: Hashable, Sendable, CustomStringConvertible {
     /// Channels per head.
     public let headDim: Int
 
-    /// The shapes of a call; `kvHeads` must divide `heads`, and every size is non-negative (heads at least 1).
+    /// The shapes of a call: `batch` and `length` non-negative, `heads`, `kvHeads` and `headDim` at
+    /// least 1, `kvHeads` dividing `heads`.
     public init(batch: Int, length: Int, heads: Int, kvHeads: Int, headDim: Int) {
         require(batch >= 0 && length >= 0, "AttentionLayout: batch and length must be non-negative, got \(batch), \(length)")
         require(heads >= 1 && headDim >= 1, "AttentionLayout: heads and headDim must be positive, got \(heads), \(headDim)")
