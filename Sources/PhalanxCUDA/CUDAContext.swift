@@ -8,6 +8,7 @@ import Foundation
 /// from the host wait for the stream first. A context may be used from any thread: every entry
 /// point makes it current on the calling thread.
 public final class CUDAContext: @unchecked Sendable {
+    /// The driver API the context was created through.
     public let driver: CUDADriver
     /// The device ordinal.
     public let ordinal: Int
@@ -149,6 +150,7 @@ public final class CUDAContext: @unchecked Sendable {
     /// A kernel entry point (`extern "C" __global__`) of a loaded module.
     public struct Function: @unchecked Sendable {
         let handle: OpaquePointer
+        /// The kernel's symbol name, as in the source (`extern "C"`).
         public let name: String
     }
 
@@ -248,9 +250,13 @@ public final class CUDAContext: @unchecked Sendable {
 /// A point in the stream's work, for timing it: record two events around work on the stream, and
 /// `milliseconds(to:)` gives the device time between them.
 public final class CUDAEvent: @unchecked Sendable {
+    /// The context whose stream the event marks.
     public let context: CUDAContext
     let event: OpaquePointer
 
+    /// An event on `context`, not yet recorded.
+    ///
+    /// - Throws: `CUDAError` when `cuEventCreate` fails.
     public init(context: CUDAContext) throws {
         self.context = context
         try context.makeCurrent()
