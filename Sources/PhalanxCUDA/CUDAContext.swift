@@ -154,12 +154,13 @@ public final class CUDAContext: @unchecked Sendable {
         public let name: String
     }
 
-    /// The module compiled from `source` for this device, from the cache when this context has
-    /// loaded it before (keyed by `KernelKey`: source, options, architecture), else compiled with
-    /// NVRTC to a CUBIN and loaded with `cuModuleLoadData`.
+    /// The entry points `names` of the module compiled from `source` for this device: the module
+    /// comes from the cache when this context has loaded it before (keyed by `KernelKey`: source,
+    /// options, architecture), else is compiled with NVRTC to a CUBIN and loaded with
+    /// `cuModuleLoadData`. `extraOptions` follow `KernelSources.compileOptions(architecture:)`.
     ///
     /// - Throws: `CUDAUnavailable` without NVRTC, `NVRTCError` with the log when the source does
-    ///   not compile, `CUDAError` when loading fails.
+    ///   not compile, `CUDAError` when loading fails or a name is not in the module.
     public func functions(_ names: [String], source: String, sourceName: String,
                           options extraOptions: [String] = []) throws -> [Function] {
         let options = KernelSources.compileOptions(architecture: architecture) + extraOptions
@@ -210,7 +211,7 @@ public final class CUDAContext: @unchecked Sendable {
         return modules.count
     }
 
-    /// One kernel argument, passed by value.
+    /// One kernel argument, passed by value (a buffer as its device address).
     public enum Argument {
         case buffer(DeviceBuffer)
         case int32(Int32)
