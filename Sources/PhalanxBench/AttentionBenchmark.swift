@@ -5,10 +5,13 @@ import PhalanxRuntime
 /// Median times of the attention kernel and the FLOPs they stand for, so that a caller can
 /// divide by the sgemm rate measured in the same run (`MachineCeilings.sgemmRates()`).
 public struct AttentionTiming: Sendable {
+    /// The shapes timed.
     public let layout: AttentionLayout
+    /// Keys each query sees; nil for full causal.
     public let window: Int?
-    /// Seconds of one forward, and of one forward followed by its backward.
+    /// Median seconds of one forward.
     public let forward: Double
+    /// Median seconds of one forward followed by its backward.
     public let forwardBackward: Double
     /// FLOPs of the forward: its two matrix products over the visible query-key pairs,
     /// `4 * headDim * pairs` (full causal: `pairs = batch * heads * L (L + 1) / 2`). Masked-out
@@ -18,10 +21,13 @@ public struct AttentionTiming: Sendable {
     /// products (`QK^T`, `dO V^T`, `P^T dO`, `dS K`, `dS^T Q`), 2.5 times the forward's.
     public var forwardBackwardFlops: Double { 3.5 * forwardFlops }
 
+    /// Forward FLOP/s: `forwardFlops / forward`.
     public var forwardRate: Double { forwardFlops / forward }
+    /// Forward-plus-backward FLOP/s: `forwardBackwardFlops / forwardBackward`.
     public var forwardBackwardRate: Double { forwardBackwardFlops / forwardBackward }
 }
 
+/// Timings of the CPU attention kernel.
 public enum AttentionBenchmark {
     /// Times `AttentionKernel` forward and forward+backward on random inputs: a warm-up call,
     /// then the median of `repeats`.

@@ -74,6 +74,8 @@ func jsonKey(_ name: String) -> String {
 
 /// A benchmark setting out of range: the message names the setting and what is allowed.
 public struct BenchmarkSettingError: Error, CustomStringConvertible {
+    /// What is out of range and what is allowed.
     public let description: String
+    /// The error with its message.
     public init(_ description: String) { self.description = description }
 }

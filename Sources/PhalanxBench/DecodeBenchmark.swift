@@ -4,8 +4,11 @@ import PhalanxRuntime
 
 /// Prefill and decode speed of a model at a given context length (batch 1, random tokens).
 public enum DecodeBenchmark {
+    /// One model's prefill and decode speed at one context length.
     public struct Result: Sendable {
+        /// The model preset's name (`ModelConfiguration.preset`).
         public let preset: String
+        /// Prompt tokens prefilled before decoding.
         public let context: Int
         /// Prompt tokens per second of a prefill of `context` tokens from empty.
         public let prefillTokensPerSecond: Double
@@ -17,6 +20,11 @@ public enum DecodeBenchmark {
         public let phalanxStateBytes: Int
     }
 
+    /// Prefills `context` random tokens into a fresh decode state (timed once), then times `steps`
+    /// greedy one-token steps after it.
+    ///
+    /// - Parameter window: overrides the preset's sliding window; nil keeps it.
+    /// - Throws: `ConfigurationError` for an unknown preset or a configuration out of range.
     public static func measure(preset: String, context: Int, steps: Int, window: Int? = nil) throws -> Result {
         var configuration = try ModelConfiguration.preset(preset)
         if let window { configuration.window = window }

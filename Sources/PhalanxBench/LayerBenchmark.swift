@@ -5,9 +5,13 @@ import PhalanxRuntime
 /// Times a layer's forward and forward+backward and relates them to its matrix-product floor:
 /// the FLOPs of its GEMMs divided by the sgemm rate measured in the same run.
 public struct LayerTiming: Sendable {
+    /// The layer timed (`attention`, `swa-<window>`, `phalanx`).
     public let name: String
+    /// Positions per sequence.
     public let length: Int
+    /// Median seconds of one forward.
     public let forward: Double
+    /// Median seconds of one forward followed by its backward.
     public let forwardBackward: Double
     /// FLOPs of the forward's matrix products; backward's are twice these.
     public let forwardGemmFlops: Double
@@ -16,6 +20,7 @@ public struct LayerTiming: Sendable {
     public func floorRatio(sgemmRate: Double) -> Double { forwardBackward / (3 * forwardGemmFlops / sgemmRate) }
 }
 
+/// Timings of whole mixer layers on the CPU, against their matrix-product floor.
 public enum LayerBenchmark {
     /// Times `forward` and `forward` + `backward` of any mixer on random input `[batch, length, dim]`.
     static func time<Mixer: SequenceMixer>(_ mixer: Mixer, name: String, dim: Int, batch: Int, length: Int,

@@ -8,30 +8,44 @@ import SWR
 /// effective bandwidth is (bytes it must read + bytes it must write) / median time, reported as
 /// a fraction of the copy bandwidth measured in the same run, with all threads of the pool.
 public struct OperatorBenchmark {
+    /// The shape of the call every operator is timed on, and how many times.
     public struct Configuration: Sendable {
+        /// Sequences in the uniform batch.
         public var batch = 4
+        /// Positions per sequence.
         public var length = 65536
+        /// Heads per position.
         public var heads = 16
+        /// Channels per head.
         public var headDim = 16
+        /// Timed calls per operator, after one warm-up; the median is reported.
         public var repeats = 9
         /// Only operators whose name contains this text (all when nil).
         public var only: String?
+        /// The defaults: 4 sequences of 65536 positions, 16 heads of 16, 9 repeats, every operator.
         public init() {}
     }
 
+    /// One operator's time and bandwidth.
     public struct Result: Sendable {
+        /// The operator and direction timed (`jagged k=2 forward`).
         public let name: String
         /// Median time of the operator.
         public let seconds: Double
+        /// Bytes the operator must read and write.
         public let bytes: Int
         /// Median over repeats of (operator bandwidth / copy bandwidth measured just before it).
         public let fractionOfCopy: Double
+        /// Effective bandwidth in bytes per second: `bytes / seconds`.
         public var bandwidth: Double { Double(bytes) / seconds }
     }
 
+    /// The shape and repeats every operator is timed with.
     public let configuration: Configuration
+    /// The threads the operators run on.
     public let pool: WorkerPool
 
+    /// A benchmark of `configuration` on `pool`.
     public init(_ configuration: Configuration, pool: WorkerPool = .shared) {
         self.configuration = configuration
         self.pool = pool

@@ -21,8 +21,10 @@ public enum Timing {
 
 /// A float buffer for benchmarks, filled so that every page is touched before timing.
 public final class BenchBuffer {
+    /// The elements, 64-byte aligned; valid as long as the buffer lives.
     public let pointer: UnsafeMutableBufferPointer<Float>
 
+    /// `count` floats, element `i` set to `fill(i)`.
     public init(count: Int, fill: (Int) -> Float) {
         // 64-byte aligned, as `Tensor`, so kernels may use aligned (streaming) stores.
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
@@ -32,5 +34,6 @@ public final class BenchBuffer {
 
     deinit { UnsafeMutableRawPointer(pointer.baseAddress!).deallocate() }
 
+    /// The elements as a read-only buffer.
     public var readOnly: UnsafeBufferPointer<Float> { UnsafeBufferPointer(pointer) }
 }

@@ -6,12 +6,19 @@ import PhalanxTraining
 
 /// Times training steps (forward, backward, AdamW) of a model on random tokens.
 public enum TrainingBenchmark {
+    /// One model's training speed at one context length.
     public struct Result: Sendable {
+        /// The model preset's name (`ModelConfiguration.preset`).
         public let preset: String
+        /// Positions per training sequence (batch 1).
         public let context: Int
+        /// Median seconds of one step: forward, loss, backward and AdamW update.
         public let secondsPerStep: Double
+        /// Tokens trained on per step.
         public let tokensPerStep: Int
+        /// FLOPs of one step by `modelFlops`.
         public let modelFlopsPerStep: Double
+        /// Tokens trained on per second: `tokensPerStep / secondsPerStep`.
         public var tokensPerSecond: Double { Double(tokensPerStep) / secondsPerStep }
         /// Model FLOPs per second over the sgemm rate.
         public func utilisation(sgemmRate: Double) -> Double { modelFlopsPerStep / secondsPerStep / sgemmRate }
@@ -42,6 +49,11 @@ public enum TrainingBenchmark {
         return flops
     }
 
+    /// Times training steps of a freshly initialised model on one sequence of `context` random tokens:
+    /// one warm-up step, then the median of `steps`.
+    ///
+    /// - Parameter window: overrides the preset's sliding window; nil keeps it.
+    /// - Throws: `ConfigurationError` for an unknown preset or a configuration out of range.
     public static func measure(preset: String, context: Int, steps: Int, window: Int? = nil) throws -> Result {
         var configuration = try ModelConfiguration.preset(preset)
         if let window { configuration.window = window }

@@ -14,8 +14,10 @@ public enum BFloat16 {
         Float(bitPattern: UInt32(bits) << 16)
     }
 
+    /// Each of `values` as its nearest bfloat16 (see `bits(_:)` for one value).
     public static func bits(_ values: [Float]) -> [UInt16] { values.map(bits) }
 
+    /// Each bfloat16 of `bits` as the float32 equal to it.
     public static func floats(_ bits: [UInt16]) -> [Float] { bits.map(float) }
 
     /// `values` rounded to the nearest bfloat16 and back.

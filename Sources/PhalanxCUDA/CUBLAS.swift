@@ -25,6 +25,7 @@ public final class CUBLAS: @unchecked Sendable {
     public let path: String
     /// `cublasGetVersion`: 10000 * major + 100 * minor + patch.
     public let version: Int
+    /// The context whose stream every product is queued on.
     public let context: CUDAContext
 
     /// Whether a new shape's candidate algorithms are timed (true) or cuBLASLt's first choice is
@@ -40,17 +41,22 @@ public final class CUBLAS: @unchecked Sendable {
     private let lock = NSLock()
     private var plans: [PlanKey: Plan] = [:]
 
-    /// A number format of a matrix (`cudaDataType_t`).
     /// One operand: a row-major matrix in a device buffer, `rows x columns` as stored (before any
     /// transpose), `stride` elements from one row to the next (`columns` when nil), starting
     /// `offset` elements into the buffer.
     public struct Matrix {
+        /// The device buffer holding the matrix.
         public let buffer: DeviceBuffer
+        /// How the buffer stores the matrix's numbers (`cudaDataType_t`).
         public let element: NumberFormat
+        /// Rows and columns as stored, before any transpose.
         public let rows: Int, columns: Int
+        /// Elements from one row to the next; at least `columns`.
         public let stride: Int
+        /// Elements from the buffer's start to the first element.
         public let offset: Int
 
+        /// An operand `rows x columns` with row `stride` (`columns` when nil), `offset` elements into `buffer`.
         public init(_ buffer: DeviceBuffer, _ element: NumberFormat, rows: Int, columns: Int, stride: Int? = nil, offset: Int = 0) {
             self.buffer = buffer
             self.element = element
@@ -309,10 +315,12 @@ struct LtFunctions {
 
 /// A cuBLAS call returned an error status.
 public struct CUBLASError: Error, CustomStringConvertible {
+    /// The cuBLAS or cuBLASLt entry point that failed.
     public let call: String
     /// The `cublasStatus_t`.
     public let status: Int32
 
+    /// The error for `call` returning `status`.
     public init(call: String, status: Int32) {
         self.call = call
         self.status = status
@@ -334,5 +342,6 @@ public struct CUBLASError: Error, CustomStringConvertible {
         }
     }
 
+    /// The call, the status's name and its code.
     public var description: String { "\(call) failed: \(name) (\(status))" }
 }

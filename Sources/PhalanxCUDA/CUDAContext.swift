@@ -8,6 +8,7 @@ import Foundation
 /// from the host wait for the stream first. A context may be used from any thread: every entry
 /// point makes it current on the calling thread.
 public final class CUDAContext: @unchecked Sendable {
+    /// The driver API the context was created through.
     public let driver: CUDADriver
     /// The device ordinal.
     public let ordinal: Int
@@ -149,15 +150,17 @@ public final class CUDAContext: @unchecked Sendable {
     /// A kernel entry point (`extern "C" __global__`) of a loaded module.
     public struct Function: @unchecked Sendable {
         let handle: OpaquePointer
+        /// The kernel's symbol name, as in the source (`extern "C"`).
         public let name: String
     }
 
-    /// The module compiled from `source` for this device, from the cache when this context has
-    /// loaded it before (keyed by `KernelKey`: source, options, architecture), else compiled with
-    /// NVRTC to a CUBIN and loaded with `cuModuleLoadData`.
+    /// The entry points `names` of the module compiled from `source` for this device: the module
+    /// comes from the cache when this context has loaded it before (keyed by `KernelKey`: source,
+    /// options, architecture), else is compiled with NVRTC to a CUBIN and loaded with
+    /// `cuModuleLoadData`. `extraOptions` follow `KernelSources.compileOptions(architecture:)`.
     ///
     /// - Throws: `CUDAUnavailable` without NVRTC, `NVRTCError` with the log when the source does
-    ///   not compile, `CUDAError` when loading fails.
+    ///   not compile, `CUDAError` when loading fails or a name is not in the module.
     public func functions(_ names: [String], source: String, sourceName: String,
                           options extraOptions: [String] = []) throws -> [Function] {
         let options = KernelSources.compileOptions(architecture: architecture) + extraOptions
@@ -208,7 +211,7 @@ public final class CUDAContext: @unchecked Sendable {
         return modules.count
     }
 
-    /// One kernel argument, passed by value.
+    /// One kernel argument, passed by value (a buffer as its device address).
     public enum Argument {
         case buffer(DeviceBuffer)
         case int32(Int32)
@@ -248,9 +251,13 @@ public final class CUDAContext: @unchecked Sendable {
 /// A point in the stream's work, for timing it: record two events around work on the stream, and
 /// `milliseconds(to:)` gives the device time between them.
 public final class CUDAEvent: @unchecked Sendable {
+    /// The context whose stream the event marks.
     public let context: CUDAContext
     let event: OpaquePointer
 
+    /// An event on `context`, not yet recorded.
+    ///
+    /// - Throws: `CUDAError` when `cuEventCreate` fails.
     public init(context: CUDAContext) throws {
         self.context = context
         try context.makeCurrent()

@@ -24,7 +24,9 @@ import SWR
 /// `[rows, heads]`, float32 or bfloat16 storage with float32 arithmetic; the carriers are float32
 /// scratch of `batch * ceil(length / 16) * heads * 17` floats (and 1/16 of that per further level).
 public struct CUDAExactRecurrence: Sendable {
+    /// The GPU every call runs on, on its stream.
     public let context: CUDAContext
+    /// How the gates, inputs, outputs and gradients store their numbers; arithmetic is float32 either way.
     public let storage: NumberFormat
     /// Threads per thread block of every launch.
     public let threadsPerBlock = 128

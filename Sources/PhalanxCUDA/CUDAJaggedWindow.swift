@@ -17,24 +17,23 @@ import SWR
 /// Storage is float32 or bfloat16 for every buffer; arithmetic is float32 either way, so bfloat16
 /// results are the float32 ones rounded once.
 ///
-/// Requirements: block length 16 and head dim 16 (the kernels' constants). Every call starts from
-/// the empty state (`JaggedState(for:)`): there is no state in or out, and no initial-state
-/// gradient.
+/// Requirements: head dim 16 and a block length in `blockLengths` (both compiled into the kernels,
+/// `KernelSources.definitions`). Every call starts from the empty state (`JaggedState(for:)`):
+/// there is no state in or out, and no initial-state gradient.
 ///
 /// Work: one GPU thread per (sequence, head, 4 channels, chunk of `tuning.chunkBlocks` blocks);
 /// chunks recompute one neighbouring block (a halo) instead of communicating, so the forward reads
 /// gates and inputs and writes outputs once, plus `1 / chunkBlocks` of a re-read. See
 /// `Kernels/jagged_window.cu`.
 public struct CUDAJaggedWindow: Sendable {
-    /// How every buffer of a call stores its numbers.
     /// How the work is cut into GPU threads: changes speed, never results (up to the order of the
     /// gate gradient's 16-channel sum). The defaults were measured fastest on an H200 at dim 2048
     /// and 32K tokens (`phalanx bench cuda` sweeps the alternatives).
     public struct Tuning: Hashable, Sendable, CustomStringConvertible {
-        /// Blocks of 16 positions per thread. nil: the fewest chunks that still give one thread to
-        /// every slot of one full wave of the device (resident threads per multiprocessor, from the
-        /// kernel's registers, times multiprocessors): the least halo re-reading that keeps the
-        /// whole device busy.
+        /// Blocks of `blockLength` positions per thread. nil: the fewest chunks that still give one
+        /// thread to every slot of one full wave of the device (resident threads per
+        /// multiprocessor, from the kernel's registers, times multiprocessors): the least halo
+        /// re-reading that keeps the whole device busy.
         public var chunkBlocks: Int?
         /// Threads per thread block, a multiple of 32. 128 rather than 256: with the backward
         /// kernel's many registers, smaller blocks pack more threads on a multiprocessor (bfloat16:
@@ -44,6 +43,8 @@ public struct CUDAJaggedWindow: Sendable {
         /// each). The forward kernel always takes 4.
         public var backwardChannels: Int
 
+        /// A split with the given chunk length (nil: automatic), block size and backward channels;
+        /// checked when assigned to `tuning`.
         public init(chunkBlocks: Int? = nil, threadsPerBlock: Int = 128, backwardChannels: Int = 4) {
             self.chunkBlocks = chunkBlocks
             self.threadsPerBlock = threadsPerBlock
@@ -53,13 +54,17 @@ public struct CUDAJaggedWindow: Sendable {
         /// Every kernel variant, with the automatic chunk length and the default block size.
         public static var variants: [Tuning] { [Tuning(backwardChannels: 4), Tuning(backwardChannels: 2)] }
 
+        /// The backward variant, chunk length and threads per block, for reports.
         public var description: String {
             "bwd v\(backwardChannels) chunk \(chunkBlocks.map(String.init) ?? "auto") tpb \(threadsPerBlock)"
         }
     }
 
+    /// The GPU every call runs on, on its stream.
     public let context: CUDAContext
+    /// Block length and blocks seen; the block length must lie in `blockLengths`.
     public let window: JaggedWindow
+    /// How every buffer of a call stores its numbers; arithmetic is float32 either way.
     public let storage: NumberFormat
     /// The kernel variant and work split (see `Tuning`).
     public var tuning = Tuning() {

@@ -11,7 +11,7 @@ private let D = PhalanxLayer.headDim
 ///     z     = x W_in^T                      [rows, P]    cuBLAS; W_in = proj_b | proj_c | proj_v | proj_a
 ///     mixed = phalanx_forward(z + bias)     [rows, H*16] ONE kernel: a = gateScale * sigmoid(z_a),
 ///                                                         b = sigmoid(z_b), c = z_c, v = z_v,
-///                                                         s = SWR_jagged(a, b * v) (block 16, k = 2),
+///                                                         s = SWR_jagged(a, b * v) (block l, k = 2),
 ///                                                         mixed = s * c + v
 ///     y     = mixed W_out^T                 [rows, dim]  cuBLAS
 ///
@@ -22,7 +22,7 @@ private let D = PhalanxLayer.headDim
 ///     dW_in += dz^T x;   dx = dz W_in                                    cuBLAS
 ///
 /// The kernels recompute gates, `b * v` and `s` from `z` instead of storing them, so forward keeps
-/// only `z`, `mixed` and each block's carrier (1/16 of a row per head) for backward (see
+/// only `z`, `mixed` and each block's carrier (1/l of a row per head, `l` the block length) for backward (see
 /// `Kernels/phalanx_layer.cu`). The bias gradient is summed inside the backward kernel with
 /// float32 atomics, so its last bits vary from run to run.
 ///
@@ -50,9 +50,11 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         /// Rows whose loads the backward kernel issues together: 1, 2 or 4 (it keeps each block's
         /// forward scan in shared memory; more rows in flight cost registers).
         public var backwardRows: Int
-        /// Blocks of 16 rows per thread; nil chooses one wave of the device (`ChunkPlan`).
+        /// Blocks of `blockLength` rows per thread; nil chooses one wave of the device (`ChunkPlan`).
         public var chunkBlocks: Int?
 
+        /// A tuning of compiled variants (see `forwardVariants`, `backwardVariants`) and chunk length (nil:
+        /// automatic); checked when assigned to `tuning`.
         public init(forwardChannels: Int = 8, forwardRows: Int = 2, backwardRows: Int = 2, chunkBlocks: Int? = nil) {
             (self.forwardChannels, self.forwardRows) = (forwardChannels, forwardRows)
             (self.backwardRows, self.chunkBlocks) = (backwardRows, chunkBlocks)
@@ -60,11 +62,13 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
 
         /// The compiled variants: forward (channels, rows), backward rows.
         public static let forwardVariants = [(4, 1), (4, 4), (8, 1), (8, 2)]
+        /// The compiled backward variants: rows issued together.
         public static let backwardVariants = [1, 2, 4]
 
         var forwardSuffix: String { "v\(forwardChannels)_r\(forwardRows)" }
         var backwardSuffix: String { "v4_s\(backwardRows)" }
 
+        /// The forward and backward variants and the chunk length, for reports.
         public var description: String {
             "fwd \(forwardChannels) channels \(forwardRows) rows, bwd \(backwardRows) rows, chunk \(chunkBlocks.map(String.init) ?? "auto")"
         }
@@ -72,19 +76,25 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
 
     /// What backward needs from one forward call.
     public struct Cache {
+        /// `x` `[rows, dim]` in `storage`, the input projection's input.
         public let input: DeviceBuffer
+        /// Sequences, and positions per sequence, of the call.
         public let batch: Int, length: Int
         /// `z` `[rows, stride]`, without bias.
         public let projections: DeviceBuffer
         /// `s * c + v` `[rows, H*16]`.
         public let mixed: DeviceBuffer
-        /// Each block's terminal local state `[batch, ceil(length / 16), H, 16]` float32.
+        /// Each block's terminal local state `[batch, ceil(length / blockLength), H, 16]` float32.
         public let carriers: DeviceBuffer
     }
 
+    /// The CPU layer's configuration: width, heads, gate scale, window.
     public let configuration: PhalanxLayer.Configuration
+    /// How activations and weights store their numbers; biases and gradients are float32 whatever it is.
     public let storage: NumberFormat
+    /// The GPU every call runs on, on its stream.
     public let context: CUDAContext
+    /// The cuBLAS handle for the three matrix products of each direction.
     public let blas: CUBLAS
     /// Where each projection sits in `z` and `dz` (the CPU layer's order, padded to `stride`).
     public let columns: PhalanxLayer.Columns

@@ -38,5 +38,6 @@ public struct ChunkPlan: Hashable, Sendable, CustomStringConvertible {
         gridBlocks = (threads + threadsPerBlock - 1) / threadsPerBlock
     }
 
+    /// Chunk length, working threads and thread blocks, for reports.
     public var description: String { "\(chunkBlocks) blocks per chunk, \(threads) threads, \(gridBlocks) thread blocks" }
 }

@@ -7,9 +7,11 @@ import PhalanxRuntime
 /// (raw bits; `BFloat16` converts). The address is aligned to at least 256 bytes, which the vector
 /// loads of the kernels need.
 public final class DeviceBuffer: @unchecked Sendable {
+    /// The context whose memory this is; every copy runs on its stream.
     public let context: CUDAContext
     /// The `CUdeviceptr`.
     public let address: UInt64
+    /// Size in bytes, as asked for.
     public let byteCount: Int
 
     /// Allocates `byteCount` bytes (contents undefined).

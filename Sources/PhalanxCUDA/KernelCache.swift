@@ -10,6 +10,7 @@ public struct KernelKey: Hashable, Sendable, CustomStringConvertible {
     /// `sm_XY` for compute capability X.Y.
     public let architecture: String
 
+    /// The key of `source` compiled with `options` for `architecture`.
     public init(source: String, options: [String], architecture: String) {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         func add(_ bytes: some Sequence<UInt8>) {

@@ -71,7 +71,9 @@ public final class NVRTC: @unchecked Sendable {
 
     /// The result of a compilation: the CUBIN and the compiler's log (warnings, `-Xptxas -v` output).
     public struct Compiled: Sendable {
+        /// The compiled module for one architecture, ready for `cuModuleLoadData`.
         public let cubin: [UInt8]
+        /// The compiler's messages, possibly empty.
         public let log: String
     }
 

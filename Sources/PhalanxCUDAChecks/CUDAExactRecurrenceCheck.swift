@@ -7,16 +7,22 @@ import SWR
 /// so does `phalanx bench cuda --check`. Gates and inputs as `CUDAJaggedWindowCheck` draws them;
 /// output, input gradient and gate gradient compared by `CUDAJaggedWindowCheck.relativeError`.
 public enum CUDAExactRecurrenceCheck {
+    /// One comparison: a uniform batch of heads of 16 channels, its storage and its gate regime.
     public struct Case: Sendable, CustomStringConvertible {
+        /// How the device buffers store numbers.
         public var storage: NumberFormat
+        /// Sequences, positions per sequence, and heads.
         public var batch: Int, length: Int, heads: Int
+        /// How the gates are drawn.
         public var gates: CUDAJaggedWindowCheck.Gates
 
+        /// A case of `batch` sequences of `length` positions with `heads` heads.
         public init(storage: NumberFormat, batch: Int = 2, length: Int, heads: Int = 3,
                     gates: CUDAJaggedWindowCheck.Gates = .random) {
             (self.storage, self.batch, self.length, self.heads, self.gates) = (storage, batch, length, heads, gates)
         }
 
+        /// `exact`, storage, shape and gate regime, for the report.
         public var description: String { "exact \(storage) B=\(batch) L=\(length) H=\(heads) gates \(gates)" }
     }
 

@@ -36,15 +36,24 @@ public enum CUDAJaggedWindowCheck {
         return (gates, inputs, outputGradient)
     }
 
+    /// One comparison: a uniform batch of heads of 16 channels, its storage, gate regime, window and
+    /// kernel tuning.
     public struct Case: Sendable, CustomStringConvertible {
+        /// How the device buffers store numbers.
         public var storage: NumberFormat
+        /// Sequences in the batch.
         public var batch: Int
+        /// Positions per sequence.
         public var length: Int
+        /// Heads per position (16 channels each).
         public var heads: Int
+        /// How the gates are drawn.
         public var gates: Gates
+        /// The window's `k`: 1 or 2.
         public var blocksSeen: Int
         /// Positions per block, compiled into the kernels.
         public var blockLength: Int
+        /// The kernel variant and work split.
         public var tuning: CUDAJaggedWindow.Tuning
 
         /// `tuning` defaults to `Tuning()` with `chunkBlocks`.
@@ -57,6 +66,7 @@ public enum CUDAJaggedWindowCheck {
             if let chunkBlocks { self.tuning.chunkBlocks = chunkBlocks }
         }
 
+        /// Storage, shape, gate regime, `l`, `k` and tuning, for the report.
         public var description: String {
             "\(storage) B=\(batch) L=\(length) H=\(heads) gates \(gates) l=\(blockLength) k=\(blocksSeen), \(tuning)"
         }
@@ -67,15 +77,21 @@ public enum CUDAJaggedWindowCheck {
     public struct Outcome: Sendable, CustomStringConvertible {
         /// The case, described.
         public let label: String
+        /// `relativeError` of the output `y`.
         public let outputError: Double
+        /// `relativeError` of the input gradient `du`.
         public let inputGradientError: Double
+        /// `relativeError` of the gate gradient `da`.
         public let gateGradientError: Double
+        /// The largest error that passes.
         public let tolerance: Double
 
+        /// Whether all three errors are within `tolerance`.
         public var passed: Bool {
             [outputError, inputGradientError, gateGradientError].allSatisfy { $0 <= tolerance }
         }
 
+        /// `PASS` or `FAIL`, the case, the three errors and the tolerance, on one line.
         public var description: String {
             String(format: "%@ %@: y %.1e  du %.1e  da %.1e  (tolerance %.0e)", passed ? "PASS" : "FAIL",
                    label, outputError, inputGradientError, gateGradientError, tolerance)
@@ -90,9 +106,9 @@ public enum CUDAJaggedWindowCheck {
     }
 
     /// Ragged lengths (1, 15, 16, 17, 100, 1000) in every gate regime and both storages; chunks of
-    /// 1 and 3 blocks (every halo path); k = 1; block lengths 5 and 8; one case of 128 heads and 4096 positions (many
-    /// warps and chunks); and every kernel variant (`Tuning.variants`) and block size 256 on a few
-    /// of these.
+    /// 1 and 3 blocks (every halo path); k = 1; block lengths 5 and 8; one case of 128 heads and
+    /// 4096 positions (many warps and chunks); and every kernel variant (`Tuning.variants`) and
+    /// block size 256 on a few of these.
     public static var standardCases: [Case] {
         var cases: [Case] = []
         for storage in NumberFormat.allCases {

@@ -18,17 +18,24 @@ public enum CUDAPhalanxLayerCheck {
         case random, nearOne, nearZero
     }
 
+    /// One comparison: a layer's shape and storage, its gate regime, block length and kernel tuning.
     public struct Case: Sendable, CustomStringConvertible {
+        /// How the GPU layer stores activations and weights.
         public var storage: NumberFormat
+        /// Sequences, and positions per sequence.
         public var batch: Int, length: Int
+        /// Layer width (a multiple of 16) and key/value heads.
         public var dim: Int, kvHeads: Int
+        /// The layer's gate scale, in `(0, 1]`.
         public var gateScale: Float
+        /// The gate regime, set through proj_a's bias.
         public var gates: Gates
         /// Positions per block, compiled into the kernels.
         public var blockLength: Int
         /// The kernel variants and chunk length.
         public var tuning: CUDAPhalanxLayer.Tuning
 
+        /// A case of `batch` sequences of `length` positions through a layer of width `dim`.
         public init(storage: NumberFormat, batch: Int, length: Int, dim: Int = 64, kvHeads: Int = 4,
                     gateScale: Float = 1, gates: Gates = .random, blockLength: Int = JaggedWindow.standardBlockLength,
                     tuning: CUDAPhalanxLayer.Tuning = .init()) {
@@ -36,20 +43,28 @@ public enum CUDAPhalanxLayerCheck {
             (self.gateScale, self.gates, self.blockLength, self.tuning) = (gateScale, gates, blockLength, tuning)
         }
 
+        /// Storage, shape, gate scale and regime, `l` and tuning, for the report.
         public var description: String {
             "layer \(storage) B=\(batch) L=\(length) dim=\(dim) KVH=\(kvHeads) scale \(gateScale) gates \(gates) l=\(blockLength), \(tuning)"
         }
     }
 
+    /// The measured errors of one case against its tolerance.
     public struct Outcome: Sendable, CustomStringConvertible {
+        /// The case that was run.
         public let testCase: Case
         /// `y`, `dx`, then every parameter gradient by name, with its error.
         public let errors: [(name: String, error: Double)]
+        /// The largest error that passes.
         public let tolerance: Double
 
+        /// The tensor with the largest error, and that error.
         public var worst: (name: String, error: Double) { errors.max { $0.error < $1.error }! }
+        /// Whether every error is within `tolerance`.
         public var passed: Bool { errors.allSatisfy { $0.error <= tolerance } }
 
+        /// `PASS` or `FAIL`, the case and each tensor's error (parameters by the last two parts of their
+        /// names), then the tolerance.
         public var description: String {
             let shown = errors.map { String(format: "%@ %.1e", ($0.name.split(separator: ".").suffix(2).joined(separator: ".")), $0.error) }
             return "\(passed ? "PASS" : "FAIL") \(testCase): " + shown.joined(separator: "  ")
@@ -67,8 +82,8 @@ public enum CUDAPhalanxLayerCheck {
     }
 
     /// Ragged lengths (1, 17, 33, 100, 300), every gate regime, gate scale 0.8, kv groups of 1, 2
-    /// and 4 heads, chunks of 1 and 3 blocks (the halo paths), block length 8, 8 heads of a warp and a partial warp,
-    /// and every kernel variant, in both storages.
+    /// and 4 heads, chunks of 1 and 3 blocks (the halo paths), block length 8, 8 heads of a warp
+    /// and a partial warp, and every kernel variant, in both storages.
     public static var standardCases: [Case] {
         NumberFormat.allCases.flatMap { storage in
             [

@@ -21,19 +21,27 @@ import PhalanxRuntime
 /// Cost: the four projections (`2 * rows * dim * (2 H + 2 KVH) * D` FLOPs forward) and the
 /// kernel (`4 * D` FLOPs per visible query-key pair); memory linear in the length.
 public final class Attention: ParameterContainer {
+    /// Model width: features of the input and output rows.
     public let dim: Int
+    /// Query heads, `H`.
     public let heads: Int
+    /// Key/value heads, `KVH`; divides `heads`.
     public let kvHeads: Int
+    /// Channels per head, `D`.
     public let headDim: Int
+    /// The attention kernel, carrying the window.
     public let kernel: AttentionKernel
     /// nil when positions are not encoded.
     public let rotary: RotaryEmbedding?
+    /// The projections `q_proj` `[H*D, dim]`, `k_proj` and `v_proj` `[KVH*D, dim]`, `o_proj` `[dim, H*D]`.
     public let qProj: Linear, kProj: Linear, vProj: Linear, oProj: Linear
     let pool: WorkerPool
 
     /// What backward needs from forward, for one call.
     public struct Cache {
+        /// `x` `[batch, length, dim]`, the projections' input.
         public let input: Tensor
+        /// The kernel's shapes for this call.
         public let layout: AttentionLayout
         /// Queries and keys after the rotation, and values: the kernel's inputs.
         let query: Tensor, key: Tensor, value: Tensor
@@ -64,8 +72,10 @@ public final class Attention: ParameterContainer {
         self.pool = pool
     }
 
+    /// Keys a query sees, itself included; nil for full causal.
     public var window: Int? { kernel.window }
 
+    /// `q_proj`, `k_proj`, `v_proj`, `o_proj` weights, in that order.
     public var parameters: [Parameter] {
         qProj.parameters + kProj.parameters + vProj.parameters + oProj.parameters
     }

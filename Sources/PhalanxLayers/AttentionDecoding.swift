@@ -11,6 +11,7 @@ import PhalanxRuntime
 /// Layout: `[slot, batch, kvHeads, headDim]`; position `p` lives in slot `p` (full) or
 /// `p % capacity` (ring).
 public struct KeyValueCache: Sendable {
+    /// Sequences decoded together, key/value heads, and channels per head.
     public let batch: Int, kvHeads: Int, headDim: Int
     /// Positions kept; nil when every position is kept.
     public let capacity: Int?

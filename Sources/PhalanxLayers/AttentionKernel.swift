@@ -11,12 +11,19 @@ import PhalanxRuntime
 /// Query head `h` reads key/value head `h / (heads / kvHeads)` (grouped-query attention;
 /// `kvHeads == heads` is ordinary multi-head attention, `kvHeads == 1` multi-query).
 public struct AttentionLayout: Hashable, Sendable, CustomStringConvertible {
+    /// Sequences in the call.
     public let batch: Int
+    /// Positions per sequence.
     public let length: Int
+    /// Query heads.
     public let heads: Int
+    /// Key/value heads; divides `heads`.
     public let kvHeads: Int
+    /// Channels per head.
     public let headDim: Int
 
+    /// The shapes of a call: `batch` and `length` non-negative, `heads`, `kvHeads` and `headDim` at
+    /// least 1, `kvHeads` dividing `heads`.
     public init(batch: Int, length: Int, heads: Int, kvHeads: Int, headDim: Int) {
         require(batch >= 0 && length >= 0, "AttentionLayout: batch and length must be non-negative, got \(batch), \(length)")
         require(heads >= 1 && headDim >= 1, "AttentionLayout: heads and headDim must be positive, got \(heads), \(headDim)")
@@ -46,6 +53,7 @@ public struct AttentionLayout: Hashable, Sendable, CustomStringConvertible {
         return batch * heads * (w * (w + 1) / 2 + (length - w) * w)
     }
 
+    /// The five sizes, for messages.
     public var description: String {
         "[batch \(batch), length \(length), heads \(heads) (kv \(kvHeads)), headDim \(headDim)]"
     }
@@ -104,6 +112,7 @@ public struct AttentionKernel: Hashable, Sendable {
     /// Logit scale; nil for `1 / sqrt(headDim)`.
     public let scale: Float?
 
+    /// A kernel with an optional sliding `window` (at least 1) and logit `scale` (positive; nil for `1 / sqrt(headDim)`).
     public init(window: Int? = nil, scale: Float? = nil) {
         if let window { require(window >= 1, "AttentionKernel: window must be at least 1 (the query itself), got \(window)") }
         if let scale { require(scale.isFinite && scale > 0, "AttentionKernel: scale must be positive and finite, got \(scale)") }

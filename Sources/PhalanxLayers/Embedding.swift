@@ -7,10 +7,14 @@ import PhalanxRuntime
 /// Parameter `<name>.weight`, initialised from a normal distribution with standard deviation
 /// `initScale` (0.02 by default, as GPT-2), not decayed.
 public final class Embedding: ParameterContainer {
+    /// Rows of the table: token ids are `0..<vocabulary`.
     public let vocabulary: Int
+    /// Width of each embedding row.
     public let dim: Int
+    /// The table `[vocabulary, dim]`, `<name>.weight`.
     public let weight: Parameter
 
+    /// A table of `vocabulary` rows of width `dim` drawn from `N(0, initScale^2)`, named `<name>.weight`.
     public init(_ name: String, vocabulary: Int, dim: Int, initScale: Float = 0.02, rng: inout SeededGenerator) {
         require(vocabulary >= 1 && dim >= 1, "Embedding \(name): sizes must be positive, got \(vocabulary) x \(dim)")
         self.vocabulary = vocabulary
@@ -19,6 +23,7 @@ public final class Embedding: ParameterContainer {
         weight = Parameter(qualified(name, "weight"), Tensor(values, shape: [vocabulary, dim]), decays: false)
     }
 
+    /// The table only.
     public var parameters: [Parameter] { [weight] }
 
     /// `tokens` `[batch, length]` (row-major) to `[batch, length, dim]`.

@@ -11,9 +11,13 @@ import PhalanxRuntime
 /// Leading dimensions of `x` are flattened into rows. Parameters are `<name>.weight` and
 /// `<name>.bias`, as in PyTorch state dicts.
 public final class Linear: ParameterContainer {
+    /// Input features, `in`.
     public let inputs: Int
+    /// Output features, `out`.
     public let outputs: Int
+    /// `W` `[out, in]`, `<name>.weight`, decayed.
     public let weight: Parameter
+    /// `b` `[out]`, `<name>.bias`, not decayed; nil for a layer without bias.
     public let bias: Parameter?
 
     /// PyTorch's default initialisation: weight and bias uniform in `±1/sqrt(inputs)`.
@@ -26,6 +30,7 @@ public final class Linear: ParameterContainer {
         self.bias = bias ? .uniform(qualified(name, "bias"), shape: [outputs], bound: bound, decays: false, using: &rng) : nil
     }
 
+    /// The weight, then the bias if there is one.
     public var parameters: [Parameter] { [weight] + (bias.map { [$0] } ?? []) }
 
     /// `y = x W^T + b`; `x` has `inputs` columns, `y` keeps `x`'s leading shape.

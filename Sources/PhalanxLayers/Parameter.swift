@@ -6,12 +6,16 @@ import PhalanxRuntime
 /// saving, loading and reference checkpoints need no mapping table. Backward passes add into
 /// `gradient`; an optimiser step reads it and the training loop zeroes it.
 public final class Parameter: @unchecked Sendable {
+    /// The dotted checkpoint key, for example `layers.3.mixer.param.proj_a.weight`.
     public let name: String
+    /// The current values.
     public let value: Tensor
+    /// The accumulated gradient, same shape as `value`; backward passes add into it.
     public let gradient: Tensor
     /// Whether weight decay applies (matrices yes; norms, biases and embeddings no, by default).
     public let decays: Bool
 
+    /// A parameter holding `value`, with a zero gradient of the same shape.
     public convenience init(_ name: String, _ value: Tensor, decays: Bool) {
         self.init(name, value, gradient: Tensor(zeros: value.shape), decays: decays)
     }
@@ -25,13 +29,14 @@ public final class Parameter: @unchecked Sendable {
         self.decays = decays
     }
 
-    /// PyTorch's default for `nn.Linear`: uniform in `±1 / sqrt(fanIn)`.
+    /// Values uniform in `[-bound, bound]` (PyTorch's `nn.Linear` default is `bound = 1 / sqrt(fanIn)`).
     public static func uniform(_ name: String, shape: [Int], bound: Float, decays: Bool,
                                using rng: inout SeededGenerator) -> Parameter {
         let values = (0..<shape.reduce(1, *)).map { _ in Float.random(in: -bound...bound, using: &rng) }
         return Parameter(name, Tensor(values, shape: shape), decays: decays)
     }
 
+    /// A parameter with every element equal to `value` (norm scales start at 1), not decayed by default.
     public static func constant(_ name: String, shape: [Int], value: Float, decays: Bool = false) -> Parameter {
         let t = Tensor(zeros: shape)
         t.fill(value)
@@ -46,7 +51,9 @@ public protocol ParameterContainer: AnyObject {
 }
 
 extension ParameterContainer {
+    /// Sets every parameter's gradient to zero.
     public func zeroGradients() { for p in parameters { p.gradient.fill(0) } }
+    /// Trainable scalars: the sum of the parameters' element counts.
     public var parameterCount: Int { parameters.reduce(0) { $0 + $1.value.count } }
 }
 

@@ -31,8 +31,11 @@ public final class PhalanxLayer: ParameterContainer {
     /// (`SIMD16<Float>`), and the GPU kernels assign lanes per head by it.
     public static let headDim = 16
 
+    /// The shape of a layer: width, key/value heads, gate scale and jagged window.
     public struct Configuration: Codable, Hashable, Sendable {
+        /// Model width; a multiple of `PhalanxLayer.headDim`.
         public var dim: Int
+        /// Key/value heads, `KVH`, shared by the `b` and `c` projections; divides `heads`.
         public var kvHeads: Int
         /// Multiplies the gate sigmoid; the paper's models bound gates near 0.8. Default 1.
         public var gateScale: Float = 1
@@ -63,6 +66,7 @@ public final class PhalanxLayer: ParameterContainer {
     /// `stride` is `P` rounded up to a multiple of 8: the GPU's row pitch (16- or 32-byte aligned
     /// rows for its vector loads); the CPU keeps rows `width` apart.
     public struct Columns: Hashable, Sendable {
+        /// First column of `b`, `c`, `v` and `a`; `width` is `P`, `stride` the GPU row pitch.
         public let b: Int, c: Int, v: Int, a: Int, width: Int, stride: Int
 
         /// The columns of a layer with `heads` heads and `kvHeads` key/value heads.
@@ -81,7 +85,9 @@ public final class PhalanxLayer: ParameterContainer {
 
     /// What backward needs from forward, for one call.
     public struct Cache {
+        /// `x` `[batch, length, dim]`.
         public let input: Tensor
+        /// Batch and length of the call.
         public let shape: (batch: Int, length: Int)
         /// `[rows, P]`: the activated projections in `Columns` order (a after the sigmoid and
         /// scale, b after the sigmoid).
@@ -111,13 +117,18 @@ public final class PhalanxLayer: ParameterContainer {
         }
     }
 
+    /// The layer's shape, as given at creation.
     public let configuration: Configuration
     /// The fused input projection `[P, dim]` and its bias `[P]` (zero and never trained in the
     /// `v` columns: proj_v has no bias), both in `Columns` order.
     let inputWeight: Parameter, inputBias: Parameter
+    /// `proj_a` `[H, dim]` and `proj_b` `[KVH*D, dim]` with their biases: views into the fused matrix.
     public let projA: Parameter, projABias: Parameter, projB: Parameter, projBBias: Parameter
+    /// `proj_c` `[KVH*D, dim]` with its bias, and `proj_v` `[H*D, dim]` without: views into the fused matrix.
     public let projC: Parameter, projCBias: Parameter, projV: Parameter
+    /// `proj_out` `[dim, dim]`, no bias.
     public let projOut: Linear
+    /// The jagged window of the recurrence, from the configuration.
     public let window: JaggedWindow
     /// Where each projection sits in `z`.
     public let columns: Columns

@@ -10,11 +10,15 @@ import PhalanxRuntime
 ///
 /// Parameter `<name>.weight` (initialised to 1, not decayed).
 public final class RMSNorm: ParameterContainer {
+    /// Features per row.
     public let dim: Int
+    /// Added to the mean square before the square root (1e-5 by default).
     public let eps: Float
+    /// The scale `w` `[dim]`, `<name>.weight`.
     public let weight: Parameter
     let pool: WorkerPool
 
+    /// A norm over `dim` features with scale 1 and `eps` inside the square root.
     public init(_ name: String, dim: Int, eps: Float = 1e-5, pool: WorkerPool = .shared) {
         self.dim = dim
         self.eps = eps
@@ -22,6 +26,7 @@ public final class RMSNorm: ParameterContainer {
         self.pool = pool
     }
 
+    /// The scale only.
     public var parameters: [Parameter] { [weight] }
 
     /// Normalises each row of `x` (last dimension `dim`).

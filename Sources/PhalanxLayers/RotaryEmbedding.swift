@@ -18,7 +18,9 @@ import Synchronization
 /// Angles are computed in double precision and kept as a float cos/sin table that grows to the
 /// longest position asked for; every call after the first is one pass of multiply-adds.
 public final class RotaryEmbedding: Sendable {
+    /// Channels per head; even.
     public let headDim: Int
+    /// The frequency base (10000 in Llama).
     public let base: Float
     /// `cos` and `sin` `[positions, headDim/2]`, for positions `0..<positions`.
     private struct Table: Sendable {
@@ -28,6 +30,7 @@ public final class RotaryEmbedding: Sendable {
     }
     private let table = Mutex(Table())
 
+    /// A rotation for heads of `headDim` channels (even, at least 2) and frequency `base` (above 1).
     public init(headDim: Int, base: Float = 10000) {
         require(headDim >= 2 && headDim % 2 == 0, "RotaryEmbedding: headDim must be even (channel pairs), got \(headDim)")
         require(base > 1, "RotaryEmbedding: base must exceed 1, got \(base)")

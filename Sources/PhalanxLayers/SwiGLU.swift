@@ -13,15 +13,18 @@ import PhalanxRuntime
 /// Parameters `<name>.gate_proj.weight`, `<name>.up_proj.weight`, `<name>.down_proj.weight`
 /// (no biases, as in Llama).
 public final class SwiGLU: ParameterContainer {
+    /// What backward needs from forward, for one call.
     public struct Cache {
         let input: Tensor
-        /// `[rows, hidden]` pre-activations of the gate and up projections, and their product.
+        /// `[rows, hidden]` pre-activations of the gate and up projections, and `silu(gate) * up`.
         let gate: Tensor, up: Tensor, hidden: Tensor
     }
 
+    /// `gate_proj` and `up_proj` `[hidden, dim]`, `down_proj` `[dim, hidden]`, all without bias.
     public let gateProj: Linear, upProj: Linear, downProj: Linear
     let pool: WorkerPool
 
+    /// A block of width `dim` with `hidden` intermediate features, initialised as PyTorch's `nn.Linear`.
     public init(_ name: String, dim: Int, hidden: Int, rng: inout SeededGenerator, pool: WorkerPool = .shared) {
         gateProj = Linear(qualified(name, "gate_proj"), inputs: dim, outputs: hidden, bias: false, rng: &rng)
         upProj = Linear(qualified(name, "up_proj"), inputs: dim, outputs: hidden, bias: false, rng: &rng)
@@ -29,8 +32,10 @@ public final class SwiGLU: ParameterContainer {
         self.pool = pool
     }
 
+    /// `gate_proj`, `up_proj`, `down_proj` weights, in that order.
     public var parameters: [Parameter] { [gateProj, upProj, downProj].flatMap(\.parameters) }
 
+    /// `x` `[..., dim]` to `y` of the same shape; rows are independent.
     public func forward(_ x: Tensor) -> (Tensor, Cache) {
         let rows = x.rows, hiddenSize = gateProj.outputs
         let gate = Tensor(uninitialized: [rows, hiddenSize]), up = Tensor(uninitialized: [rows, hiddenSize])
@@ -50,6 +55,7 @@ public final class SwiGLU: ParameterContainer {
         return (y, Cache(input: x, gate: gate, up: up, hidden: hidden))
     }
 
+    /// Adds every parameter gradient for output cotangent `dy` `[..., dim]`; returns `dx`.
     public func backward(_ dy: Tensor, cache: Cache) -> Tensor {
         let rows = cache.input.rows, hiddenSize = gateProj.outputs
         let dh = Tensor(uninitialized: [rows, hiddenSize])

@@ -8,7 +8,9 @@ import Synchronization
 /// visible in the code (`copy()`), never implicit. The last dimension is contiguous; an
 /// activation is `[batch, length, features]`, a weight `[out, in]` as in PyTorch checkpoints.
 public final class Tensor: @unchecked Sendable, CustomStringConvertible {
+    /// Dimensions, outermost first.
     public let shape: [Int]
+    /// Elements: the product of `shape` (1 for a scalar shape `[]`).
     public let count: Int
     /// The elements; valid as long as the tensor lives.
     public let buffer: UnsafeMutableBufferPointer<Float>
@@ -57,8 +59,11 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
         if base == nil { TensorStorage.shared.give(UnsafeMutableRawPointer(buffer.baseAddress!), byteCount: max(count, 1) * 4) }
     }
 
+    /// The first element, for kernels and BLAS.
     public var pointer: UnsafeMutablePointer<Float> { buffer.baseAddress! }
+    /// The elements as a read-only buffer.
     public var readOnly: UnsafeBufferPointer<Float> { UnsafeBufferPointer(buffer) }
+    /// A copy of the elements as an array.
     public var array: [Float] { Array(buffer) }
 
     /// Elements per row: the last dimension.
@@ -66,18 +71,20 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     /// Rows: the product of all but the last dimension.
     public var rows: Int { columns == 0 ? 0 : count / columns }
 
+    /// Element `i` in row-major order.
     public subscript(i: Int) -> Float {
         get { buffer[i] }
         set { buffer[i] = newValue }
     }
 
+    /// A new tensor with its own storage holding the same shape and elements.
     public func copy() -> Tensor {
         let t = Tensor(uninitialized: shape)
         t.pointer.update(from: pointer, count: count)
         return t
     }
 
-    /// The same elements under another shape of equal size (a copy; tensors do not share storage).
+    /// The same elements under another shape of equal size (a copy, never a view).
     public func reshaped(_ newShape: [Int]) -> Tensor {
         require(newShape.reduce(1, *) == count, "Tensor.reshaped: \(shape) has \(count) elements, \(newShape) needs \(newShape.reduce(1, *))")
         let t = Tensor(uninitialized: newShape)
@@ -85,6 +92,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
         return t
     }
 
+    /// Sets every element to `value`.
     public func fill(_ value: Float) { buffer.update(repeating: value) }
 
     /// Adds `other` element-wise into this tensor.
@@ -93,6 +101,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
         for i in 0..<count { buffer[i] += other.buffer[i] }
     }
 
+    /// `Tensor[shape]`, without the elements.
     public var description: String { "Tensor\(shape)" }
 }
 

@@ -6,8 +6,10 @@ public struct SeededGenerator: RandomNumberGenerator, Hashable, Sendable, Codabl
     /// The whole state: saving it and restoring it resumes the exact stream.
     public var state: UInt64
 
+    /// The generator whose stream starts from `seed`; equal seeds give equal streams.
     public init(seed: UInt64) { state = seed }
 
+    /// The next 64 random bits: advances the state by the golden-ratio increment and mixes it.
     public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state

@@ -7,6 +7,7 @@ public func load16(_ p: UnsafePointer<Float>) -> SIMD16<Float> {
     UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
 }
 
+/// Stores the 16 lanes of `v` at `p`, unaligned.
 @inlinable @inline(__always)
 public func store16(_ v: SIMD16<Float>, _ p: UnsafeMutablePointer<Float>) {
     UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD16<Float>.self)
@@ -34,16 +35,19 @@ public func horizontalSum(_ v: SIMD16<Float>) -> Float { phalanx_sum16(v) }
 /// A head width known to the compiler: kernels generic over it are specialised, so that
 /// `Sixteen` (the default head dimension) becomes straight-line vector code.
 public protocol ChannelWidth {
+    /// Channels per head: the width known at compile time, or `runtime` when there is none.
     static func count(_ runtime: Int) -> Int
 }
 
 /// Exactly 16 channels per head.
 public enum Sixteen: ChannelWidth {
+    /// 16, whatever the run-time width.
     @inlinable @inline(__always) public static func count(_: Int) -> Int { 16 }
 }
 
 /// Any number of channels, known at run time.
 public enum AnyWidth: ChannelWidth {
+    /// The run-time width, unchanged.
     @inlinable @inline(__always) public static func count(_ runtime: Int) -> Int { runtime }
 }
 

@@ -20,9 +20,12 @@ public struct BlockTwoPass: Hashable, Sendable {
     /// How the transfer matrix is materialised.
     public enum TransferSpace: String, Sendable, CaseIterable { case log, linear }
 
+    /// The window computed: block length `l` and blocks seen `k`.
     public let window: JaggedWindow
+    /// Whether transfer matrices are built in log or linear space.
     public let space: TransferSpace
 
+    /// The Block Two-Pass evaluation of `window`, building transfer matrices in `space`.
     public init(window: JaggedWindow = JaggedWindow(), space: TransferSpace = .log) {
         self.window = window
         self.space = space

@@ -15,6 +15,7 @@ import PhalanxRuntime
 /// from `S_{t-1}`. That rerun equals `w_i + g_t[i] S_{t-1}` exactly and writes every output once.
 /// `hierarchical(...)` is the same decomposition unfused, at any number of levels.
 public struct ExactRecurrence: Hashable, Sendable {
+    /// The recurrence; it has no parameters.
     public init() {}
 
     /// Runs the recurrence over every sequence of `layout`, from `state` (`x0`), leaving in it each

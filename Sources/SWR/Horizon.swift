@@ -21,6 +21,7 @@ public struct Horizon: Sendable, Equatable {
     /// Tolerance, relative to the input scale, in `(0, 1)`.
     public let eps: Double
 
+    /// The horizon for gates at most `rho` (in `[0, 1)`) and tolerance `eps` (in `(0, 1)`).
     public init(rho: Double, eps: Double) {
         require(rho >= 0 && rho < 1, "Horizon: rho must be in [0, 1), got \(rho) (gates of 1 never decay: no finite horizon)")
         require(eps > 0 && eps < 1, "Horizon: eps must be in (0, 1), got \(eps)")

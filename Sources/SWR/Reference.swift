@@ -3,11 +3,16 @@
 public enum Reference {
     /// The jagged-window state in double precision; fields as in `JaggedState`.
     public struct JaggedState64: Equatable, Sendable {
+        /// `w`, `[sequences, heads, headDim]`.
         public var local: [Double]
+        /// `g`, `[sequences, heads]`.
         public var gateProduct: [Double]
+        /// `v` of the previous block, `[sequences, heads, headDim]`.
         public var carrier: [Double]
+        /// Position inside the current block, per sequence.
         public var offset: [Int]
 
+        /// The single-precision `state`, widened to `Double`.
         public init(_ state: JaggedState) {
             local = state.local.map(Double.init)
             gateProduct = state.gateProduct.map(Double.init)

@@ -15,7 +15,9 @@ public struct SequenceLayout: Hashable, Sendable, CustomStringConvertible {
     public let starts: [Int]
     /// Number of positions of each sequence (may be 0).
     public let lengths: [Int]
+    /// Heads per row.
     public let heads: Int
+    /// Channels per head.
     public let headDim: Int
     /// Rows spanned by all sequences: the leading dimension of the buffers.
     public let rowCount: Int
@@ -55,6 +57,7 @@ public struct SequenceLayout: Hashable, Sendable, CustomStringConvertible {
         self.rowCount = rowCount
     }
 
+    /// Number of sequences.
     public var sequenceCount: Int { starts.count }
     /// Floats in one row of inputs: `heads * headDim`.
     public var rowWidth: Int { heads * headDim }
@@ -63,6 +66,7 @@ public struct SequenceLayout: Hashable, Sendable, CustomStringConvertible {
     /// Number of input (and output) floats: `rowCount * heads * headDim`.
     public var elementCount: Int { rowCount * heads * headDim }
 
+    /// Sequence count, length(s) and head shape, for messages.
     public var description: String {
         let uniform = Set(lengths).count <= 1
         let lengthText = uniform ? "length \(lengths.first ?? 0)" : "lengths \(lengths)"

@@ -5,8 +5,11 @@ import PhalanxRuntime
 /// before the first call, zero by default). A forward call reads it as `x_{-1}` and leaves the final
 /// state in it, so a prefill split into chunks equals one pass; a one-position call is a decode step.
 public struct ExactState: Hashable, Sendable {
+    /// Number of sequences.
     public let sequences: Int
+    /// Heads per position.
     public let heads: Int
+    /// Channels per head.
     public let headDim: Int
     /// `[sequences, heads, headDim]`.
     public var x: [Float]
@@ -44,9 +47,13 @@ public struct ExactState: Hashable, Sendable {
 /// the state after its last position, so chunks of any size continue exactly, and a one-position
 /// call is a decode step.
 public struct JaggedState: Hashable, Sendable {
+    /// Number of sequences.
     public let sequences: Int
+    /// Heads per position.
     public let heads: Int
+    /// Channels per head.
     public let headDim: Int
+    /// Positions per block, `l`; must equal the operator's.
     public let blockLength: Int
     /// `w`, `[sequences, heads, headDim]`.
     public var local: [Float]

@@ -1,10 +1,15 @@
 /// A gate the caller asked to validate was not finite.
 public struct InvalidGateError: Error, CustomStringConvertible, Equatable {
+    /// Index of the sequence in the layout.
     public let sequence: Int
+    /// Position inside that sequence.
     public let position: Int
+    /// Head of the gate.
     public let head: Int
+    /// The non-finite gate (NaN or an infinity).
     public let value: Float
 
+    /// Where the gate is, its value, and what was expected.
     public var description: String {
         "gate of sequence \(sequence), position \(position), head \(head) is \(value); gates must be finite (sigmoid outputs in [0, 1])"
     }
