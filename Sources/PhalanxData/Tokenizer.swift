@@ -3,7 +3,9 @@ import Foundation
 /// Errors from reading tokenizers and token files; each names the file (or data) and what was
 /// expected.
 public struct DataError: Error, CustomStringConvertible, Equatable {
+    /// What went wrong, naming the file or data.
     public let description: String
+    /// An error saying `description`.
     public init(_ description: String) { self.description = description }
 }
 
@@ -105,10 +107,12 @@ public func loadTokenizer(from data: Data, origin: String = "tokenizer data") th
 ///     for token in generated { print(stream.append(token), terminator: "") }
 ///     print(stream.finish())
 public struct StreamingDecoder: Sendable {
+    /// The tokenizer whose tokens are decoded.
     public let tokenizer: any Tokenizer
     /// Bytes received but not yet returned: a possibly incomplete character.
     private var pending: [UInt8] = []
 
+    /// A decoder with nothing pending.
     public init(tokenizer: any Tokenizer) { self.tokenizer = tokenizer }
 
     /// Adds one token and returns the text it completed (often empty, sometimes several characters).

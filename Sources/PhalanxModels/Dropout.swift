@@ -9,11 +9,14 @@ import PhalanxRuntime
 /// not a random stream): backward regenerates them instead of storing them, and a resumed run
 /// draws exactly the masks the uninterrupted one would have.
 public struct Dropout: Sendable, Hashable {
+    /// Probability that an element is dropped, in [0, 1).
     public let rate: Float
+    /// The run's seed (masks differ between runs of different seeds).
     public let seed: UInt64
     /// Optimizer step and micro-batch within it: every forward pass gets fresh masks.
     public let step: Int, microBatch: Int
 
+    /// The masks of one forward pass.
     public init(rate: Float, seed: UInt64, step: Int, microBatch: Int = 0) {
         require(rate >= 0 && rate < 1, "Dropout: rate must be in [0, 1), got \(rate)")
         self.rate = rate

@@ -101,6 +101,7 @@ final class Block: ParameterContainer {
 /// `layers.{i}.mlp_norm.weight`, `layers.{i}.mlp.{gate,up,down}_proj.weight`, `norm.weight`,
 /// and `lm_head.weight` when the head is not tied to the embedding.
 public final class LanguageModel: ParameterContainer {
+    /// The model's shape, as stored in its checkpoints.
     public let configuration: ModelConfiguration
     let embedding: Embedding
     let blocks: [Block]
@@ -108,7 +109,9 @@ public final class LanguageModel: ParameterContainer {
     let head: Linear?
     let pool: WorkerPool
 
+    /// What `loss` and `backward` need from `forward`, for one call.
     public struct Cache {
+        /// Sequences and positions per sequence of the call.
         public let batch: Int, length: Int
         let tokens: [Int32]
         let blocks: [Block.Cache]
@@ -148,6 +151,7 @@ public final class LanguageModel: ParameterContainer {
         }
     }
 
+    /// Every parameter in checkpoint order (see the names above).
     public var parameters: [Parameter] {
         embedding.parameters + blocks.flatMap(\.parameters) + finalNorm.parameters + (head?.parameters ?? [])
     }
@@ -237,6 +241,7 @@ public final class LanguageModel: ParameterContainer {
         var mixers: [any MixerStream]
         /// The mixer kind of each block, in order.
         let kinds: [MixerKind]
+        /// Sequences decoded together.
         public let batch: Int
         /// Positions processed so far.
         public internal(set) var position = 0

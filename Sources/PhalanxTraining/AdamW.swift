@@ -11,17 +11,25 @@ import PhalanxRuntime
 /// Weight decay applies to parameters marked `decays` (matrices); norms, biases and embeddings
 /// are exempt unless `decayAll` is set.
 public final class AdamW {
+    /// The optimizer's constants; stored in every checkpoint.
     public struct Hyperparameters: Codable, Hashable, Sendable {
+        /// Decay of the first moment, `b1`.
         public var beta1: Float = 0.9
+        /// Decay of the second moment, `b2` (0.95, as is usual for language models).
         public var beta2: Float = 0.95
+        /// Added to `sqrt(v)` in the denominator, `eps`.
         public var epsilon: Float = 1e-8
+        /// Decoupled weight decay `wd`, multiplied by the learning rate.
         public var weightDecay: Float = 0.1
         /// Decay every parameter, not only those marked `decays`.
         public var decayAll = false
+        /// The defaults above.
         public init() {}
     }
 
+    /// The constants this optimizer updates with.
     public let hyperparameters: Hyperparameters
+    /// What it updates, in checkpoint order.
     public let parameters: [Parameter]
     /// First and second moments, one per parameter, in `parameters` order.
     public let firstMoments: [Tensor], secondMoments: [Tensor]
@@ -29,6 +37,7 @@ public final class AdamW {
     public var step = 0
     let pool: WorkerPool
 
+    /// An optimizer over `parameters` with zero moments at step 0.
     public init(_ parameters: [Parameter], hyperparameters: Hyperparameters = .init(), pool: WorkerPool = .shared) {
         self.parameters = parameters
         self.hyperparameters = hyperparameters
@@ -89,11 +98,16 @@ public func clipGradients(_ parameters: [Parameter], maxNorm: Float) -> Float {
 ///     lr(s) = peak * (s + 1) / warmup                                    s < warmup
 ///     lr(s) = peak * (f + (1 - f) * (1 + cos(pi * progress)) / 2)         otherwise
 public struct LearningRateSchedule: Codable, Hashable, Sendable {
+    /// The learning rate at the end of the warm-up.
     public var peak: Float
+    /// Steps of linear warm-up.
     public var warmupSteps: Int
+    /// The step at which the cosine reaches its end (the run's length).
     public var totalSteps: Int
+    /// The final learning rate as a fraction of `peak`, `f`.
     public var finalFraction: Float
 
+    /// A schedule ending at `peak * finalFraction`.
     public init(peak: Float, warmupSteps: Int, totalSteps: Int, finalFraction: Float = 0.1) {
         self.peak = peak
         self.warmupSteps = warmupSteps
@@ -101,6 +115,7 @@ public struct LearningRateSchedule: Codable, Hashable, Sendable {
         self.finalFraction = finalFraction
     }
 
+    /// The learning rate of step `step` (0-based), by the formula above.
     public func callAsFunction(_ step: Int) -> Float {
         if step < warmupSteps { return peak * Float(step + 1) / Float(warmupSteps) }
         let span = max(totalSteps - warmupSteps, 1)

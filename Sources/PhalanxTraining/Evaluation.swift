@@ -4,9 +4,11 @@ import PhalanxModels
 
 /// A model's quality on held-out text at one context length.
 public struct EvaluationResult: Sendable, Equatable {
+    /// Tokens per window.
     public let contextLength: Int
     /// Mean cross-entropy in nats per token.
     public let loss: Double
+    /// Tokens scored.
     public let tokens: Int
     /// Bytes of text those tokens stand for (equal to `tokens` for the byte tokenizer).
     public let bytes: Int
@@ -17,6 +19,7 @@ public struct EvaluationResult: Sendable, Equatable {
     public var bitsPerByte: Double { loss * Double(tokens) / (Double(max(bytes, 1)) * log(2)) }
 }
 
+/// Scoring a model on held-out tokens.
 public enum Evaluation {
     /// Scores `split` in non-overlapping windows of `contextLength` (each position predicts the
     /// next token with the context of its window), at most `maxWindows` windows.

@@ -3,6 +3,8 @@ import Foundation
 /// A loss curve as a self-contained SVG: training loss per step and validation loss at each
 /// evaluation, on shared axes, with tick labels.
 public enum LossPlot {
+    /// The SVG text of a plot of `train` and `validation` losses against the step, titled `title`;
+    /// non-finite losses are left out.
     public static func svg(train: [(step: Int, loss: Float)], validation: [(step: Int, loss: Float)],
                            title: String, width: Int = 720, height: Int = 420) -> String {
         let all = (train + validation).filter { $0.loss.isFinite }
