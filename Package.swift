@@ -73,6 +73,7 @@ let package = Package(
         .testTarget(
             name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime", "PhalanxTestSupport"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
+        .testTarget(name: "PhalanxBenchTests", dependencies: ["PhalanxBench"], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "PhalanxCUDAChecks", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime", "PhalanxTestSupport"], swiftSettings: cpuFlags),

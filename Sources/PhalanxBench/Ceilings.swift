@@ -18,6 +18,11 @@ public struct Ceilings: Sendable {
     /// FLOP/s of register-only multiply-adds on all cores: no kernel can exceed it.
     public let peak: Double
 
+    /// Ceilings as given (measured elsewhere, or for a check of the reports).
+    public init(threads: Int, blasKernels: String, copy: Double, sgemm: Double, fma: Double, peak: Double) {
+        (self.threads, self.blasKernels, self.copy, self.sgemm, self.fma, self.peak) = (threads, blasKernels, copy, sgemm, fma, peak)
+    }
+
     /// Measures every ceiling, printing one line each.
     public static func measure() -> Ceilings {
         let pool = WorkerPool.shared
@@ -44,6 +49,22 @@ public struct Ceilings: Sendable {
         let peak = MachineCeilings.fmaPeak(pool: pool)
         print(String(format: "  FMA peak, all       %7.1f GFLOP/s  (registers only: no kernel can exceed it)", peak / 1e9))
         return Ceilings(threads: pool.threadCount, blasKernels: kernels, copy: copy, sgemm: sgemm, fma: fma, peak: peak)
+    }
+
+    /// Ends a report: an error line for each rate (FLOP/s) above the FMA peak, the sgemm rate
+    /// included (a result above its ceiling means the ceiling was measured wrong, and every ratio
+    /// to it with it), then the JSON line with those errors under `ceiling_errors`.
+    /// - Returns: the error lines (empty when every rate is below the peak).
+    public func finish(_ json: [String: Any], rates: [(name: String, flops: Double)]) -> [String] {
+        let errors = ([("sgemm 1024^3", sgemm)] + rates).filter { $0.1 > peak }.map {
+            String(format: "ERROR: %@ at %.1f GFLOP/s exceeds the measured FMA peak of %.1f GFLOP/s: that ceiling is not a ceiling",
+                   $0.0, $0.1 / 1e9, peak / 1e9)
+        }
+        for line in errors { print(line) }
+        var json = json
+        json["ceiling_errors"] = errors
+        printJSONLine(json)
+        return errors
     }
 
     /// The ceilings as the JSON line's fields.

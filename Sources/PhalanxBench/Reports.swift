@@ -18,7 +18,9 @@ extension OperatorBenchmark.Configuration {
 extension OperatorBenchmark {
     /// `phalanx bench operators`: each SWR operator's median time and effective bandwidth as a
     /// fraction of the paired copy bandwidth.
-    public static func report(_ configuration: Configuration) {
+    /// - Returns: the ceiling errors (empty when every rate is below its ceiling).
+    @discardableResult
+    public static func report(_ configuration: Configuration) -> [String] {
         let ceilings = Ceilings.measure()
         let c = configuration
         print("\nSWR operators: batch \(c.batch), length \(c.length), \(c.heads) heads x \(c.headDim), float32, median of \(c.repeats)")
@@ -37,7 +39,7 @@ extension OperatorBenchmark {
         for r in results {
             json[jsonKey(r.name)] = ["ms": r.seconds * 1e3, "gbps": r.bandwidth / 1e9, "fraction_of_copy": r.fractionOfCopy]
         }
-        printJSONLine(json)
+        return ceilings.finish(json, rates: [])
     }
 }
 
@@ -80,7 +82,9 @@ extension LayerBenchmark {
 
     /// `phalanx bench layers`: the Phalanx layer against its GEMM floor, the attention kernel's
     /// rate against sgemm, and a length sweep of the three mixers with their crossings.
-    public static func report(_ settings: Settings) {
+    /// - Returns: the ceiling errors (empty when every rate is below its ceiling).
+    @discardableResult
+    public static func report(_ settings: Settings) -> [String] {
         let ceilings = Ceilings.measure()
         let (dim, heads, length, window, repeats) = (settings.dim, settings.heads, settings.length, settings.window, settings.repeats)
         let kv = settings.kvHeads ?? dim / PhalanxLayer.headDim
@@ -92,10 +96,12 @@ extension LayerBenchmark {
         let floor = 3 * t.forwardGemmFlops / ceilings.sgemm
         print(String(format: "  forward %.2f ms, forward+backward %.2f ms; GEMM floor %.2f ms; ratio %.2fx",
                      t.forward * 1e3, t.forwardBackward * 1e3, floor * 1e3, t.floorRatio(sgemmRate: ceilings.sgemm)))
+        var rates = [("Phalanx layer forward+backward", 3 * t.forwardGemmFlops / t.forwardBackward)]
         json["phalanx"] = ["forward_ms": t.forward * 1e3, "forward_backward_ms": t.forwardBackward * 1e3,
                            "gemm_floor_ms": floor * 1e3, "floor_ratio": t.floorRatio(sgemmRate: ceilings.sgemm)]
         if settings.profile {
             let products = phalanxProducts(dim: dim, kvHeads: kv, length: length, repeats: repeats)
+            rates += products.map { ($0.name, $0.rate) }
             print("  profile: each matrix product alone at the layer's shapes (C[m, n], inner k)")
             for p in products {
                 print(String(format: "    %@ m %5d n %5d k %5d  %7.3f ms  %6.1f GFLOP/s  %5.1f%% of sgemm", padded(p.name),
@@ -114,6 +120,7 @@ extension LayerBenchmark {
         print(String(format: "  forward %.2f ms = %.1f GFLOP/s = %.1f%% of sgemm, %.1f%% of the FMA peak; forward+backward %.2f ms",
                      a.forward * 1e3, a.forwardRate / 1e9, 100 * a.forwardRate / ceilings.sgemm, 100 * a.forwardRate / ceilings.peak,
                      a.forwardBackward * 1e3))
+        rates += [("attention forward", a.forwardRate), ("attention forward+backward", a.forwardBackwardRate)]
         json["attention_kernel"] = ["forward_ms": a.forward * 1e3, "forward_gflops": a.forwardRate / 1e9,
                                     "fraction_of_sgemm": a.forwardRate / ceilings.sgemm, "fraction_of_fma_peak": a.forwardRate / ceilings.peak,
                                     "forward_backward_ms": a.forwardBackward * 1e3]
@@ -141,7 +148,7 @@ extension LayerBenchmark {
                                 : crossings.map { "  " + $0 }.joined(separator: "\n"))
         json["sweep"] = rows
         json["crossings"] = crossings
-        printJSONLine(json)
+        return ceilings.finish(json, rates: rates)
     }
 }
 
@@ -176,7 +183,9 @@ public struct ModelBenchmarkSettings: Sendable {
 extension TrainingBenchmark {
     /// `phalanx bench train`: tokens/s and model-FLOPs utilisation of each preset's training step
     /// at each context, and each preset's speed-up over the first.
-    public static func report(_ settings: ModelBenchmarkSettings) throws {
+    /// - Returns: the ceiling errors (empty when every rate is below its ceiling).
+    @discardableResult
+    public static func report(_ settings: ModelBenchmarkSettings) throws -> [String] {
         let ceilings = Ceilings.measure()
         let presets = settings.presets
         print("\nTraining step, batch 1, median of \(settings.steps) (window \(settings.window) for S layers)")
@@ -184,6 +193,7 @@ extension TrainingBenchmark {
         print("  preset                 context   ms/step    tokens/s    MFU   of peak   vs \(presets[0])")
         var json = ceilings.json
         json["benchmark"] = "training-step"
+        var rates: [(name: String, flops: Double)] = []
         var rows: [[String: Any]] = []
         for context in settings.contexts {
             var baseline: Double?
@@ -194,20 +204,23 @@ extension TrainingBenchmark {
                 print(String(format: "  %@ %7d %9.1f %11.0f  %5.1f%%   %5.1f%%   %6.2fx", padded(preset), context,
                              r.secondsPerStep * 1e3, r.tokensPerSecond, 100 * r.utilisation(sgemmRate: ceilings.sgemm),
                              100 * r.utilisation(sgemmRate: ceilings.peak), speedup))
+                rates.append(("\(preset) training step at \(context)", r.utilisation(sgemmRate: 1)))
                 rows.append(["preset": preset, "context": context, "tokens_per_second": r.tokensPerSecond,
                              "mfu": r.utilisation(sgemmRate: ceilings.sgemm),
                              "fraction_of_fma_peak": r.utilisation(sgemmRate: ceilings.peak), "speedup_vs_first": speedup])
             }
         }
         json["results"] = rows
-        printJSONLine(json)
+        return ceilings.finish(json, rates: rates)
     }
 }
 
 extension DecodeBenchmark {
     /// `phalanx bench decode`: prefill and decode tokens/s of each preset at each context, the
     /// decode state's size, and each preset's decode speed-up over the first.
-    public static func report(_ settings: ModelBenchmarkSettings) throws {
+    /// - Returns: the ceiling errors (empty when every rate is below its ceiling).
+    @discardableResult
+    public static func report(_ settings: ModelBenchmarkSettings) throws -> [String] {
         let ceilings = Ceilings.measure()
         let presets = settings.presets
         print("\nPrefill and decode, batch 1 (\(settings.steps) decode steps per figure)")
@@ -231,6 +244,6 @@ extension DecodeBenchmark {
             }
         }
         json["results"] = rows
-        printJSONLine(json)
+        return ceilings.finish(json, rates: [])
     }
 }

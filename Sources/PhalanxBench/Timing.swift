@@ -9,6 +9,13 @@ public enum Timing {
         return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
     }
 
+    /// The fewest seconds of `repeats` calls after `warmUp` untimed calls: for a ceiling, which
+    /// noise can only lower.
+    public static func fastest(repeats: Int, warmUp: Int = 1, _ body: () -> Void) -> Double {
+        for _ in 0..<warmUp { body() }
+        return (0..<max(repeats, 1)).map { _ in seconds(body) }.min()!
+    }
+
     /// Median seconds over `repeats` calls after `warmUp` untimed calls. Medians, because the
     /// machine is shared and noisy: one slow outlier must not move the figure.
     public static func median(repeats: Int, warmUp: Int = 1, _ body: () -> Void) -> Double {

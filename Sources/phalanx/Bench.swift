@@ -14,6 +14,11 @@ func validating(_ body: () throws -> Void) throws {
     do { try body() } catch { throw ValidationError("\(error)") }
 }
 
+/// Exits with failure when a report found a result above its ceiling (it printed why).
+func failingOnCeilingErrors(_ errors: [String]) throws {
+    if !errors.isEmpty { throw ExitCode.failure }
+}
+
 struct BenchOperators: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "operators",
@@ -39,7 +44,7 @@ struct BenchOperators: ParsableCommand {
     }
 
     func validate() throws { try validating(settings.validate) }
-    func run() { OperatorBenchmark.report(settings) }
+    func run() throws { try failingOnCeilingErrors(OperatorBenchmark.report(settings)) }
 }
 
 struct BenchLayers: ParsableCommand {
@@ -73,7 +78,7 @@ struct BenchLayers: ParsableCommand {
     }
 
     func validate() throws { try validating(settings.validate) }
-    func run() { LayerBenchmark.report(settings) }
+    func run() throws { try failingOnCeilingErrors(LayerBenchmark.report(settings)) }
 }
 
 /// The options shared by the model-level benchmarks.
@@ -104,7 +109,7 @@ struct BenchTraining: ParsableCommand {
     @Option(help: "Timed steps per figure (the median is reported).") var steps = 3
 
     func validate() throws { try validating { try options.settings(contexts: contexts, steps: steps).validate(minimumContext: 16) } }
-    func run() throws { try TrainingBenchmark.report(options.settings(contexts: contexts, steps: steps)) }
+    func run() throws { try failingOnCeilingErrors(TrainingBenchmark.report(options.settings(contexts: contexts, steps: steps))) }
 }
 
 struct BenchDecode: ParsableCommand {
@@ -122,5 +127,5 @@ struct BenchDecode: ParsableCommand {
     @Option(help: "Decode steps timed after each prefill.") var steps = 32
 
     func validate() throws { try validating { try options.settings(contexts: contexts, steps: steps).validate() } }
-    func run() throws { try DecodeBenchmark.report(options.settings(contexts: contexts, steps: steps)) }
+    func run() throws { try failingOnCeilingErrors(DecodeBenchmark.report(options.settings(contexts: contexts, steps: steps))) }
 }
