@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "CPhalanxIntrinsics"),
         .target(name: "PhalanxRuntime", dependencies: ["CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "SWR", dependencies: ["PhalanxRuntime", "CPhalanxIntrinsics"], swiftSettings: cpuFlags),
-        .target(name: "Checkpoint", swiftSettings: cpuFlags),
+        .target(name: "Checkpoint", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxLayers", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
         .target(
@@ -66,7 +66,7 @@ let package = Package(
         .testTarget(
             name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
-        .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
+        .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(

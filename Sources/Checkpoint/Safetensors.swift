@@ -27,6 +27,7 @@ public struct TensorInfo: Sendable, Equatable {
     public let shape: [Int]
     /// Byte range relative to the start of the data section.
     public let byteRange: Range<Int>
+    /// The product of `shape`; the reader has checked that it fits `Int` (and the file).
     public var elementCount: Int { shape.reduce(1, *) }
 }
 
@@ -34,15 +35,26 @@ public struct TensorInfo: Sendable, Equatable {
 ///
 /// Layout: an 8-byte little-endian header length `n`, `n` bytes of JSON mapping each tensor name
 /// to `{"dtype", "shape", "data_offsets": [begin, end]}` (plus an optional `__metadata__` map of
-/// strings), then the raw little-endian data. Every offset is checked against the file size and the
-/// shape's byte count, so a truncated or malformed file fails here with its name and the reason,
-/// never later with a crash.
+/// strings), then the raw little-endian data. Offsets count from the first byte after the header.
+///
+/// Everything is checked before any tensor is read, so a hostile file fails here with its name,
+/// the key and the byte range, never later with a crash or a huge allocation:
+/// - the header length fits the file, and the data section starts at a multiple of 8 bytes from
+///   the start of the file (our writer and Hugging Face's pad the header with spaces to get
+///   this; a header length off by a few bytes shifts every tensor and is refused);
+/// - each shape's byte count `dtype size * product(shape)` is computed with overflow checks and
+///   equals its range's length, and each range starts at a multiple of its element size;
+/// - the ranges, in offset order, tile the data section exactly: the first starts at 0, each
+///   starts where the previous ended (no overlap, no gap), the last ends at the end of the file.
 public struct SafetensorsFile: Sendable {
     public let tensors: [String: TensorInfo]
     public let metadata: [String: String]
     private let data: Data
     private let dataStart: Int
     private let origin: String
+
+    /// The alignment, in bytes from the start of the file, required of the data section.
+    public static let dataAlignment = 8
 
     /// Reads and validates the file at `url`.
     public init(contentsOf url: URL) throws {
@@ -67,14 +79,17 @@ public struct SafetensorsFile: Sendable {
             throw SafetensorsError("\(origin): header length \(headerLength) exceeds the \(data.count - 8) bytes after it (truncated file?)")
         }
         dataStart = 8 + Int(headerLength)
+        guard dataStart % Self.dataAlignment == 0 else {
+            throw SafetensorsError("\(origin): header length \(headerLength) puts the data section at byte \(dataStart), not a multiple of \(Self.dataAlignment) (bytes 0..<8 corrupted, or a header that was not padded)")
+        }
         let json: Any
         do {
             json = try JSONSerialization.jsonObject(with: data.subdata(in: data.startIndex + 8 ..< data.startIndex + dataStart))
         } catch {
-            throw SafetensorsError("\(origin): the header is not valid JSON (\(error.localizedDescription))")
+            throw SafetensorsError("\(origin): the header (bytes 8..<\(dataStart)) is not valid JSON (\(error.localizedDescription))")
         }
         guard let entries = json as? [String: Any] else {
-            throw SafetensorsError("\(origin): the header must be a JSON object of tensor entries")
+            throw SafetensorsError("\(origin): the header (bytes 8..<\(dataStart)) must be a JSON object of tensor entries")
         }
         let dataSize = data.count - dataStart
         var tensors: [String: TensorInfo] = [:]
@@ -82,13 +97,14 @@ public struct SafetensorsFile: Sendable {
         for (name, value) in entries {
             if name == "__metadata__" {
                 guard let map = value as? [String: String] else {
-                    throw SafetensorsError("\(origin): __metadata__ must map strings to strings")
+                    throw SafetensorsError("\(origin): '__metadata__' must map strings to strings")
                 }
                 metadata = map
                 continue
             }
             tensors[name] = try Self.parseEntry(name, value, dataSize: dataSize, origin: origin)
         }
+        try Self.checkTiling(tensors, dataSize: dataSize, origin: origin)
         self.tensors = tensors
         self.metadata = metadata
     }
@@ -110,11 +126,48 @@ public struct SafetensorsFile: Sendable {
         guard 0 <= begin, begin <= end, end <= dataSize else {
             throw SafetensorsError("\(origin): tensor '\(name)' has data_offsets [\(begin), \(end)] outside the \(dataSize)-byte data section (truncated file?)")
         }
-        let expected = shape.reduce(dtype.byteSize, *)
+        guard let expected = byteCount(dtype, shape) else {
+            throw SafetensorsError("\(origin): tensor '\(name)': \(dtype.rawValue) \(shape) needs more bytes than an Int counts (byte range [\(begin), \(end)))")
+        }
         guard end - begin == expected else {
-            throw SafetensorsError("\(origin): tensor '\(name)' spans \(end - begin) bytes, but \(dtype.rawValue) \(shape) needs \(expected)")
+            throw SafetensorsError("\(origin): tensor '\(name)' spans \(end - begin) bytes [\(begin), \(end)), but \(dtype.rawValue) \(shape) needs \(expected)")
+        }
+        guard begin % dtype.byteSize == 0 else {
+            throw SafetensorsError("\(origin): tensor '\(name)' starts at data byte \(begin), not a multiple of its \(dtype.byteSize)-byte elements (misaligned)")
         }
         return TensorInfo(dtype: dtype, shape: shape, byteRange: begin..<end)
+    }
+
+    /// `dtype.byteSize * product(shape)`, or nil when it overflows `Int`.
+    public static func byteCount(_ dtype: TensorDType, _ shape: [Int]) -> Int? {
+        var total = dtype.byteSize
+        for extent in shape {
+            let (product, overflow) = total.multipliedReportingOverflow(by: extent)
+            if overflow { return nil }
+            total = product
+        }
+        return total
+    }
+
+    /// Checks that the ranges, in offset order, cover `0 ..< dataSize` without overlap or gap.
+    private static func checkTiling(_ tensors: [String: TensorInfo], dataSize: Int, origin: String) throws {
+        let ordered = tensors.sorted { ($0.value.byteRange.lowerBound, $0.value.byteRange.upperBound, $0.key) < ($1.value.byteRange.lowerBound, $1.value.byteRange.upperBound, $1.key) }
+        var covered = 0
+        var previous: String?
+        for (name, info) in ordered {
+            let range = info.byteRange
+            if range.lowerBound < covered {
+                throw SafetensorsError("\(origin): tensor '\(name)' at bytes [\(range.lowerBound), \(range.upperBound)) overlaps '\(previous ?? "")' (which ends at \(covered))")
+            }
+            if range.lowerBound > covered {
+                throw SafetensorsError("\(origin): data bytes [\(covered), \(range.lowerBound)) before tensor '\(name)' belong to no tensor")
+            }
+            covered = range.upperBound
+            previous = name
+        }
+        guard covered == dataSize else {
+            throw SafetensorsError("\(origin): data bytes [\(covered), \(dataSize)) after the last tensor belong to no tensor (header length or offsets wrong?)")
+        }
     }
 
     /// The entry for `name`, or an error listing what the file holds.
