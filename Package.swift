@@ -59,7 +59,7 @@ let package = Package(
         .executableTarget(
             name: "phalanx",
             dependencies: [
-                "SWR", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime", "PhalanxCUDA",
+                "SWR", "Checkpoint", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime", "PhalanxCUDA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: cpuFlags),

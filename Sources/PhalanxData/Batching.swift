@@ -41,10 +41,15 @@ public struct BatchSampler: Codable, Sendable, Equatable {
     public var generator: SeededGenerator
 
     public init(batchSize: Int, contextLength: Int, seed: UInt64) {
+        self.init(batchSize: batchSize, contextLength: contextLength, generator: SeededGenerator(seed: seed))
+    }
+
+    /// A sampler that continues `generator`'s stream.
+    public init(batchSize: Int, contextLength: Int, generator: SeededGenerator) {
         require(batchSize > 0 && contextLength > 0, "BatchSampler: batchSize and contextLength must be positive, got \(batchSize) and \(contextLength)")
         self.batchSize = batchSize
         self.contextLength = contextLength
-        generator = SeededGenerator(seed: seed)
+        self.generator = generator
     }
 
     /// The next batch from `split`, which must hold at least `contextLength + 1` tokens.
