@@ -143,6 +143,15 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
                      M.product(4, batch, length, perToken ?? -1))
     }
 
+    /// Throws unless scoring or decoding `batch` sequences of `positions` tokens fits this
+    /// machine's memory (see `inferenceBytes`); the error's field is `batch`.
+    public func checkInference(batch: Int, positions: Int) throws {
+        let bytes = inferenceBytes(batch: batch, positions: positions)
+        guard MemoryBudget.fits(bytes) else {
+            throw ConfigurationError("\(batch) sequences of \(positions) positions need about \(MemoryBudget.describe(bytes)) with this model, more than this machine's \(MemoryBudget.describe(MemoryBudget.physicalBytes))", field: "batch")
+        }
+    }
+
     /// Rough bytes to score or decode `batch` sequences of `positions` tokens: weights (4 bytes
     /// each), the logits of one pass, every attention block's key/value cache (full attention
     /// keeps every position, sliding-window attention a ring of `window` positions plus a margin)
