@@ -38,7 +38,7 @@ struct GenerateCommand: ParsableCommand {
         let text = try promptFile.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? prompt ?? "\n"
         let promptTokens = tokenizer.encode(text)
         do {
-            try model.configuration.checkInference(batch: 1, positions: promptTokens.count + maxTokens)
+            try model.configuration.checkInference(batch: 1, positions: promptTokens.count + min(maxTokens, Int.max - promptTokens.count))
         } catch {
             throw ValidationError("--max-tokens \(maxTokens) after a prompt of \(promptTokens.count) tokens: \(error)")
         }
