@@ -5,7 +5,8 @@ import PhalanxLayers
 import PhalanxModels
 
 /// The training loop: sample, forward, loss, backward (accumulated), clip, AdamW step; evaluate
-/// and checkpoint at intervals; stop cleanly on request or on a non-finite loss.
+/// and checkpoint at intervals; stop cleanly on request, or on a non-finite loss or weights (never
+/// saving them).
 ///
 /// A run is fully determined by its checkpoint: weights, optimizer moments, step, sampler state.
 /// Resuming from a checkpoint therefore reproduces the uninterrupted run's losses exactly.
@@ -31,8 +32,9 @@ public final class Trainer {
         case finished
         /// Stopped on request after `step`; a checkpoint was written.
         case interrupted(step: Int)
-        /// The loss became non-finite at `step`; nothing was saved after the last good step, so
-        /// the checkpoint of `checkpointStep` is the run's latest (nil: none was ever written).
+        /// At `step` the loss (`loss`) or the weights after the update became non-finite; nothing
+        /// of that step was saved, so the checkpoint of `checkpointStep` is the run's latest and
+        /// good one (nil: none was ever written).
         case diverged(step: Int, loss: Float, checkpointStep: Int?)
     }
 
@@ -93,6 +95,9 @@ public final class Trainer {
             let norm = clipGradients(parameters, maxNorm: c.gradientClip)
             let learningRate = schedule(state.step)
             optimizer.update(learningRate: learningRate)
+            guard parameters.allSatisfy({ $0.value.readOnly.allSatisfy(\.isFinite) }) else {
+                return .diverged(step: state.step + 1, loss: loss, checkpointStep: checkpointStep)
+            }
             state.step += 1
             state.tokensSeen += c.tokensPerStep
             tokensThisRun += c.tokensPerStep

@@ -199,7 +199,7 @@ struct TrainCommand: ParsableCommand {
         case .diverged(let step, let loss, let checkpointStep):
             let kept = checkpointStep.map { "the last good checkpoint (step \($0), \(trainer.checkpointURL.path)) was kept" }
                 ?? "no checkpoint had been written yet, so there is nothing to resume"
-            throw ValidationError("the loss became \(loss) at step \(step); training stopped and \(kept). Try a lower --learning-rate.")
+            throw ValidationError("training diverged at step \(step) (loss \(loss); the loss or the updated weights are not finite); it stopped and \(kept). Try a lower --learning-rate.")
         }
         if sample > 0 {
             print("\nsample:")
