@@ -39,22 +39,26 @@ public struct TensorInfo: Sendable, Equatable {
 ///
 /// Everything is checked before any tensor is read, so a hostile file fails here with its name,
 /// the key and the byte range, never later with a crash or a huge allocation:
-/// - the header length fits the file, and the data section starts at a multiple of 8 bytes from
-///   the start of the file (our writer and Hugging Face's pad the header with spaces to get
-///   this; a header length off by a few bytes shifts every tensor and is refused);
+/// - the header length fits the file and the header is a JSON object;
 /// - each shape's byte count `dtype size * product(shape)` is computed with overflow checks and
-///   equals its range's length, and each range starts at a multiple of its element size;
+///   equals its range's length;
+/// - alignment: each range starts at a multiple of its element size, counted from the start of
+///   the data section (as every writer lays tensors out);
 /// - the ranges, in offset order, tile the data section exactly: the first starts at 0, each
 ///   starts where the previous ended (no overlap, no gap), the last ends at the end of the file.
+///   A header length off by any number of bytes moves the start of the data section and with it
+///   its size, so the tiling refuses it (a shorter length leaves bytes after the last tensor, a
+///   longer one puts the last tensor past the end).
+///
+/// Where the data section starts in the file is not checked: the format only allows the header
+/// to be padded (our writer pads to 8 bytes; older files are not padded), and values are read
+/// with unaligned loads.
 public struct SafetensorsFile: Sendable {
     public let tensors: [String: TensorInfo]
     public let metadata: [String: String]
     private let data: Data
     private let dataStart: Int
     private let origin: String
-
-    /// The alignment, in bytes from the start of the file, required of the data section.
-    public static let dataAlignment = 8
 
     /// Reads and validates the file at `url`.
     public init(contentsOf url: URL) throws {
@@ -79,9 +83,6 @@ public struct SafetensorsFile: Sendable {
             throw SafetensorsError("\(origin): header length \(headerLength) exceeds the \(data.count - 8) bytes after it (truncated file?)")
         }
         dataStart = 8 + Int(headerLength)
-        guard dataStart % Self.dataAlignment == 0 else {
-            throw SafetensorsError("\(origin): header length \(headerLength) puts the data section at byte \(dataStart), not a multiple of \(Self.dataAlignment) (bytes 0..<8 corrupted, or a header that was not padded)")
-        }
         let json: Any
         do {
             json = try JSONSerialization.jsonObject(with: data.subdata(in: data.startIndex + 8 ..< data.startIndex + dataStart))
@@ -124,7 +125,7 @@ public struct SafetensorsFile: Sendable {
         }
         let (begin, end) = (offsets[0], offsets[1])
         guard 0 <= begin, begin <= end, end <= dataSize else {
-            throw SafetensorsError("\(origin): tensor '\(name)' has data_offsets [\(begin), \(end)] outside the \(dataSize)-byte data section (truncated file?)")
+            throw SafetensorsError("\(origin): tensor '\(name)' has data_offsets [\(begin), \(end)] outside the \(dataSize)-byte data section (truncated file, or a wrong header length?)")
         }
         guard let expected = byteCount(dtype, shape) else {
             throw SafetensorsError("\(origin): tensor '\(name)': \(dtype.rawValue) \(shape) needs more bytes than an Int counts (byte range [\(begin), \(end)))")
@@ -166,7 +167,7 @@ public struct SafetensorsFile: Sendable {
             previous = name
         }
         guard covered == dataSize else {
-            throw SafetensorsError("\(origin): data bytes [\(covered), \(dataSize)) after the last tensor belong to no tensor (header length or offsets wrong?)")
+            throw SafetensorsError("\(origin): data bytes [\(covered), \(dataSize)) after the last tensor belong to no tensor (a wrong header length, or wrong offsets?)")
         }
     }
 

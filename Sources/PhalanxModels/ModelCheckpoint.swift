@@ -31,12 +31,7 @@ extension LanguageModel {
     /// embedding's shape must be `[vocabulary, dim]`. After loading, a non-finite weight is
     /// refused by name.
     public static func load(from file: SafetensorsFile, origin: String) throws -> LanguageModel {
-        guard file.metadata[CheckpointKey.format] == checkpointFormat else {
-            throw SafetensorsError("\(origin): not a Phalanx checkpoint (metadata '\(CheckpointKey.format)' is \(file.metadata[CheckpointKey.format].map { "'\($0)'" } ?? "missing"))")
-        }
-        guard file.metadata[CheckpointKey.version] == checkpointVersion else {
-            throw SafetensorsError("\(origin): checkpoint format version \(file.metadata[CheckpointKey.version] ?? "?") is not supported (metadata '\(CheckpointKey.version)', expected \(checkpointVersion))")
-        }
+        try checkFormat(of: file, origin: origin)
         let configuration = try storedConfiguration(file, origin: origin)
         let model = try LanguageModel(configuration, seed: 0)
         do {
@@ -46,6 +41,16 @@ extension LanguageModel {
         }
         try checkFinite(model.parameters.map { ($0.name, $0.value) }, origin: origin)
         return model
+    }
+
+    /// Throws unless the metadata marks `file` as a Phalanx checkpoint of a supported version.
+    public static func checkFormat(of file: SafetensorsFile, origin: String) throws {
+        guard file.metadata[CheckpointKey.format] == checkpointFormat else {
+            throw SafetensorsError("\(origin): not a Phalanx checkpoint (metadata '\(CheckpointKey.format)' is \(file.metadata[CheckpointKey.format].map { "'\($0)'" } ?? "missing"))")
+        }
+        guard file.metadata[CheckpointKey.version] == checkpointVersion else {
+            throw SafetensorsError("\(origin): checkpoint format version \(file.metadata[CheckpointKey.version] ?? "?") is not supported (metadata '\(CheckpointKey.version)', expected \(checkpointVersion))")
+        }
     }
 
     /// The configuration in the metadata, validated and checked against the file's tensors.

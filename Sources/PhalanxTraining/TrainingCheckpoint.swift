@@ -82,6 +82,7 @@ public enum TrainingCheckpoint {
     /// infinite.
     public static func load(from file: SafetensorsFile, origin: String) throws
         -> (model: LanguageModel, optimizer: AdamW, state: TrainingState) {
+        try LanguageModel.checkFormat(of: file, origin: origin)
         let state = try storedState(file, origin: origin)
         let model = try LanguageModel.load(from: file, origin: origin)
         do {
