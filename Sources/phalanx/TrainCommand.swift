@@ -1,6 +1,5 @@
 import ArgumentParser
 import Checkpoint
-import Dispatch
 import Foundation
 import PhalanxData
 import PhalanxModels
@@ -8,7 +7,7 @@ import PhalanxRuntime
 import PhalanxTraining
 import Synchronization
 
-/// Set by the SIGINT/SIGTERM handler once training runs; read by the loop after each step.
+/// Set by the SIGINT/SIGTERM handler; read by the preparation watcher, then by the loop after each step.
 private let interruptRequested = Atomic<Bool>(false)
 /// Whether the training loop runs (before it, an interrupt cleans up and exits at once).
 private let trainingStarted = Atomic<Bool>(false)
@@ -142,21 +141,21 @@ struct TrainCommand: ParsableCommand {
 
     func run() throws {
         let folder = URL(fileURLWithPath: runFolder)
-        // Ctrl-C (or SIGTERM) while the run is prepared removes half-written files and exits;
-        // once training runs, it asks the loop to save a checkpoint and stop.
-        for signalNumber in [SIGINT, SIGTERM] { signal(signalNumber, SIG_IGN) }
-        let sources = [SIGINT, SIGTERM].map { DispatchSource.makeSignalSource(signal: $0, queue: .global()) }
-        for source in sources {
-            source.setEventHandler {
-                if trainingStarted.load(ordering: .relaxed) {
-                    interruptRequested.store(true, ordering: .relaxed)
-                } else {
+        // Ctrl-C (or SIGTERM) sets a flag (all a signal handler may safely do). While the run is
+        // prepared, a watcher removes half-written files and exits; once training runs, the loop
+        // saves a checkpoint and stops.
+        for signalNumber in [SIGINT, SIGTERM] {
+            signal(signalNumber) { _ in interruptRequested.store(true, ordering: .relaxed) }
+        }
+        Thread.detachNewThread {
+            while !trainingStarted.load(ordering: .relaxed) {
+                if interruptRequested.load(ordering: .relaxed) {
                     removeStalePartialFiles(in: folder)
-                    print("\ninterrupted before training started; the run folder is unchanged")
+                    print("\ninterrupted before training started; half-written files removed")
                     Foundation.exit(130)
                 }
+                usleep(20_000)
             }
-            source.resume()
         }
 
         let trainer: Trainer
@@ -212,7 +211,7 @@ struct TrainCommand: ParsableCommand {
                 print(text, terminator: "")
                 fflush(nil)
                 produced += text.count
-                return produced < sample
+                return produced < sample && !interruptRequested.load(ordering: .relaxed)
             }
             print("")
         }
