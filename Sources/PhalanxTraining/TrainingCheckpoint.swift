@@ -77,9 +77,9 @@ public enum TrainingCheckpoint {
     ///
     /// Everything is checked before the model is built (see `LanguageModel.load`): the training
     /// state must be readable and in range (a valid configuration whose step fits in memory,
-    /// `0 <= step <= steps`, a non-negative token count, a finite non-negative elapsed time, an
-    /// optimizer step equal to the state's), and no weight or optimizer moment may be NaN or
-    /// infinite.
+    /// `0 <= step <= steps`, at most `step x tokensPerStep` tokens seen, a finite non-negative
+    /// elapsed time, an optimizer step equal to the state's), and no weight or optimizer moment
+    /// may be NaN or infinite.
     public static func load(from file: SafetensorsFile, origin: String) throws
         -> (model: LanguageModel, optimizer: AdamW, state: TrainingState) {
         try LanguageModel.checkFormat(of: file, origin: origin)
@@ -124,7 +124,10 @@ public enum TrainingCheckpoint {
         guard (0...state.configuration.steps).contains(state.step) else {
             throw fail("step \(state.step) is outside 0...\(state.configuration.steps) (the run's steps)")
         }
-        guard state.tokensSeen >= 0 else { throw fail("tokensSeen \(state.tokensSeen) is negative") }
+        let tokens = state.step * state.configuration.tokensPerStep
+        guard (0...tokens).contains(state.tokensSeen) else {
+            throw fail("tokensSeen \(state.tokensSeen) is outside 0...\(tokens) (step x tokens per step)")
+        }
         guard state.elapsedSeconds.isFinite && state.elapsedSeconds >= 0 else {
             throw fail("elapsedSeconds \(state.elapsedSeconds) is not a finite, non-negative time")
         }

@@ -53,8 +53,8 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
     }
 
     /// Checks every value, naming the field (its Swift name, in `TrainingError.field`) and the
-    /// allowed range. Products the run computes (tokens per step, validation windows) must fit
-    /// `Int`.
+    /// allowed range. Products the run computes (tokens per step, all its tokens, validation
+    /// windows) must fit `Int`.
     public func validate() throws {
         func check(_ condition: Bool, _ field: String, _ range: String, _ value: Any) throws {
             if !condition { throw TrainingError("\(field) must be \(range), got \(value)", field: field) }
@@ -65,6 +65,8 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
         try check(accumulation >= 1, "accumulation", "at least 1", accumulation)
         try check(MemoryBudget.product(batchSize, contextLength, accumulation) != nil, "batchSize",
                   "such that batchSize x contextLength x accumulation fits Int", "\(batchSize) x \(contextLength) x \(accumulation)")
+        try check(MemoryBudget.product(steps, batchSize, contextLength, accumulation) != nil, "steps",
+                  "such that the run's tokens (steps x tokens per step) fit Int", "\(steps) x \(batchSize) x \(contextLength) x \(accumulation)")
         try check(peakLearningRate > 0 && peakLearningRate.isFinite, "peakLearningRate", "positive and finite", peakLearningRate)
         try check(warmupSteps >= 0, "warmupSteps", "at least 0", warmupSteps)
         try check((0...1).contains(finalLearningRateFraction), "finalLearningRateFraction", "in [0, 1]", finalLearningRateFraction)

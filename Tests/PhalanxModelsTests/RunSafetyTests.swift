@@ -114,7 +114,8 @@ struct HostileCheckpointTests {
 
     @Test("training state out of range: negative or overshooting step, negative or non-finite time, batch beyond memory", arguments: [
         (["step"], "-1", "step -1"), (["step"], "99", "step 99"), (["elapsedSeconds"], "-5", "elapsedSeconds"),
-        (["elapsedSeconds"], "1e999", "'training_state'"), (["tokensSeen"], "-1", "tokensSeen"),
+        (["elapsedSeconds"], "1e999", "'training_state'"), (["tokensSeen"], "-1", "tokensSeen"), (["tokensSeen"], "9223372036854775807", "tokensSeen"),
+        (["configuration", "steps"], "4611686018427387904", "steps"),
         (["configuration", "batchSize"], "100000000000", "batchSize"), (["configuration", "dropout"], "-0.1", "dropout"),
     ])
     func hostileState(path: [String], value: String, expected: String) throws {
@@ -158,7 +159,7 @@ struct RunSafetyTests {
         case "dropout -0.1": (plan.training.dropout, field) = (-0.1, "dropout")
         case "batch size 1e8": (plan.training.batchSize, field) = (100_000_000, "batchSize")
         case "evaluation batches 0": (plan.training.evaluationBatches, field) = (0, "evaluationBatches")
-        default: (plan.training.contextLength, field) = (Int.max / 2, "batchSize")
+        default: (plan.training.contextLength, field) = (Int.max, "batchSize")
         }
         let run = root.appendingPathComponent("run")
         #expect { _ = try TrainingRun.start(plan, in: run) } throws: { ($0 as? TrainingError)?.field == field }
