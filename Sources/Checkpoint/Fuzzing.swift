@@ -212,6 +212,8 @@ public struct FuzzReport: Sendable, CustomStringConvertible {
     public var refused = 0
     /// Refusals per mutation.
     public var refusedBy: [SafetensorsMutator.Mutation: Int] = [:]
+    /// The first refusal message of each mutation, as an example.
+    public var examples: [SafetensorsMutator.Mutation: String] = [:]
     /// Refusal messages that name neither a key (a quoted name) nor a byte range (at most 20 kept).
     public var vagueMessages: [String] = []
     /// Wall time of the run in seconds.
@@ -241,6 +243,7 @@ public struct FuzzReport: Sendable, CustomStringConvertible {
                 report.refused += 1
                 report.refusedBy[mutation, default: 0] += 1
                 let message = "\(error)"
+                if report.examples[mutation] == nil { report.examples[mutation] = message }
                 if !(message.contains("'") || message.contains("byte")), report.vagueMessages.count < 20 {
                     report.vagueMessages.append("\(mutation.rawValue): \(message)")
                 }

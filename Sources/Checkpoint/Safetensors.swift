@@ -87,7 +87,8 @@ public struct SafetensorsFile: Sendable {
         do {
             json = try JSONSerialization.jsonObject(with: data.subdata(in: data.startIndex + 8 ..< data.startIndex + dataStart))
         } catch {
-            throw SafetensorsError("\(origin): the header (bytes 8..<\(dataStart)) is not valid JSON (\(error.localizedDescription))")
+            let detail = (error as NSError).userInfo[NSDebugDescriptionErrorKey] as? String ?? error.localizedDescription
+            throw SafetensorsError("\(origin): the header (bytes 8..<\(dataStart)) is not valid JSON (\(detail))")
         }
         guard let entries = json as? [String: Any] else {
             throw SafetensorsError("\(origin): the header (bytes 8..<\(dataStart)) must be a JSON object of tensor entries")

@@ -46,10 +46,10 @@ extension LanguageModel {
     /// Throws unless the metadata marks `file` as a Phalanx checkpoint of a supported version.
     public static func checkFormat(of file: SafetensorsFile, origin: String) throws {
         guard file.metadata[CheckpointKey.format] == checkpointFormat else {
-            throw SafetensorsError("\(origin): not a Phalanx checkpoint (metadata '\(CheckpointKey.format)' is \(file.metadata[CheckpointKey.format].map { "'\($0)'" } ?? "missing"))")
+            throw SafetensorsError("\(origin): not a Phalanx checkpoint (metadata '\(CheckpointKey.format)' is \(file.metadata[CheckpointKey.format].map { "'\(excerpt($0))'" } ?? "missing"))")
         }
         guard file.metadata[CheckpointKey.version] == checkpointVersion else {
-            throw SafetensorsError("\(origin): checkpoint format version \(file.metadata[CheckpointKey.version] ?? "?") is not supported (metadata '\(CheckpointKey.version)', expected \(checkpointVersion))")
+            throw SafetensorsError("\(origin): metadata '\(CheckpointKey.version)' is \(file.metadata[CheckpointKey.version].map { "'\(excerpt($0))'" } ?? "missing"); this reader supports checkpoint format version \(checkpointVersion)")
         }
     }
 
@@ -92,4 +92,9 @@ public func checkFinite(_ tensors: [(name: String, value: Tensor)], origin: Stri
             throw SafetensorsError("\(origin): tensor '\(name)' holds a non-finite value (\(values[i])) at element \(i) of shape \(tensor.shape)")
         }
     }
+}
+
+/// At most the first 40 characters of `value` (a hostile file can hold any text).
+func excerpt(_ value: String) -> String {
+    value.count <= 40 ? value : value.prefix(40) + "... (\(value.count) characters)"
 }

@@ -25,6 +25,9 @@ struct FuzzCommand: ParsableCommand {
             fflush(nil)
         }
         print("\r\(report)")
+        for (mutation, message) in report.examples.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+            print("  e.g. \(mutation.rawValue): \(message.prefix(220))")
+        }
         for message in report.vagueMessages { print("  vague: \(message)") }
         if !report.vagueMessages.isEmpty { throw ExitCode(1) }
     }
