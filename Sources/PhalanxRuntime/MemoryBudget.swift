@@ -7,7 +7,10 @@ public enum MemoryBudget {
     public static var physicalBytes: Int { Int(clamping: ProcessInfo.processInfo.physicalMemory) }
 
     /// `a * b * ...`, or nil when the product overflows `Int` or a factor is negative.
-    public static func product(_ factors: Int...) -> Int? {
+    public static func product(_ factors: Int...) -> Int? { product(factors) }
+
+    /// The product of `factors`, or nil when it overflows `Int` or a factor is negative.
+    public static func product(_ factors: [Int]) -> Int? {
         var total = 1
         for f in factors {
             guard f >= 0 else { return nil }

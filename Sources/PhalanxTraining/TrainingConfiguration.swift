@@ -63,10 +63,14 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
         try check(batchSize >= 1, "batchSize", "at least 1", batchSize)
         try check(contextLength >= 1, "contextLength", "at least 1", contextLength)
         try check(accumulation >= 1, "accumulation", "at least 1", accumulation)
-        try check(MemoryBudget.product(batchSize, contextLength, accumulation) != nil, "batchSize",
-                  "such that batchSize x contextLength x accumulation fits Int", "\(batchSize) x \(contextLength) x \(accumulation)")
-        try check(MemoryBudget.product(steps, batchSize, contextLength, accumulation) != nil, "steps",
-                  "such that the run's tokens (steps x tokens per step) fit Int", "\(steps) x \(batchSize) x \(contextLength) x \(accumulation)")
+        // A product that overflows is blamed on its largest factor.
+        func checkProduct(_ factors: KeyValuePairs<String, Int>) throws {
+            guard MemoryBudget.product(factors.map(\.value)) == nil else { return }
+            let field = factors.max { $0.value < $1.value }!.key
+            try check(false, field, "small enough that \(factors.map(\.key).joined(separator: " x ")) fits Int",
+                      factors.map { "\($0.value)" }.joined(separator: " x "))
+        }
+        try checkProduct(["steps": steps, "batchSize": batchSize, "contextLength": contextLength, "accumulation": accumulation])
         try check(peakLearningRate > 0 && peakLearningRate.isFinite, "peakLearningRate", "positive and finite", peakLearningRate)
         try check(warmupSteps >= 0, "warmupSteps", "at least 0", warmupSteps)
         try check((0...1).contains(finalLearningRateFraction), "finalLearningRateFraction", "in [0, 1]", finalLearningRateFraction)
@@ -77,8 +81,7 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
         try check(evaluationInterval >= 0, "evaluationInterval", "at least 0 (0: only at the end)", evaluationInterval)
         try check(checkpointInterval >= 0, "checkpointInterval", "at least 0 (0: only at the end)", checkpointInterval)
         try check(evaluationBatches >= 1, "evaluationBatches", "at least 1", evaluationBatches)
-        try check(MemoryBudget.product(evaluationBatches, batchSize) != nil, "evaluationBatches",
-                  "such that evaluationBatches x batchSize fits Int", "\(evaluationBatches) x \(batchSize)")
+        try checkProduct(["evaluationBatches": evaluationBatches, "batchSize": batchSize])
         try check((0..<1).contains(dropoutRate), "dropout", "in [0, 1) (0: none)", dropoutRate)
     }
 

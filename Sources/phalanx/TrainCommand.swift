@@ -144,9 +144,14 @@ struct TrainCommand: ParsableCommand {
         // Ctrl-C (or SIGTERM) sets a flag (all a signal handler may safely do). While the run is
         // prepared, a watcher removes half-written files and exits; once training runs, the loop
         // saves a checkpoint and stops.
+        // (A parent may have started us with them blocked, which would hold them back for good.)
+        var handled = sigset_t()
+        sigemptyset(&handled)
         for signalNumber in [SIGINT, SIGTERM] {
             signal(signalNumber) { _ in interruptRequested.store(true, ordering: .relaxed) }
+            sigaddset(&handled, signalNumber)
         }
+        pthread_sigmask(SIG_UNBLOCK, &handled, nil)
         Thread.detachNewThread {
             while !trainingStarted.load(ordering: .relaxed) {
                 if interruptRequested.load(ordering: .relaxed) {

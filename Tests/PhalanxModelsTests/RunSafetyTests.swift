@@ -159,7 +159,7 @@ struct RunSafetyTests {
         case "dropout -0.1": (plan.training.dropout, field) = (-0.1, "dropout")
         case "batch size 1e8": (plan.training.batchSize, field) = (100_000_000, "batchSize")
         case "evaluation batches 0": (plan.training.evaluationBatches, field) = (0, "evaluationBatches")
-        default: (plan.training.contextLength, field) = (Int.max, "batchSize")
+        default: (plan.training.contextLength, field) = (Int.max, "contextLength")
         }
         let run = root.appendingPathComponent("run")
         #expect { _ = try TrainingRun.start(plan, in: run) } throws: { ($0 as? TrainingError)?.field == field }
