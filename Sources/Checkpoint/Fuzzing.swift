@@ -219,6 +219,7 @@ public struct FuzzReport: Sendable, CustomStringConvertible {
     /// Wall time of the run in seconds.
     public var seconds = 0.0
 
+    /// One summary line, then the refusals per mutation.
     public var description: String {
         let parts = SafetensorsMutator.Mutation.allCases.map { "\($0.rawValue) \(refusedBy[$0] ?? 0)" }.joined(separator: ", ")
         return "\(cases) cases in \(String(format: "%.1f", seconds)) s: \(refused) refused with an error, \(accepted) accepted, 0 crashes; \(vagueMessages.count) vague messages\n  refused by mutation: \(parts)"

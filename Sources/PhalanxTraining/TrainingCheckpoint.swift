@@ -38,6 +38,7 @@ public struct TrainingState: Codable, Sendable {
     /// The batch sampler's generator state (stored under `sampler`, as `BatchSampler` encodes
     /// it, so checkpoints of either shape load).
     public struct SamplerPosition: Codable, Sendable, Equatable {
+        /// The generator the next batch's starts are drawn from.
         public var generator: SeededGenerator
     }
 

@@ -36,9 +36,11 @@ public enum TrainingRun {
     public struct Plan: Sendable {
         /// The model; its vocabulary is replaced by the tokenizer's.
         public var model: ModelConfiguration
+        /// How the model is trained (steps, batch shape, optimizer, intervals).
         public var training: TrainingConfiguration
         /// UTF-8 text files to train on.
         public var files: [URL]
+        /// The tokenizer to use (trained on `files` for BPE).
         public var tokenizer: TokenizerChoice
         /// Seeds the model's initialisation (the data order is seeded with `seed + 1`).
         public var seed: UInt64
