@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "CPhalanxIntrinsics"),
         .target(name: "PhalanxRuntime", dependencies: ["CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "SWR", dependencies: ["PhalanxRuntime", "CPhalanxIntrinsics"], swiftSettings: cpuFlags),
-        .target(name: "Checkpoint", swiftSettings: cpuFlags),
+        .target(name: "Checkpoint", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxLayers", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
         // The GPU-against-CPU comparisons, shared by the tests and `phalanx bench cuda --check`.
@@ -61,7 +61,7 @@ let package = Package(
         .executableTarget(
             name: "phalanx",
             dependencies: [
-                "SWR", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime",
+                "SWR", "Checkpoint", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: cpuFlags),
@@ -74,7 +74,7 @@ let package = Package(
             name: "SWRTests", dependencies: ["SWR", "Checkpoint", "PhalanxRuntime", "PhalanxTestSupport"],
             resources: [.copy("Fixtures")], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxBenchTests", dependencies: ["PhalanxBench"], swiftSettings: cpuFlags),
-        .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint"], swiftSettings: cpuFlags),
+        .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "PhalanxCUDAChecks", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime", "PhalanxTestSupport"], swiftSettings: cpuFlags),
         .testTarget(

@@ -27,6 +27,7 @@ public struct TensorInfo: Sendable, Equatable {
     public let shape: [Int]
     /// Byte range relative to the start of the data section.
     public let byteRange: Range<Int>
+    /// The product of `shape`; the reader has checked that it fits `Int` (and the file).
     public var elementCount: Int { shape.reduce(1, *) }
 }
 
@@ -34,9 +35,24 @@ public struct TensorInfo: Sendable, Equatable {
 ///
 /// Layout: an 8-byte little-endian header length `n`, `n` bytes of JSON mapping each tensor name
 /// to `{"dtype", "shape", "data_offsets": [begin, end]}` (plus an optional `__metadata__` map of
-/// strings), then the raw little-endian data. Every offset is checked against the file size and the
-/// shape's byte count, so a truncated or malformed file fails here with its name and the reason,
-/// never later with a crash.
+/// strings), then the raw little-endian data. Offsets count from the first byte after the header.
+///
+/// Everything is checked before any tensor is read, so a hostile file fails here with its name,
+/// the key and the byte range, never later with a crash or a huge allocation:
+/// - the header length fits the file and the header is a JSON object;
+/// - each shape's byte count `dtype size * product(shape)` is computed with overflow checks and
+///   equals its range's length;
+/// - alignment: each range starts at a multiple of its element size, counted from the start of
+///   the data section (as every writer lays tensors out);
+/// - the ranges, in offset order, tile the data section exactly: the first starts at 0, each
+///   starts where the previous ended (no overlap, no gap), the last ends at the end of the file.
+///   A header length off by any number of bytes moves the start of the data section and with it
+///   its size, so the tiling refuses it (a shorter length leaves bytes after the last tensor, a
+///   longer one puts the last tensor past the end).
+///
+/// Where the data section starts in the file is not checked: the format only allows the header
+/// to be padded (our writer pads to 8 bytes; older files are not padded), and values are read
+/// with unaligned loads.
 public struct SafetensorsFile: Sendable {
     public let tensors: [String: TensorInfo]
     public let metadata: [String: String]
@@ -71,10 +87,11 @@ public struct SafetensorsFile: Sendable {
         do {
             json = try JSONSerialization.jsonObject(with: data.subdata(in: data.startIndex + 8 ..< data.startIndex + dataStart))
         } catch {
-            throw SafetensorsError("\(origin): the header is not valid JSON (\(error.localizedDescription))")
+            let detail = (error as NSError).userInfo[NSDebugDescriptionErrorKey] as? String ?? error.localizedDescription
+            throw SafetensorsError("\(origin): the header (bytes 8..<\(dataStart)) is not valid JSON (\(detail))")
         }
         guard let entries = json as? [String: Any] else {
-            throw SafetensorsError("\(origin): the header must be a JSON object of tensor entries")
+            throw SafetensorsError("\(origin): the header (bytes 8..<\(dataStart)) must be a JSON object of tensor entries")
         }
         let dataSize = data.count - dataStart
         var tensors: [String: TensorInfo] = [:]
@@ -82,13 +99,14 @@ public struct SafetensorsFile: Sendable {
         for (name, value) in entries {
             if name == "__metadata__" {
                 guard let map = value as? [String: String] else {
-                    throw SafetensorsError("\(origin): __metadata__ must map strings to strings")
+                    throw SafetensorsError("\(origin): '__metadata__' must map strings to strings")
                 }
                 metadata = map
                 continue
             }
             tensors[name] = try Self.parseEntry(name, value, dataSize: dataSize, origin: origin)
         }
+        try Self.checkTiling(tensors, dataSize: dataSize, origin: origin)
         self.tensors = tensors
         self.metadata = metadata
     }
@@ -108,13 +126,50 @@ public struct SafetensorsFile: Sendable {
         }
         let (begin, end) = (offsets[0], offsets[1])
         guard 0 <= begin, begin <= end, end <= dataSize else {
-            throw SafetensorsError("\(origin): tensor '\(name)' has data_offsets [\(begin), \(end)] outside the \(dataSize)-byte data section (truncated file?)")
+            throw SafetensorsError("\(origin): tensor '\(name)' has data_offsets [\(begin), \(end)] outside the \(dataSize)-byte data section (truncated file, or a wrong header length?)")
         }
-        let expected = shape.reduce(dtype.byteSize, *)
+        guard let expected = byteCount(dtype, shape) else {
+            throw SafetensorsError("\(origin): tensor '\(name)': \(dtype.rawValue) \(shape) needs more bytes than an Int counts (byte range [\(begin), \(end)))")
+        }
         guard end - begin == expected else {
-            throw SafetensorsError("\(origin): tensor '\(name)' spans \(end - begin) bytes, but \(dtype.rawValue) \(shape) needs \(expected)")
+            throw SafetensorsError("\(origin): tensor '\(name)' spans \(end - begin) bytes [\(begin), \(end)), but \(dtype.rawValue) \(shape) needs \(expected)")
+        }
+        guard begin % dtype.byteSize == 0 else {
+            throw SafetensorsError("\(origin): tensor '\(name)' starts at data byte \(begin), not a multiple of its \(dtype.byteSize)-byte elements (misaligned)")
         }
         return TensorInfo(dtype: dtype, shape: shape, byteRange: begin..<end)
+    }
+
+    /// `dtype.byteSize * product(shape)`, or nil when it overflows `Int`.
+    public static func byteCount(_ dtype: TensorDType, _ shape: [Int]) -> Int? {
+        var total = dtype.byteSize
+        for extent in shape {
+            let (product, overflow) = total.multipliedReportingOverflow(by: extent)
+            if overflow { return nil }
+            total = product
+        }
+        return total
+    }
+
+    /// Checks that the ranges, in offset order, cover `0 ..< dataSize` without overlap or gap.
+    private static func checkTiling(_ tensors: [String: TensorInfo], dataSize: Int, origin: String) throws {
+        let ordered = tensors.sorted { ($0.value.byteRange.lowerBound, $0.value.byteRange.upperBound, $0.key) < ($1.value.byteRange.lowerBound, $1.value.byteRange.upperBound, $1.key) }
+        var covered = 0
+        var previous: String?
+        for (name, info) in ordered {
+            let range = info.byteRange
+            if range.lowerBound < covered {
+                throw SafetensorsError("\(origin): tensor '\(name)' at bytes [\(range.lowerBound), \(range.upperBound)) overlaps '\(previous ?? "")' (which ends at \(covered))")
+            }
+            if range.lowerBound > covered {
+                throw SafetensorsError("\(origin): data bytes [\(covered), \(range.lowerBound)) before tensor '\(name)' belong to no tensor")
+            }
+            covered = range.upperBound
+            previous = name
+        }
+        guard covered == dataSize else {
+            throw SafetensorsError("\(origin): data bytes [\(covered), \(dataSize)) after the last tensor belong to no tensor (a wrong header length, or wrong offsets?)")
+        }
     }
 
     /// The entry for `name`, or an error listing what the file holds.

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxRuntime
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,7 +18,8 @@ public struct SafetensorsWriter {
 
     /// Adds a float32 tensor; `values` must number `shape`'s product.
     public mutating func add(_ name: String, floats values: [Float], shape: [Int]) {
-        precondition(values.count == shape.reduce(1, *), "SafetensorsWriter: '\(name)' has \(values.count) values for shape \(shape)")
+        require(SafetensorsFile.byteCount(.float32, shape) == 4 * values.count,
+                "SafetensorsWriter: '\(name)' has \(values.count) values for shape \(shape)")
         var data = Data(count: values.count * 4)
         data.withUnsafeMutableBytes { raw in
             for (i, v) in values.enumerated() { raw.storeBytes(of: v.bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
@@ -27,8 +29,8 @@ public struct SafetensorsWriter {
 
     /// Adds raw little-endian bytes of a tensor.
     public mutating func add(_ name: String, dtype: TensorDType, shape: [Int], bytes: Data) {
-        precondition(!entries.contains { $0.name == name } && name != "__metadata__", "SafetensorsWriter: duplicate or reserved name '\(name)'")
-        precondition(bytes.count == shape.reduce(dtype.byteSize, *), "SafetensorsWriter: '\(name)' has \(bytes.count) bytes for \(dtype.rawValue) \(shape)")
+        require(!entries.contains { $0.name == name } && name != "__metadata__", "SafetensorsWriter: duplicate or reserved name '\(name)'")
+        require(SafetensorsFile.byteCount(dtype, shape) == bytes.count, "SafetensorsWriter: '\(name)' has \(bytes.count) bytes for \(dtype.rawValue) \(shape)")
         entries.append((name, dtype, shape, bytes))
     }
 
@@ -74,4 +76,19 @@ public func writeAtomically(_ data: Data, to url: URL) throws {
         try? FileManager.default.removeItem(at: temporary)
         throw SafetensorsError("\(url.path): could not write (\(error.localizedDescription))")
     }
+}
+
+/// The temporary files `writeAtomically` (and the token-file writer) leave in `folder` when the
+/// process is killed mid-write: names of the form `.<file>.<UUID>.partial`.
+public func stalePartialFiles(in folder: URL) -> [URL] {
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: folder.path)) ?? []
+    return names.filter { $0.hasPrefix(".") && $0.hasSuffix(".partial") }.sorted()
+        .map { folder.appendingPathComponent($0) }
+}
+
+/// Removes the leftovers of interrupted writes in `folder` (see `stalePartialFiles(in:)`) and
+/// returns what it removed. Call it only where no other process is writing into `folder`.
+@discardableResult
+public func removeStalePartialFiles(in folder: URL) -> [URL] {
+    stalePartialFiles(in: folder).filter { (try? FileManager.default.removeItem(at: $0)) != nil }
 }

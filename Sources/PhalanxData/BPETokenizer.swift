@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxRuntime
 
 /// A byte-level byte-pair-encoding tokenizer (GPT-2 style), trained on a corpus.
 ///
@@ -100,7 +101,7 @@ public struct BPETokenizer: Tokenizer, Codable, Equatable {
     }
 
     public func bytes(of token: Int32) -> [UInt8] {
-        precondition(token >= 0 && Int(token) < tokenBytes.count, "BPETokenizer: token \(token) is outside the vocabulary 0..<\(tokenBytes.count)")
+        require(token >= 0 && Int(token) < tokenBytes.count, "BPETokenizer: token \(token) is outside the vocabulary 0..<\(tokenBytes.count)")
         return tokenBytes[Int(token)]
     }
 
@@ -190,8 +191,8 @@ extension BPETokenizer {
     ///   - vocabularySize: the target, at least 256 (256 returns a tokenizer equal to the bytes).
     ///   - progress: called after each merge with (vocabulary size so far, target).
     public static func train(on text: String, vocabularySize: Int, progress: ((Int, Int) -> Void)? = nil) -> BPETokenizer {
-        precondition(vocabularySize >= 256, "BPETokenizer.train: vocabularySize must be at least 256 (the bytes), got \(vocabularySize)")
-        precondition(vocabularySize <= Int(Int32.max), "BPETokenizer.train: vocabularySize \(vocabularySize) does not fit Int32 token ids")
+        require(vocabularySize >= 256, "BPETokenizer.train: vocabularySize must be at least 256 (the bytes), got \(vocabularySize)")
+        require(vocabularySize <= Int(Int32.max), "BPETokenizer.train: vocabularySize \(vocabularySize) does not fit Int32 token ids")
 
         // Distinct chunks and how often each occurs.
         let bytes = Array(text.utf8)

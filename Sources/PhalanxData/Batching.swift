@@ -41,15 +41,20 @@ public struct BatchSampler: Codable, Sendable, Equatable {
     public var generator: SeededGenerator
 
     public init(batchSize: Int, contextLength: Int, seed: UInt64) {
-        precondition(batchSize > 0 && contextLength > 0, "BatchSampler: batchSize and contextLength must be positive, got \(batchSize) and \(contextLength)")
+        self.init(batchSize: batchSize, contextLength: contextLength, generator: SeededGenerator(seed: seed))
+    }
+
+    /// A sampler that continues `generator`'s stream.
+    public init(batchSize: Int, contextLength: Int, generator: SeededGenerator) {
+        require(batchSize > 0 && contextLength > 0, "BatchSampler: batchSize and contextLength must be positive, got \(batchSize) and \(contextLength)")
         self.batchSize = batchSize
         self.contextLength = contextLength
-        generator = SeededGenerator(seed: seed)
+        self.generator = generator
     }
 
     /// The next batch from `split`, which must hold at least `contextLength + 1` tokens.
     public mutating func next(from split: TokenSplit) -> Batch {
-        precondition(split.count > contextLength, "BatchSampler: a split of \(split.count) tokens is too short for windows of contextLength + 1 = \(contextLength + 1)")
+        require(split.count > contextLength, "BatchSampler: a split of \(split.count) tokens is too short for windows of contextLength + 1 = \(contextLength + 1)")
         let positions = UInt64(split.count - contextLength)
         let starts = (0..<batchSize).map { _ in Int(uniform(below: positions)) }
         return Batch(split: split, starts: starts, contextLength: contextLength)
@@ -84,8 +89,8 @@ public struct EvaluationBatches: Sequence, IteratorProtocol, Sendable {
 
     /// - Parameter maxWindows: score only the first this many windows (for a quick evaluation).
     public init(split: TokenSplit, contextLength: Int, batchSize: Int, maxWindows: Int? = nil) {
-        precondition(batchSize > 0 && contextLength > 0, "EvaluationBatches: batchSize and contextLength must be positive, got \(batchSize) and \(contextLength)")
-        precondition((maxWindows ?? 0) >= 0, "EvaluationBatches: maxWindows must not be negative")
+        require(batchSize > 0 && contextLength > 0, "EvaluationBatches: batchSize and contextLength must be positive, got \(batchSize) and \(contextLength)")
+        require((maxWindows ?? 0) >= 0, "EvaluationBatches: maxWindows must not be negative")
         self.split = split
         self.contextLength = contextLength
         self.batchSize = batchSize

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxRuntime
 
 /// The default tokenizer: token `t` is the byte `t` of the text's UTF-8 encoding.
 ///
@@ -18,7 +19,7 @@ public struct ByteTokenizer: Tokenizer, Codable, Equatable {
     }
 
     public func bytes(of token: Int32) -> [UInt8] {
-        precondition(token >= 0 && token < 256, "ByteTokenizer: token \(token) is outside the vocabulary 0..<256")
+        require(token >= 0 && token < 256, "ByteTokenizer: token \(token) is outside the vocabulary 0..<256")
         return [UInt8(token)]
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxRuntime
 
 /// Turns text files into a ``TokenFile``.
 public enum CorpusPreparation {
@@ -32,8 +33,8 @@ public enum CorpusPreparation {
     @discardableResult
     public static func prepare(files: [URL], tokenizer: any Tokenizer, output: URL, validationFraction: Double = 0.1,
                                progress: ((Int, Int) -> Void)? = nil) throws -> Summary {
-        precondition(validationFraction >= 0 && validationFraction < 1, "CorpusPreparation: validationFraction must be in 0..<1, got \(validationFraction)")
-        precondition(!files.isEmpty, "CorpusPreparation: no input files")
+        require(validationFraction >= 0 && validationFraction < 1, "CorpusPreparation: validationFraction must be in 0..<1, got \(validationFraction)")
+        require(!files.isEmpty, "CorpusPreparation: no input files")
         var sizes: [Int] = []
         for file in files {
             guard let size = (try? FileManager.default.attributesOfItem(atPath: file.path))?[.size] as? Int else {

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxRuntime
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -38,7 +39,7 @@ public struct TokenSplit: RandomAccessCollection, Sendable {
     }
 
     public subscript(position: Int) -> Int32 {
-        precondition(position >= 0 && position < count, "TokenSplit: index \(position) is outside 0..<\(count)")
+        require(position >= 0 && position < count, "TokenSplit: index \(position) is outside 0..<\(count)")
         return storage.withUnsafeBytes { raw in
             let offset = byteOffset + position * width
             return width == 2
@@ -49,7 +50,7 @@ public struct TokenSplit: RandomAccessCollection, Sendable {
 
     /// Copies the tokens at `range` to `destination[0 ..< range.count]`, widening `UInt16` tokens.
     public func copy(_ range: Range<Int>, into destination: UnsafeMutablePointer<Int32>) {
-        precondition(range.lowerBound >= 0 && range.upperBound <= count, "TokenSplit: range \(range) is outside 0..<\(count)")
+        require(range.lowerBound >= 0 && range.upperBound <= count, "TokenSplit: range \(range) is outside 0..<\(count)")
         storage.withUnsafeBytes { raw in
             let source = raw.baseAddress! + byteOffset + range.lowerBound * width
             if width == 2 {
@@ -264,7 +265,7 @@ struct TokenFileWriter {
         var data = Data(count: tokens.count * width)
         data.withUnsafeMutableBytes { raw in
             for (i, t) in tokens.enumerated() {
-                precondition(t >= 0 && Int(t) < vocabularySize, "TokenFile: token \(t) is outside the tokenizer's vocabulary 0..<\(vocabularySize)")
+                require(t >= 0 && Int(t) < vocabularySize, "TokenFile: token \(t) is outside the tokenizer's vocabulary 0..<\(vocabularySize)")
                 if width == 2 {
                     raw.storeBytes(of: UInt16(t).littleEndian, toByteOffset: 2 * i, as: UInt16.self)
                 } else {

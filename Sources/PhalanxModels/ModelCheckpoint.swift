@@ -24,19 +24,77 @@ extension LanguageModel {
     }
 
     /// The model stored in a checkpoint: its configuration from the metadata, then every weight.
+    ///
+    /// Nothing is allocated before the configuration has passed `ModelConfiguration.validate()`
+    /// (ranges, and weights that fit this machine's memory) and agrees with the file's own
+    /// tensors: the model's parameter count must not exceed the values the file holds, and the
+    /// embedding's shape must be `[vocabulary, dim]`. After loading, a non-finite weight is
+    /// refused by name.
     public static func load(from file: SafetensorsFile, origin: String) throws -> LanguageModel {
-        guard file.metadata[CheckpointKey.format] == checkpointFormat else {
-            throw SafetensorsError("\(origin): not a Phalanx checkpoint (metadata 'format' is \(file.metadata[CheckpointKey.format].map { "'\($0)'" } ?? "missing"))")
-        }
-        guard file.metadata[CheckpointKey.version] == checkpointVersion else {
-            throw SafetensorsError("\(origin): checkpoint format version \(file.metadata[CheckpointKey.version] ?? "?") is not supported (expected \(checkpointVersion))")
-        }
-        guard let json = file.metadata[CheckpointKey.configuration],
-              let configuration = try? JSONDecoder().decode(ModelConfiguration.self, from: Data(json.utf8)) else {
-            throw SafetensorsError("\(origin): the model configuration in the metadata is missing or unreadable")
-        }
+        try checkFormat(of: file, origin: origin)
+        let configuration = try storedConfiguration(file, origin: origin)
         let model = try LanguageModel(configuration, seed: 0)
-        try model.load(from: file)
+        do {
+            try model.load(from: file)
+        } catch {
+            throw SafetensorsError("\(origin): \(error)")
+        }
+        try checkFinite(model.parameters.map { ($0.name, $0.value) }, origin: origin)
         return model
     }
+
+    /// Throws unless the metadata marks `file` as a Phalanx checkpoint of a supported version.
+    public static func checkFormat(of file: SafetensorsFile, origin: String) throws {
+        guard file.metadata[CheckpointKey.format] == checkpointFormat else {
+            throw SafetensorsError("\(origin): not a Phalanx checkpoint (metadata '\(CheckpointKey.format)' is \(file.metadata[CheckpointKey.format].map { "'\(excerpt($0))'" } ?? "missing"))")
+        }
+        guard file.metadata[CheckpointKey.version] == checkpointVersion else {
+            throw SafetensorsError("\(origin): metadata '\(CheckpointKey.version)' is \(file.metadata[CheckpointKey.version].map { "'\(excerpt($0))'" } ?? "missing"); this reader supports checkpoint format version \(checkpointVersion)")
+        }
+    }
+
+    /// The configuration in the metadata, validated and checked against the file's tensors.
+    static func storedConfiguration(_ file: SafetensorsFile, origin: String) throws -> ModelConfiguration {
+        let key = CheckpointKey.configuration
+        guard let json = file.metadata[key] else {
+            throw SafetensorsError("\(origin): metadata '\(key)' (the model configuration) is missing")
+        }
+        let configuration: ModelConfiguration
+        do {
+            configuration = try JSONDecoder().decode(ModelConfiguration.self, from: Data(json.utf8))
+        } catch {
+            throw SafetensorsError("\(origin): metadata '\(key)' is not a readable model configuration (\(error))")
+        }
+        do {
+            try configuration.validate()
+        } catch {
+            throw SafetensorsError("\(origin): metadata '\(key)': \(error)")
+        }
+        let stored = file.tensors.values.filter { [.float32, .float64, .float16, .bfloat16].contains($0.dtype) }
+            .reduce(0) { $0 + $1.elementCount }
+        let needed = configuration.parameterCount ?? Int.max
+        guard needed <= stored else {
+            throw SafetensorsError("\(origin): metadata '\(key)' describes \(needed) parameters, but the file's tensors hold only \(stored) values")
+        }
+        let embedding = "embed_tokens.weight"
+        if let info = file.tensors[embedding], info.shape != [configuration.vocabulary, configuration.dim] {
+            throw SafetensorsError("\(origin): tensor '\(embedding)' has shape \(info.shape), but metadata '\(key)' says vocabulary \(configuration.vocabulary) x dim \(configuration.dim)")
+        }
+        return configuration
+    }
+}
+
+/// Throws, naming the first tensor that holds a NaN or an infinity and where.
+public func checkFinite(_ tensors: [(name: String, value: Tensor)], origin: String) throws {
+    for (name, tensor) in tensors {
+        let values = tensor.pointer
+        for i in 0..<tensor.count where !values[i].isFinite {
+            throw SafetensorsError("\(origin): tensor '\(name)' holds a non-finite value (\(values[i])) at element \(i) of shape \(tensor.shape)")
+        }
+    }
+}
+
+/// At most the first 40 characters of `value` (a hostile file can hold any text).
+func excerpt(_ value: String) -> String {
+    value.count <= 40 ? value : value.prefix(40) + "... (\(value.count) characters)"
 }

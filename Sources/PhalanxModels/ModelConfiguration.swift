@@ -1,5 +1,6 @@
 import Foundation
 import PhalanxLayers
+import PhalanxRuntime
 import SWR
 
 /// The kind of token mixer of a block, as written in a layer pattern.
@@ -70,30 +71,115 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
         return (0..<depth).map { kinds[$0 % kinds.count] }
     }
 
-    /// Checks every constraint, with a message naming the field and what is allowed.
+    /// Checks every constraint, with a message naming the field and what is allowed, including
+    /// that the weights (with their gradients) fit this machine's memory.
     public func validate() throws {
-        func fail(_ message: String) -> ConfigurationError { ConfigurationError(message) }
-        guard vocabulary >= 2 else { throw fail("vocabulary must be at least 2, got \(vocabulary)") }
+        func fail(_ field: String, _ message: String) -> ConfigurationError { ConfigurationError(message, field: field) }
+        guard vocabulary >= 2 else { throw fail("vocabulary", "vocabulary must be at least 2, got \(vocabulary)") }
         let D = PhalanxLayer.headDim
-        guard dim >= D && dim % D == 0 else { throw fail("dim must be a positive multiple of \(D) (Phalanx heads of \(D)), got \(dim)") }
-        guard depth >= 1 else { throw fail("depth must be at least 1, got \(depth)") }
+        guard dim >= D && dim % D == 0 else { throw fail("dim", "dim must be a positive multiple of \(D) (Phalanx heads of \(D)), got \(dim)") }
+        guard depth >= 1 else { throw fail("depth", "depth must be at least 1, got \(depth)") }
         guard !pattern.isEmpty, pattern.allSatisfy({ MixerKind(rawValue: $0) != nil }) else {
-            throw fail("pattern must be a non-empty string of P (Phalanx), S (sliding-window attention) and A (attention), got '\(pattern)'")
+            throw fail("pattern", "pattern must be a non-empty string of P (Phalanx), S (sliding-window attention) and A (attention), got '\(pattern)'")
         }
         guard attentionHeads >= 1, attentionKVHeads >= 1, attentionHeads % attentionKVHeads == 0 else {
-            throw fail("attention heads (\(attentionHeads)) must be a positive multiple of its key/value heads (\(attentionKVHeads))")
+            throw fail("attentionHeads", "attention heads (\(attentionHeads)) must be a positive multiple of its key/value heads (\(attentionKVHeads))")
         }
         guard attentionHeadDim >= 2 && attentionHeadDim % 2 == 0 else {
-            throw fail("attention head width must be even (rotary embedding pairs), got \(attentionHeadDim)")
+            throw fail("attentionHeadDim", "attention head width must be even (rotary embedding pairs), got \(attentionHeadDim)")
         }
-        guard window >= 1 else { throw fail("window must be at least 1, got \(window)") }
-        guard mlpHidden >= 1 else { throw fail("mlpHidden must be at least 1, got \(mlpHidden)") }
+        guard window >= 1 else { throw fail("window", "window must be at least 1, got \(window)") }
+        guard mlpHidden >= 1 else { throw fail("mlpHidden", "mlpHidden must be at least 1, got \(mlpHidden)") }
         guard phalanxKVHeads >= 1, (dim / D) % phalanxKVHeads == 0 else {
-            throw fail("Phalanx key/value heads must divide the \(dim / D) heads, got \(phalanxKVHeads)")
+            throw fail("phalanxKVHeads", "Phalanx key/value heads must divide the \(dim / D) heads, got \(phalanxKVHeads)")
         }
-        guard blockLength >= 1 else { throw fail("blockLength must be at least 1, got \(blockLength)") }
-        guard blocksSeen == 1 || blocksSeen == 2 else { throw fail("blocksSeen (k) must be 1 or 2, got \(blocksSeen)") }
-        guard gateScale > 0 && gateScale <= 1 else { throw fail("gateScale must be in (0, 1], got \(gateScale)") }
+        guard blockLength >= 1 else { throw fail("blockLength", "blockLength must be at least 1, got \(blockLength)") }
+        guard blocksSeen == 1 || blocksSeen == 2 else { throw fail("blocksSeen", "blocksSeen (k) must be 1 or 2, got \(blocksSeen)") }
+        guard gateScale > 0 && gateScale <= 1 else { throw fail("gateScale", "gateScale must be in (0, 1], got \(gateScale)") }
+        guard ropeBase > 1 && ropeBase.isFinite else { throw fail("ropeBase", "ropeBase must be finite and above 1, got \(ropeBase)") }
+        guard vocabulary <= Int(Int32.max) else { throw fail("vocabulary", "vocabulary must fit Int32 token ids (at most \(Int32.max)), got \(vocabulary)") }
+        guard window <= Self.maximumWindow else { throw fail("window", "window must be at most \(Self.maximumWindow), got \(window)") }
+        guard let count = parameterCount else {
+            throw fail("depth", "dim \(dim), depth \(depth), vocabulary \(vocabulary), mlpHidden \(mlpHidden) and the attention sizes describe more parameters than an Int counts")
+        }
+        let bytes = MemoryBudget.product(8, count)
+        guard MemoryBudget.fits(bytes) else {
+            throw fail("depth", "\(count) parameters need \(MemoryBudget.describe(bytes)) (weights and gradients), more than this machine's \(MemoryBudget.describe(MemoryBudget.physicalBytes)) of memory")
+        }
+    }
+
+    /// How many blocks of each mixer kind the pattern, tiled over `depth`, gives (computed
+    /// without listing the blocks, so that a hostile depth costs nothing).
+    public var blockCounts: [MixerKind: Int] {
+        let kinds = pattern.compactMap(MixerKind.init(rawValue:))
+        guard !kinds.isEmpty, depth > 0 else { return [:] }
+        var counts: [MixerKind: Int] = [:]
+        for (i, kind) in kinds.enumerated() {
+            counts[kind, default: 0] += depth / kinds.count + (i < depth % kinds.count ? 1 : 0)
+        }
+        return counts
+    }
+
+    /// The longest sliding window accepted (2^24 positions): far beyond any context a model is
+    /// trained at, and small enough that a decode ring of this many positions can be allocated.
+    public static let maximumWindow = 1 << 24
+
+    /// The number of weights a model of this configuration holds, computed without building it
+    /// (nil when it overflows `Int`); equal to `LanguageModel.parameterCount` (a test checks it):
+    ///
+    ///     vocabulary * dim (embedding)  +  dim (final norm)  +  vocabulary * dim (untied head)
+    ///     + per block: 2 dim (norms) + 3 dim mlpHidden (SwiGLU) + mixer, where the mixer is
+    ///         attention: 2 dim heads headDim + 2 dim kvHeads headDim (q, o; k, v)
+    ///         Phalanx:   dim P + (H + 2 D KVH) + dim^2,  P = 2 D KVH + D H + H (`PhalanxLayer.Columns`),
+    ///                    D = PhalanxLayer.headDim, H = dim / D, KVH = phalanxKVHeads
+    public var parameterCount: Int? {
+        typealias M = MemoryBudget
+        let D = PhalanxLayer.headDim, h = dim / D, kv = phalanxKVHeads
+        let attention = M.sum(M.product(2, dim, attentionHeads, attentionHeadDim), M.product(2, dim, attentionKVHeads, attentionHeadDim))
+        let phalanxWidth = M.sum(h, M.product(2 * D, kv), M.product(D, h))
+        let phalanx = M.sum(phalanxWidth.flatMap { M.product(dim, $0) }, M.sum(h, M.product(2 * D, kv)), M.product(dim, dim))
+        var total = M.sum(M.product(vocabulary, dim, tiedEmbedding ? 1 : 2), dim)
+        for (kind, blocks) in blockCounts {
+            let block = M.sum(M.product(2, dim), M.product(3, dim, mlpHidden), kind == .phalanx ? phalanx : attention)
+            total = M.sum(total, block.flatMap { M.product(blocks, $0) })
+        }
+        return total
+    }
+
+    /// Rough bytes one training step needs at `batch` x `length` tokens: weights, gradients and
+    /// the two AdamW moments (16 bytes per parameter), plus the activations kept for backward
+    /// (per token: the logits and their gradient, and about 12 dim + 3 mlpHidden floats per
+    /// block). Nil when it overflows `Int`. Used to refuse a run before it allocates.
+    public func trainingBytes(batch: Int, length: Int) -> Int? {
+        typealias M = MemoryBudget
+        let perToken = M.sum(M.product(2, vocabulary), M.product(depth, M.sum(M.product(12, dim), M.product(3, mlpHidden)) ?? -1))
+        return M.sum(parameterCount.flatMap { M.product(16, $0) },
+                     M.product(4, batch, length, perToken ?? -1))
+    }
+
+    /// Throws unless scoring or decoding `batch` sequences of `positions` tokens fits this
+    /// machine's memory (see `inferenceBytes`); the error's field is `batch`.
+    public func checkInference(batch: Int, positions: Int) throws {
+        let bytes = inferenceBytes(batch: batch, positions: positions)
+        guard MemoryBudget.fits(bytes) else {
+            throw ConfigurationError("\(batch) sequences of \(positions) positions need about \(MemoryBudget.describe(bytes)) with this model, more than this machine's \(MemoryBudget.describe(MemoryBudget.physicalBytes))", field: "batch")
+        }
+    }
+
+    /// Rough bytes to score or decode `batch` sequences of `positions` tokens: weights (4 bytes
+    /// each), the logits of one pass, every attention block's key/value cache (full attention
+    /// keeps every position, sliding-window attention a ring of `window` positions plus a margin)
+    /// and the activations of one pass. Nil when it overflows `Int`.
+    public func inferenceBytes(batch: Int, positions: Int) -> Int? {
+        typealias M = MemoryBudget
+        let kvRow = M.product(8, batch, attentionKVHeads, attentionHeadDim)
+        var total = M.sum(parameterCount.flatMap { M.product(4, $0) }, M.product(4, batch, positions, vocabulary),
+                          M.product(4, batch, positions, M.sum(M.product(12, dim), M.product(3, mlpHidden)) ?? -1))
+        for (kind, blocks) in blockCounts where kind != .phalanx {
+            let kept = kind == .attention ? positions : M.sum(window, 1024)
+            total = M.sum(total, kept.flatMap { k in kvRow.flatMap { M.product(blocks, k, $0) } })
+        }
+        return total
     }
 }
 
@@ -128,7 +214,12 @@ extension ModelConfiguration {
 /// A model configuration value out of range; the message names the field and what is allowed.
 public struct ConfigurationError: Error, CustomStringConvertible, Equatable {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    /// The `ModelConfiguration` property at fault, when one is (for the CLI to name its flag).
+    public let field: String?
+    public init(_ description: String, field: String? = nil) {
+        self.description = description
+        self.field = field
+    }
 }
 
 extension ModelConfiguration {

@@ -23,11 +23,16 @@ public struct TokenSampler: Sendable {
     }
 
     /// The sampled token index for one row of logits.
+    ///
+    /// Logits that are not finite (a NaN, an infinity) or weights that do not sum to a positive
+    /// finite number (an overflow at a tiny temperature) leave nothing to draw from: the most
+    /// likely finite logit is returned, as at temperature 0 (index 0 when none is finite).
     public mutating func sample(_ logits: UnsafeBufferPointer<Float>) -> Int32 {
         let n = logits.count
+        require(n >= 1, "TokenSampler.sample: no logits")
         var best = 0
-        for j in 1..<n where logits[j] > logits[best] { best = j }
-        if temperature <= 0 { return Int32(best) }
+        for j in 0..<n where logits[j].isFinite && (!logits[best].isFinite || logits[j] > logits[best]) { best = j }
+        if temperature <= 0 || !logits.allSatisfy(\.isFinite) { return Int32(best) }
         var order = Array(0..<n)
         order.sort { logits[$0] > logits[$1] }
         if topK > 0 { order = Array(order.prefix(topK)) }
@@ -46,6 +51,7 @@ public struct TokenSampler: Sendable {
             weights = Array(weights.prefix(keep))
         }
         let sum = weights.reduce(0, +)
+        guard sum > 0 && sum.isFinite else { return Int32(best) }
         var draw = Float.random(in: 0..<sum, using: &generator)
         for (i, w) in weights.enumerated() {
             draw -= w

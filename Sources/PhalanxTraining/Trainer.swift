@@ -5,7 +5,8 @@ import PhalanxLayers
 import PhalanxModels
 
 /// The training loop: sample, forward, loss, backward (accumulated), clip, AdamW step; evaluate
-/// and checkpoint at intervals; stop cleanly on request or on a non-finite loss.
+/// and checkpoint at intervals; stop cleanly on request, or on a non-finite loss or weights (never
+/// saving them).
 ///
 /// A run is fully determined by its checkpoint: weights, optimizer moments, step, sampler state.
 /// Resuming from a checkpoint therefore reproduces the uninterrupted run's losses exactly.
@@ -31,13 +32,23 @@ public final class Trainer {
         case finished
         /// Stopped on request after `step`; a checkpoint was written.
         case interrupted(step: Int)
-        /// The loss became non-finite at `step`; the last good checkpoint was kept.
-        case diverged(step: Int, loss: Float)
+        /// At `step` the loss (`loss`) or the weights after the update became non-finite; nothing
+        /// of that step was saved, so the checkpoint of `checkpointStep` is the run's latest and
+        /// good one (nil: none was ever written).
+        case diverged(step: Int, loss: Float, checkpointStep: Int?)
     }
 
-    public init(model: LanguageModel, optimizer: AdamW, state: TrainingState, data: TokenFile, runFolder: URL) throws {
+    /// The step of the run folder's checkpoint: the one this trainer resumed from, then each one
+    /// it writes; nil while the run has none.
+    public private(set) var checkpointStep: Int?
+
+    /// - Parameter checkpointStep: the step of the checkpoint `state` was loaded from (nil for a
+    ///   new run).
+    public init(model: LanguageModel, optimizer: AdamW, state: TrainingState, data: TokenFile, runFolder: URL,
+                checkpointStep: Int? = nil) throws {
         try state.configuration.validate()
         let c = state.configuration
+        try c.checkMemory(for: model.configuration)
         guard data.vocabularySize <= model.configuration.vocabulary else {
             throw TrainingError("the token file's vocabulary (\(data.vocabularySize)) exceeds the model's (\(model.configuration.vocabulary))")
         }
@@ -49,6 +60,7 @@ public final class Trainer {
         self.state = state
         self.data = data
         self.runFolder = runFolder
+        self.checkpointStep = checkpointStep
     }
 
     /// Runs until the configured step count, a stop request, or divergence.
@@ -66,21 +78,26 @@ public final class Trainer {
         var runStart = clock.now
         let elapsedBefore = state.elapsedSeconds
         var tokensThisRun = 0
+        var sampler = BatchSampler(batchSize: c.batchSize, contextLength: c.contextLength, generator: state.sampler.generator)
         while state.step < c.steps {
             model.zeroGradients()
             var loss: Float = 0
             for micro in 0..<c.accumulation {
-                let batch = state.sampler.next(from: data.train)
-                let dropout = c.dropout.flatMap { $0 > 0 ? Dropout(rate: $0, seed: c.seed, step: state.step, microBatch: micro) : nil }
+                let batch = sampler.next(from: data.train)
+                state.sampler.generator = sampler.generator
+                let dropout = c.dropoutRate > 0 ? Dropout(rate: c.dropoutRate, seed: c.seed, step: state.step, microBatch: micro) : nil
                 let cache = model.forward(tokens: batch.inputs, batch: batch.batchSize, length: batch.contextLength,
                                           dropout: dropout)
                 loss += model.loss(cache, targets: batch.targets, gradientScale: 1 / Float(c.accumulation)) / Float(c.accumulation)
                 model.backward(cache)
             }
-            guard loss.isFinite else { return .diverged(step: state.step + 1, loss: loss) }
+            guard loss.isFinite else { return .diverged(step: state.step + 1, loss: loss, checkpointStep: checkpointStep) }
             let norm = clipGradients(parameters, maxNorm: c.gradientClip)
             let learningRate = schedule(state.step)
             optimizer.update(learningRate: learningRate)
+            guard parameters.allSatisfy({ $0.value.readOnly.allSatisfy(\.isFinite) }) else {
+                return .diverged(step: state.step + 1, loss: loss, checkpointStep: checkpointStep)
+            }
             state.step += 1
             state.tokensSeen += c.tokensPerStep
             tokensThisRun += c.tokensPerStep
@@ -90,7 +107,7 @@ public final class Trainer {
             let rate = Double(tokensThisRun) / max(elapsedRun, 1e-9)
             onStep(StepReport(step: state.step, totalSteps: c.steps, loss: loss, learningRate: learningRate,
                               gradientNorm: norm, tokensPerSecond: rate, elapsed: state.elapsedSeconds,
-                              remaining: Double((c.steps - state.step) * c.tokensPerStep) / max(rate, 1e-9)))
+                              remaining: Double(c.steps - state.step) * Double(c.tokensPerStep) / max(rate, 1e-9)))
             let last = state.step == c.steps
             if last || (c.evaluationInterval > 0 && state.step % c.evaluationInterval == 0) {
                 let pause = clock.now
@@ -119,6 +136,7 @@ public final class Trainer {
     /// Writes the checkpoint and the loss plot (both atomically).
     public func saveCheckpoint() throws {
         try TrainingCheckpoint.save(model: model, optimizer: optimizer, state: state, to: checkpointURL)
+        checkpointStep = state.step
         let svg = LossPlot.svg(train: state.trainLosses.map { ($0.step, $0.loss) },
                                validation: state.validationLosses.map { ($0.step, $0.loss) },
                                title: "\(model.configuration.pattern) x \(model.configuration.depth), dim \(model.configuration.dim)")

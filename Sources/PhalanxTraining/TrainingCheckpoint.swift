@@ -3,6 +3,7 @@ import Foundation
 import PhalanxLayers
 import PhalanxData
 import PhalanxModels
+import PhalanxRuntime
 
 /// Everything a training run needs to continue exactly where it stopped, besides the weights
 /// and the optimizer moments (which are tensors in the same file).
@@ -12,9 +13,9 @@ public struct TrainingState: Codable, Sendable {
     public var step = 0
     public var tokensSeen = 0
     public var elapsedSeconds = 0.0
-    /// The data sampler with its generator state: the next batch after a resume is the one the
-    /// uninterrupted run would have drawn.
-    public var sampler: BatchSampler
+    /// Where the data sampler's stream stands: the next batch after a resume is the one the
+    /// uninterrupted run would have drawn. (The batch shape is the configuration's.)
+    public var sampler: SamplerPosition
     public var trainLosses: [LossPoint] = []
     public var validationLosses: [LossPoint] = []
     /// Where the token file came from, for `inspect` and for a resume without `--data`.
@@ -24,15 +25,24 @@ public struct TrainingState: Codable, Sendable {
     /// The model's initialisation seed (reported by `inspect`).
     public var modelSeed: UInt64
 
-    /// The state of a run that has not taken a step yet.
-    public init(configuration: TrainingConfiguration, sampler: BatchSampler, dataPath: String, tokenizer: Data, modelSeed: UInt64) {
+    /// The state of a run that has not taken a step yet; its batches are drawn from a generator
+    /// seeded with `samplerSeed`.
+    public init(configuration: TrainingConfiguration, samplerSeed: UInt64, dataPath: String, tokenizer: Data, modelSeed: UInt64) {
         self.configuration = configuration
-        self.sampler = sampler
+        sampler = SamplerPosition(generator: SeededGenerator(seed: samplerSeed))
         self.dataPath = dataPath
         self.tokenizer = tokenizer
         self.modelSeed = modelSeed
     }
 
+    /// The batch sampler's generator state (stored under `sampler`, as `BatchSampler` encodes
+    /// it, so checkpoints of either shape load).
+    public struct SamplerPosition: Codable, Sendable, Equatable {
+        /// The generator the next batch's starts are drawn from.
+        public var generator: SeededGenerator
+    }
+
+    /// One point of a loss curve.
     public struct LossPoint: Codable, Sendable, Equatable {
         public var step: Int
         public var loss: Float
@@ -61,12 +71,25 @@ public enum TrainingCheckpoint {
 
     /// Reads a checkpoint back: the model, an optimizer with its moments and step, the state.
     public static func load(from url: URL) throws -> (model: LanguageModel, optimizer: AdamW, state: TrainingState) {
-        let file = try SafetensorsFile(contentsOf: url)
-        let model = try LanguageModel.load(from: file, origin: url.path)
-        guard let json = file.metadata[trainingKey],
-              let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
-              let step = file.metadata[optimizerStepKey].flatMap(Int.init) else {
-            throw SafetensorsError("\(url.path): the training state in the metadata is missing or unreadable (a weights-only file cannot be resumed)")
+        try load(from: try SafetensorsFile(contentsOf: url), origin: url.path)
+    }
+
+    /// Reads a checkpoint image (for example one held in memory); `origin` names it in errors.
+    ///
+    /// Everything is checked before the model is built (see `LanguageModel.load`): the training
+    /// state must be readable and in range (a valid configuration whose step fits in memory,
+    /// `0 <= step <= steps`, at most `step x tokensPerStep` tokens seen, a finite non-negative
+    /// elapsed time, an optimizer step equal to the state's), and no weight or optimizer moment
+    /// may be NaN or infinite.
+    public static func load(from file: SafetensorsFile, origin: String) throws
+        -> (model: LanguageModel, optimizer: AdamW, state: TrainingState) {
+        try LanguageModel.checkFormat(of: file, origin: origin)
+        let state = try storedState(file, origin: origin)
+        let model = try LanguageModel.load(from: file, origin: origin)
+        do {
+            try state.configuration.checkMemory(for: model.configuration)
+        } catch {
+            throw SafetensorsError("\(origin): metadata '\(trainingKey)': \(error)")
         }
         let optimizer = AdamW(model.parameters, hyperparameters: state.configuration.optimizer)
         for (i, p) in optimizer.parameters.enumerated() {
@@ -75,7 +98,43 @@ public enum TrainingCheckpoint {
             _ = optimizer.firstMoments[i].buffer.update(fromContentsOf: m)
             _ = optimizer.secondMoments[i].buffer.update(fromContentsOf: v)
         }
-        optimizer.step = step
+        try checkFinite(optimizer.parameters.enumerated().flatMap { i, p in
+            [("optimizer.m.\(p.name)", optimizer.firstMoments[i]), ("optimizer.v.\(p.name)", optimizer.secondMoments[i])]
+        }, origin: origin)
+        optimizer.step = state.step
         return (model, optimizer, state)
+    }
+
+    /// The training state in the metadata, checked value by value.
+    static func storedState(_ file: SafetensorsFile, origin: String) throws -> TrainingState {
+        func fail(_ message: String) -> SafetensorsError { SafetensorsError("\(origin): metadata '\(trainingKey)': \(message)") }
+        guard let json = file.metadata[trainingKey] else {
+            throw SafetensorsError("\(origin): metadata '\(trainingKey)' is missing (a weights-only file cannot be resumed)")
+        }
+        let state: TrainingState
+        do {
+            state = try JSONDecoder().decode(TrainingState.self, from: Data(json.utf8))
+        } catch {
+            throw fail("unreadable (\(error))")
+        }
+        do {
+            try state.configuration.validate()
+        } catch {
+            throw fail("\(error)")
+        }
+        guard (0...state.configuration.steps).contains(state.step) else {
+            throw fail("step \(state.step) is outside 0...\(state.configuration.steps) (the run's steps)")
+        }
+        let tokens = state.step * state.configuration.tokensPerStep
+        guard (0...tokens).contains(state.tokensSeen) else {
+            throw fail("tokensSeen \(state.tokensSeen) is outside 0...\(tokens) (step x tokens per step)")
+        }
+        guard state.elapsedSeconds.isFinite && state.elapsedSeconds >= 0 else {
+            throw fail("elapsedSeconds \(state.elapsedSeconds) is not a finite, non-negative time")
+        }
+        guard let step = file.metadata[optimizerStepKey].flatMap(Int.init), step == state.step else {
+            throw SafetensorsError("\(origin): metadata '\(optimizerStepKey)' is \(file.metadata[optimizerStepKey] ?? "missing"), expected the state's step \(state.step)")
+        }
+        return state
     }
 }

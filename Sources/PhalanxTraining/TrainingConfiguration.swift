@@ -1,3 +1,6 @@
+import PhalanxModels
+import PhalanxRuntime
+
 /// How a model is trained. Stored in every checkpoint, so a resume needs no flags.
 public struct TrainingConfiguration: Codable, Hashable, Sendable {
     /// Optimizer steps in the whole run (the schedule's length).
@@ -28,7 +31,7 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
     /// Seeds the data order and the dropout masks (the model's initialisation has its own seed).
     public var seed: UInt64 = 1
     /// Residual dropout rate of every block's mixer and MLP output (`Dropout`); nil or 0: none.
-    /// Optional so that checkpoints written before it existed still load.
+    /// Optional so that checkpoints written before it existed still load; read `dropoutRate`.
     public var dropout: Float?
 
     public init() {}
@@ -49,28 +52,60 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
         return h
     }
 
-    /// Checks every value, naming the option and what is allowed.
+    /// Checks every value, naming the field (its Swift name, in `TrainingError.field`) and the
+    /// allowed range. Products the run computes (tokens per step, all its tokens, validation
+    /// windows) must fit `Int`.
     public func validate() throws {
-        func check(_ condition: Bool, _ message: String) throws {
-            if !condition { throw TrainingError(message) }
+        func check(_ condition: Bool, _ field: String, _ range: String, _ value: Any) throws {
+            if !condition { throw TrainingError("\(field) must be \(range), got \(value)", field: field) }
         }
-        try check(steps >= 1, "steps must be at least 1, got \(steps)")
-        try check(batchSize >= 1, "batch size must be at least 1, got \(batchSize)")
-        try check(contextLength >= 1, "context length must be at least 1, got \(contextLength)")
-        try check(accumulation >= 1, "gradient accumulation must be at least 1, got \(accumulation)")
-        try check(peakLearningRate > 0 && peakLearningRate.isFinite, "learning rate must be positive, got \(peakLearningRate)")
-        try check(warmupSteps >= 0, "warm-up steps must not be negative, got \(warmupSteps)")
-        try check((0...1).contains(finalLearningRateFraction), "final learning-rate fraction must be in [0, 1], got \(finalLearningRateFraction)")
-        try check(weightDecay >= 0, "weight decay must not be negative, got \(weightDecay)")
-        try check((0..<1).contains(beta1) && (0..<1).contains(beta2), "Adam betas must be in [0, 1), got \(beta1), \(beta2)")
-        try check(gradientClip >= 0, "gradient clip must not be negative, got \(gradientClip)")
-        try check(evaluationInterval >= 0 && checkpointInterval >= 0, "intervals must not be negative")
-        try check((0..<1).contains(dropout ?? 0), "dropout must be in [0, 1), got \(dropout ?? 0)")
-        try check(evaluationBatches >= 1, "evaluation batches must be at least 1, got \(evaluationBatches)")
+        try check(steps >= 1, "steps", "at least 1", steps)
+        try check(batchSize >= 1, "batchSize", "at least 1", batchSize)
+        try check(contextLength >= 1, "contextLength", "at least 1", contextLength)
+        try check(accumulation >= 1, "accumulation", "at least 1", accumulation)
+        // A product that overflows is blamed on its largest factor.
+        func checkProduct(_ factors: KeyValuePairs<String, Int>) throws {
+            guard MemoryBudget.product(factors.map(\.value)) == nil else { return }
+            let field = factors.max { $0.value < $1.value }!.key
+            try check(false, field, "small enough that \(factors.map(\.key).joined(separator: " x ")) fits Int",
+                      factors.map { "\($0.value)" }.joined(separator: " x "))
+        }
+        try checkProduct(["steps": steps, "batchSize": batchSize, "contextLength": contextLength, "accumulation": accumulation])
+        try check(peakLearningRate > 0 && peakLearningRate.isFinite, "peakLearningRate", "positive and finite", peakLearningRate)
+        try check(warmupSteps >= 0, "warmupSteps", "at least 0", warmupSteps)
+        try check((0...1).contains(finalLearningRateFraction), "finalLearningRateFraction", "in [0, 1]", finalLearningRateFraction)
+        try check(weightDecay >= 0 && weightDecay.isFinite, "weightDecay", "finite and at least 0", weightDecay)
+        try check((0..<1).contains(beta1), "beta1", "in [0, 1)", beta1)
+        try check((0..<1).contains(beta2), "beta2", "in [0, 1)", beta2)
+        try check(gradientClip >= 0 && gradientClip.isFinite, "gradientClip", "finite and at least 0 (0: off)", gradientClip)
+        try check(evaluationInterval >= 0, "evaluationInterval", "at least 0 (0: only at the end)", evaluationInterval)
+        try check(checkpointInterval >= 0, "checkpointInterval", "at least 0 (0: only at the end)", checkpointInterval)
+        try check(evaluationBatches >= 1, "evaluationBatches", "at least 1", evaluationBatches)
+        try checkProduct(["evaluationBatches": evaluationBatches, "batchSize": batchSize])
+        try check((0..<1).contains(dropoutRate), "dropout", "in [0, 1) (0: none)", dropoutRate)
+    }
+
+    /// The residual dropout rate, 0 when none is stored (the one place that reads `dropout`).
+    public var dropoutRate: Float { dropout ?? 0 }
+
+    /// Checks that a step of this run fits in memory with `model` (see
+    /// `ModelConfiguration.trainingBytes`), naming `batchSize` when it does not.
+    public func checkMemory(for model: ModelConfiguration) throws {
+        let bytes = model.trainingBytes(batch: batchSize, length: contextLength)
+        guard MemoryBudget.fits(bytes) else {
+            throw TrainingError("batchSize \(batchSize) x contextLength \(contextLength) needs about \(MemoryBudget.describe(bytes)) per step with this model, more than this machine's \(MemoryBudget.describe(MemoryBudget.physicalBytes))", field: "batchSize")
+        }
     }
 }
 
+/// A training run's configuration or state is unusable; `field` names the
+/// `TrainingConfiguration` property at fault, when one is.
 public struct TrainingError: Error, CustomStringConvertible, Equatable {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    /// The `TrainingConfiguration` property the message is about (for the CLI to name its flag).
+    public let field: String?
+    public init(_ description: String, field: String? = nil) {
+        self.description = description
+        self.field = field
+    }
 }

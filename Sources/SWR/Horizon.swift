@@ -29,17 +29,40 @@ public struct Horizon: Sendable, Equatable {
         self.eps = eps
     }
 
-    /// Tail weight beyond distance `k`: `rho^(k+1) / (1 - rho)`.
-    public func tail(beyond k: Int) -> Double { pow(rho, Double(k + 1)) / (1 - rho) }
+    /// Tail weight beyond distance `k`: `rho^(k+1) / (1 - rho)` (any `k >= 0`, `Int.max` included).
+    public func tail(beyond k: Int) -> Double { pow(rho, Double(k) + 1) / (1 - rho) }
 
     /// The smallest distance `k >= 0` whose tail is below `eps`.
+    ///
+    /// The closed form is evaluated in logarithms (`log eps + log1p(-rho)`), which stay finite for
+    /// every valid `eps`, even a subnormal one, and give at most about `7e18` (for the largest
+    /// `rho` below 1), so the estimate always fits `Int`. Rounding can put it a few positions
+    /// off; the exact answer is then found by a galloping search and bisection on the
+    /// (monotone) tail, in `O(log)` evaluations rather than a walk.
     public var distance: Int {
         if rho == 0 { return 0 }
-        var k = max(Int((log(eps * (1 - rho)) / log(rho)).rounded(.up)) - 1, 0)
-        // Guard the closed form against rounding at exact powers.
-        while k > 0 && tail(beyond: k - 1) < eps { k -= 1 }
-        while tail(beyond: k) >= eps { k += 1 }
-        return k
+        let estimate = ((log(eps) + log1p(-rho)) / log(rho)).rounded(.up) - 1
+        let guess = Int(Swift.min(Swift.max(estimate, 0), Double(Int.max / 2)))
+        // Invariant: tail(beyond: high) < eps, and low == -1 or tail(beyond: low) >= eps.
+        var low = -1, high = guess, step = 1
+        while tail(beyond: high) >= eps {
+            low = high
+            high = high > Int.max - step ? Int.max : high + step
+            step = step > Int.max / 2 ? step : step * 2
+        }
+        step = 1
+        while low == -1 && high > 0 {
+            let probe = Swift.max(high - step, 0)
+            if tail(beyond: probe) < eps { high = probe } else { low = probe }
+            if probe == 0 { break }
+            step = step > Int.max / 2 ? step : step * 2
+        }
+        if low == -1 { return high }
+        while high - low > 1 {
+            let middle = low + (high - low) / 2
+            if tail(beyond: middle) < eps { high = middle } else { low = middle }
+        }
+        return high
     }
 
     /// Worst-case truncation error of a jagged window (k = 2) with block length `l`, at a block's
@@ -47,7 +70,7 @@ public struct Horizon: Sendable, Equatable {
     public func jaggedError(blockLength l: Int) -> Double { tail(beyond: l) }
 
     /// Truncation error bound at offset `o` inside a block: `rho^(l+1+o) / (1 - rho)`.
-    public func jaggedError(blockLength l: Int, offset o: Int) -> Double { tail(beyond: l + o) }
+    public func jaggedError(blockLength l: Int, offset o: Int) -> Double { pow(rho, Double(l) + Double(o) + 1) / (1 - rho) }
 
     /// The shortest block length whose jagged window stays below `eps` everywhere (= `distance`).
     public var minimumBlockLength: Int { max(distance, 1) }

@@ -16,8 +16,9 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "Windows per forward pass.") var batchSize = 8
 
     func validate() throws {
-        guard contexts.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--contexts must be positive; got \(contexts).") }
-        guard windows >= 0, batchSize >= 1 else { throw ValidationError("--windows must be >= 0 and --batch-size >= 1.") }
+        guard !contexts.isEmpty, contexts.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--contexts must be at least 1 each; got \(contexts).") }
+        guard windows >= 0 else { throw ValidationError("--windows must be at least 0 (0: the whole split); got \(windows).") }
+        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1; got \(batchSize).") }
     }
 
     func run() throws {
@@ -31,6 +32,13 @@ struct EvalCommand: ParsableCommand {
         } else {
             split = try TokenFile(contentsOf: URL(fileURLWithPath: state.dataPath)).validation
         }
+        for context in contexts {
+            do {
+                try model.configuration.checkInference(batch: batchSize, positions: context)
+            } catch {
+                throw ValidationError("--batch-size \(batchSize) x --contexts \(context): \(error)")
+            }
+        }
         print("checkpoint: step \(state.step), \(model.configuration.pattern) x \(model.configuration.depth), \(split.count) tokens to score")
         print("  context   windows   loss (nats/token)   perplexity   bits/byte")
         for context in contexts {
@@ -39,6 +47,9 @@ struct EvalCommand: ParsableCommand {
             guard result.tokens > 0 else {
                 print(String(format: "  %7d   (the text is shorter than one window)", context))
                 continue
+            }
+            guard result.loss.isFinite else {
+                throw ValidationError("the loss at context \(context) is \(result.loss): the model's outputs overflow on this text")
             }
             print(String(format: "  %7d   %7d   %17.4f   %10.3f   %9.4f", context, result.tokens / context, result.loss,
                          result.perplexity, result.bitsPerByte))

@@ -27,7 +27,7 @@ struct GenerateCommand: ParsableCommand {
     func validate() throws {
         guard prompt == nil || promptFile == nil else { throw ValidationError("give --prompt or --prompt-file, not both.") }
         guard maxTokens >= 1 else { throw ValidationError("--max-tokens must be at least 1; got \(maxTokens).") }
-        guard temperature >= 0 else { throw ValidationError("--temperature must not be negative; got \(temperature).") }
+        guard temperature >= 0 && temperature.isFinite else { throw ValidationError("--temperature must be finite and at least 0 (0: greedy); got \(temperature).") }
         guard topK >= 0 else { throw ValidationError("--top-k must not be negative; got \(topK).") }
         guard topP > 0 && topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]; got \(topP).") }
     }
@@ -36,12 +36,18 @@ struct GenerateCommand: ParsableCommand {
         let (model, _, state) = try TrainingCheckpoint.load(from: URL(fileURLWithPath: checkpoint))
         let tokenizer = try loadTokenizer(from: state.tokenizer, origin: checkpoint)
         let text = try promptFile.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? prompt ?? "\n"
+        let promptTokens = tokenizer.encode(text)
+        do {
+            try model.configuration.checkInference(batch: 1, positions: promptTokens.count + min(maxTokens, Int.max - promptTokens.count))
+        } catch {
+            throw ValidationError("--max-tokens \(maxTokens) after a prompt of \(promptTokens.count) tokens: \(error)")
+        }
         var sampler = TokenSampler(temperature: temperature, topK: topK, topP: topP, seed: seed)
         var decoder = StreamingDecoder(tokenizer: tokenizer)
         var generated = ""
         print(text, terminator: "")
         fflush(nil)
-        _ = model.generate(prompt: tokenizer.encode(text), maxTokens: maxTokens, sampler: &sampler) { token in
+        _ = model.generate(prompt: promptTokens, maxTokens: maxTokens, sampler: &sampler) { token in
             let piece = decoder.append(token)
             print(piece, terminator: "")
             fflush(nil)

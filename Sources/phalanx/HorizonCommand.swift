@@ -36,7 +36,7 @@ struct HorizonCommand: ParsableCommand {
           (tail there: \(String(format: "%.3g", h.tail(beyond: h.distance)))).
 
         Jagged window with block length \(blockLength) (k = 2, as in Phalanx):
-          each position sees its own block and the whole previous one, at least \(blockLength + 1) positions.
+          each position sees its own block and the whole previous one, at least \(UInt(blockLength) + 1) positions.
           Worst-case truncation error (at a block's first position): rho^(l+1) / (1 - rho) = \(String(format: "%.3g", error)).
           \(error < eps
             ? "That is below eps: for such gates the jagged window loses nothing that matters."

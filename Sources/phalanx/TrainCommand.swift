@@ -1,5 +1,5 @@
 import ArgumentParser
-import Dispatch
+import Checkpoint
 import Foundation
 import PhalanxData
 import PhalanxModels
@@ -7,8 +7,13 @@ import PhalanxRuntime
 import PhalanxTraining
 import Synchronization
 
-/// Set by the SIGINT handler, read by the training loop after each step.
+/// Set by the SIGINT/SIGTERM handler; read by the preparation watcher, then by the loop after each step.
 private let interruptRequested = Atomic<Bool>(false)
+/// Whether the training loop runs (before it, an interrupt cleans up and exits at once).
+private let trainingStarted = Atomic<Bool>(false)
+
+/// The library's defaults: every flag's default is the value the library would use.
+private let defaults = TrainingConfiguration()
 
 struct TrainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -19,7 +24,9 @@ struct TrainCommand: ParsableCommand {
         scripts/fetch-corpus). The text is tokenized once into a token file beside the run \
         (90% train, the last 10% of each file validation). Every --checkpoint-every steps, at the \
         end, and on Ctrl-C, the run folder receives checkpoint.safetensors (weights, optimizer, \
-        data position: --resume continues bit for bit) and loss.svg.
+        data position: --resume continues bit for bit) and loss.svg. Every option is checked \
+        before the run folder is touched; a folder holding a checkpoint is only continued \
+        (--resume) or replaced (--overwrite).
         """)
 
     @Option(help: "Text files to train on (repeat for several). Default: data/shakespeare.txt.")
@@ -35,52 +42,133 @@ struct TrainCommand: ParsableCommand {
     var pattern: String?
 
     @Option(help: "Override the preset's depth.") var depth: Int?
-    @Option(help: "Sliding-window attention window.") var window: Int?
+    @Option(help: "Sliding-window attention window, in 1...\(ModelConfiguration.maximumWindow).") var window: Int?
     @Option(help: "Scale on Phalanx gates, in (0, 1].") var gateScale: Float?
 
     @Option(help: "Tokenizer: byte (default) or bpe.") var tokenizer = "byte"
-    @Option(help: "Vocabulary size of a trained BPE tokenizer.") var vocabulary = 512
+    @Option(help: "Vocabulary size of a trained BPE tokenizer, in \(TrainingRun.TokenizerChoice.bpeVocabularies).") var vocabulary = 512
 
-    @Option(help: "Optimizer steps (the default takes about ten minutes on 2 cores).") var steps = 2000
-    @Option(help: "Sequences per micro-batch.") var batchSize = 16
-    @Option(help: "Context length in tokens.") var context = 256
-    @Option(help: "Micro-batches per optimizer step (gradient accumulation).") var accumulation = 1
-    @Option(help: "Peak learning rate.") var learningRate: Float = 2e-3
-    @Option(help: "Warm-up steps.") var warmup = 100
-    @Option(help: "Weight decay (matrices only unless --decay-all).") var weightDecay: Float = 0.1
+    @Option(help: "Optimizer steps (default \(defaults.steps); about ten minutes on 2 cores). With --resume, a larger count extends the run.")
+    var steps: Int?
+    @Option(help: "Sequences per micro-batch.") var batchSize = defaults.batchSize
+    @Option(help: "Context length in tokens.") var context = defaults.contextLength
+    @Option(help: "Micro-batches per optimizer step (gradient accumulation).") var accumulation = defaults.accumulation
+    @Option(help: "Peak learning rate.") var learningRate = defaults.peakLearningRate
+    @Option(help: "Warm-up steps.") var warmup = defaults.warmupSteps
+    @Option(help: "Weight decay (matrices only unless --decay-all).") var weightDecay = defaults.weightDecay
     @Flag(help: "Apply weight decay to norms, biases and embeddings too.") var decayAll = false
-    @Option(help: "Residual dropout on every block's mixer and MLP output, in [0, 1) (0: none).") var dropout: Float = 0
-    @Option(help: "Global gradient-norm clip (0: off).") var clip: Float = 1
-    @Option(help: "Steps between validation evaluations.") var evalEvery = 200
-    @Option(help: "Validation batches per evaluation.") var evalBatches = 8
-    @Option(help: "Steps between checkpoints.") var checkpointEvery = 500
+    @Option(help: "Residual dropout on every block's mixer and MLP output, in [0, 1) (0: none).") var dropout = defaults.dropoutRate
+    @Option(help: "Global gradient-norm clip (0: off).") var clip = defaults.gradientClip
+    @Option(help: "Steps between validation evaluations (0: only at the end).") var evalEvery = defaults.evaluationInterval
+    @Option(help: "Validation batches per evaluation.") var evalBatches = defaults.evaluationBatches
+    @Option(help: "Steps between checkpoints (0: only at the end and on Ctrl-C).") var checkpointEvery = defaults.checkpointInterval
     @Option(help: "Seed for initialisation and data order.") var seed: UInt64 = 1
 
-    @Flag(help: "Continue the run in --run from its checkpoint (its configuration wins).")
+    @Flag(help: "Continue the run in --run from its checkpoint (its configuration wins; --steps may extend it).")
     var resume = false
+
+    @Flag(help: "Start a new run in a --run folder that already holds a checkpoint, replacing it.")
+    var overwrite = false
 
     @Option(help: "Characters of text to generate at the end (0: none).")
     var sample = 300
 
+    /// The flag of each library field, for error messages.
+    private static let flags = [
+        "steps": "--steps", "batchSize": "--batch-size", "contextLength": "--context", "accumulation": "--accumulation",
+        "peakLearningRate": "--learning-rate", "warmupSteps": "--warmup", "weightDecay": "--weight-decay",
+        "gradientClip": "--clip", "evaluationInterval": "--eval-every", "evaluationBatches": "--eval-batches",
+        "checkpointInterval": "--checkpoint-every", "dropout": "--dropout", "vocabulary": "--vocabulary", "data": "--data",
+        "pattern": "--pattern", "depth": "--depth", "window": "--window", "gateScale": "--gate-scale",
+        "overwrite": "--resume or --overwrite", "resume": "--resume",
+    ]
+
+    /// `error` with the flag of the field it names.
+    private func flagError(_ error: TrainingError) -> ValidationError {
+        let flag = error.field.flatMap { Self.flags[$0] } ?? "--preset"
+        return ValidationError("\(flag): \(error.description)")
+    }
+
+    /// The new run the flags describe.
+    private func plan() throws -> TrainingRun.Plan {
+        var model = try ModelConfiguration.preset(preset)
+        if let pattern { model.pattern = pattern }
+        if let depth { model.depth = depth }
+        if let window { model.window = window }
+        if let gateScale { model.gateScale = gateScale }
+        var training = TrainingConfiguration()
+        training.steps = steps ?? defaults.steps
+        training.batchSize = batchSize
+        training.contextLength = context
+        training.accumulation = accumulation
+        training.peakLearningRate = learningRate
+        training.warmupSteps = warmup
+        training.weightDecay = weightDecay
+        training.decayAll = decayAll
+        training.dropout = dropout
+        training.gradientClip = clip
+        training.evaluationInterval = evalEvery
+        training.evaluationBatches = evalBatches
+        training.checkpointInterval = checkpointEvery
+        training.seed = seed
+        let files = data.isEmpty ? ["data/shakespeare.txt"] : data
+        for file in files where !FileManager.default.fileExists(atPath: file) {
+            throw ValidationError(file == "data/shakespeare.txt"
+                ? "the default corpus data/shakespeare.txt is missing: run scripts/fetch-corpus, or pass --data FILE"
+                : "--data: no such file: \(file)")
+        }
+        return TrainingRun.Plan(model: model, training: training, files: files.map { URL(fileURLWithPath: $0) },
+                                tokenizer: tokenizer == "bpe" ? .bpe(vocabulary: vocabulary) : .byte, seed: seed,
+                                overwrite: overwrite)
+    }
+
     func validate() throws {
-        guard steps >= 1, batchSize >= 1, context >= 1, accumulation >= 1 else {
-            throw ValidationError("--steps, --batch-size, --context and --accumulation must be at least 1.")
-        }
-        guard learningRate > 0 else { throw ValidationError("--learning-rate must be positive; got \(learningRate).") }
         guard ["byte", "bpe"].contains(tokenizer) else { throw ValidationError("--tokenizer must be byte or bpe; got \(tokenizer).") }
-        guard tokenizer == "byte" || (257...65536).contains(vocabulary) else {
-            throw ValidationError("--vocabulary for bpe must be in 257...65536; got \(vocabulary).")
+        guard sample >= 0 else { throw ValidationError("--sample must be at least 0; got \(sample).") }
+        guard !(resume && overwrite) else { throw ValidationError("--resume continues a run and --overwrite replaces it: give one.") }
+        if resume {
+            if let steps, steps < 1 { throw ValidationError("--steps must be at least 1; got \(steps).") }
+            return
         }
-        guard sample >= 0 else { throw ValidationError("--sample must not be negative.") }
+        do {
+            try plan().validate()
+        } catch let error as TrainingError {
+            throw flagError(error)
+        } catch let error as ConfigurationError {
+            throw ValidationError("--preset: \(error)")
+        }
     }
 
     func run() throws {
         let folder = URL(fileURLWithPath: runFolder)
+        // Ctrl-C (or SIGTERM) sets a flag (all a signal handler may safely do). While the run is
+        // prepared, a watcher removes half-written files and exits; once training runs, the loop
+        // saves a checkpoint and stops.
+        // (A parent may have started us with them blocked, which would hold them back for good.)
+        var handled = sigset_t()
+        sigemptyset(&handled)
+        for signalNumber in [SIGINT, SIGTERM] {
+            signal(signalNumber) { _ in interruptRequested.store(true, ordering: .relaxed) }
+            sigaddset(&handled, signalNumber)
+        }
+        pthread_sigmask(SIG_UNBLOCK, &handled, nil)
+        Thread.detachNewThread {
+            while !trainingStarted.load(ordering: .relaxed) {
+                if interruptRequested.load(ordering: .relaxed) {
+                    removeStalePartialFiles(in: folder)
+                    print("\ninterrupted before training started; half-written files removed")
+                    Foundation.exit(130)
+                }
+                usleep(20_000)
+            }
+        }
+
         let trainer: Trainer
-        if resume {
-            trainer = try resumeTrainer(folder)
-        } else {
-            trainer = try newTrainer(folder)
+        do {
+            trainer = resume ? try TrainingRun.resume(in: folder, steps: steps, log: { print($0) })
+                             : try TrainingRun.start(try plan(), in: folder, log: { print($0) })
+        } catch let error as TrainingError {
+            throw flagError(error)
         }
         let model = trainer.model
         print("model: \(model.configuration.pattern) tiled over \(model.configuration.depth) blocks (\(model.mixerKinds.map { String($0.rawValue) }.joined())), dim \(model.configuration.dim), \(formatCount(model.parameterCount)) parameters")
@@ -88,11 +176,7 @@ struct TrainCommand: ParsableCommand {
         print("data: \(formatCount(trainer.data.train.count)) train / \(formatCount(trainer.data.validation.count)) validation tokens; \(c.steps) steps of \(formatCount(c.tokensPerStep)) tokens")
         print("run folder: \(folder.path) (Ctrl-C saves a checkpoint and stops)")
 
-        signal(SIGINT, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
-        source.setEventHandler { interruptRequested.store(true, ordering: .relaxed) }
-        source.resume()
-
+        trainingStarted.store(true, ordering: .relaxed)
         var lastLine = Date.distantPast
         let outcome = try trainer.run(
             stopRequested: { interruptRequested.load(ordering: .relaxed) },
@@ -116,8 +200,10 @@ struct TrainCommand: ParsableCommand {
         case .interrupted(let step):
             print("interrupted at step \(step): checkpoint written; continue with --resume --run \(runFolder)")
             return
-        case .diverged(let step, let loss):
-            throw ValidationError("the loss became \(loss) at step \(step); training stopped and the last good checkpoint (\(trainer.checkpointURL.path)) was kept. Try a lower --learning-rate.")
+        case .diverged(let step, let loss, let checkpointStep):
+            let kept = checkpointStep.map { "the last good checkpoint (step \($0), \(trainer.checkpointURL.path)) was kept" }
+                ?? "no checkpoint had been written yet, so there is nothing to resume"
+            throw ValidationError("training diverged at step \(step) (loss \(loss); the loss or the updated weights are not finite); it stopped and \(kept). Try a lower --learning-rate.")
         }
         if sample > 0 {
             print("\nsample:")
@@ -130,70 +216,10 @@ struct TrainCommand: ParsableCommand {
                 print(text, terminator: "")
                 fflush(nil)
                 produced += text.count
-                return produced < sample
+                return produced < sample && !interruptRequested.load(ordering: .relaxed)
             }
             print("")
         }
-    }
-
-    private func newTrainer(_ folder: URL) throws -> Trainer {
-        var configuration = try ModelConfiguration.preset(preset)
-        if let pattern { configuration.pattern = pattern }
-        if let depth { configuration.depth = depth }
-        if let window { configuration.window = window }
-        if let gateScale { configuration.gateScale = gateScale }
-        let files = data.isEmpty ? ["data/shakespeare.txt"] : data
-        for file in files where !FileManager.default.fileExists(atPath: file) {
-            throw ValidationError(file == "data/shakespeare.txt"
-                ? "the default corpus data/shakespeare.txt is missing: run scripts/fetch-corpus, or pass --data FILE"
-                : "no such file: \(file)")
-        }
-        let tokenFile = folder.appendingPathComponent("tokens.bin")
-        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
-        let tokenizerValue: any Tokenizer
-        if tokenizer == "bpe" {
-            print("training a BPE tokenizer of \(vocabulary) tokens ...")
-            let text = try files.map { try String(contentsOfFile: $0, encoding: .utf8) }.joined(separator: "\n")
-            tokenizerValue = BPETokenizer.train(on: text, vocabularySize: vocabulary)
-        } else {
-            tokenizerValue = ByteTokenizer()
-        }
-        configuration.vocabulary = tokenizerValue.vocabularySize
-        let summary = try CorpusPreparation.prepare(files: files.map { URL(fileURLWithPath: $0) }, tokenizer: tokenizerValue, output: tokenFile)
-        _ = summary
-        let tokens = try TokenFile(contentsOf: tokenFile)
-        var training = TrainingConfiguration()
-        training.steps = steps
-        training.batchSize = batchSize
-        training.contextLength = context
-        training.accumulation = accumulation
-        training.peakLearningRate = learningRate
-        training.warmupSteps = warmup
-        training.weightDecay = weightDecay
-        training.decayAll = decayAll
-        training.dropout = dropout > 0 ? dropout : nil
-        training.gradientClip = clip
-        training.evaluationInterval = evalEvery
-        training.evaluationBatches = evalBatches
-        training.checkpointInterval = checkpointEvery
-        training.seed = seed
-        let model = try LanguageModel(configuration, seed: seed)
-        let optimizer = AdamW(model.parameters, hyperparameters: training.optimizer)
-        let state = TrainingState(configuration: training,
-                                  sampler: BatchSampler(batchSize: batchSize, contextLength: context, seed: seed &+ 1),
-                                  dataPath: tokenFile.path, tokenizer: try tokenizerValue.serialized(), modelSeed: seed)
-        return try Trainer(model: model, optimizer: optimizer, state: state, data: tokens, runFolder: folder)
-    }
-
-    private func resumeTrainer(_ folder: URL) throws -> Trainer {
-        let url = folder.appendingPathComponent("checkpoint.safetensors")
-        guard FileManager.default.fileExists(atPath: url.path) else {
-            throw ValidationError("--resume: no checkpoint at \(url.path)")
-        }
-        let (model, optimizer, state) = try TrainingCheckpoint.load(from: url)
-        let tokens = try TokenFile(contentsOf: URL(fileURLWithPath: state.dataPath))
-        print("resuming at step \(state.step) of \(state.configuration.steps)")
-        return try Trainer(model: model, optimizer: optimizer, state: state, data: tokens, runFolder: folder)
     }
 }
 
@@ -206,7 +232,7 @@ func formatCount(_ n: Int) -> String {
 }
 
 func formatDuration(_ seconds: Double) -> String {
-    guard seconds.isFinite else { return "--:--" }
+    guard seconds.isFinite, abs(seconds) < 1e15 else { return "--:--" }
     let s = Int(seconds.rounded())
     return s >= 3600 ? String(format: "%d:%02d:%02d", s / 3600, s / 60 % 60, s % 60) : String(format: "%02d:%02d", s / 60, s % 60)
 }

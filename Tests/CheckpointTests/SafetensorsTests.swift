@@ -2,9 +2,11 @@ import Checkpoint
 import Foundation
 import Testing
 
-/// Builds a safetensors image from a header object and a data section.
+/// Builds a safetensors image from a header object and a data section, padding the header with
+/// spaces so that the data section starts 8-byte aligned (as every writer does).
 func image(header: String, data: [UInt8]) -> Data {
-    let json = Array(header.utf8)
+    var json = Array(header.utf8)
+    while (8 + json.count) % 8 != 0 { json.append(0x20) }
     var out = Data((0..<8).map { UInt8(truncatingIfNeeded: UInt64(json.count) >> (8 * $0)) })
     out.append(contentsOf: json)
     out.append(contentsOf: data)

@@ -103,7 +103,7 @@ struct ModelTests {
         training.evaluationInterval = 0
         training.checkpointInterval = 0
         let model = try LanguageModel(tinyConfiguration(pattern: pattern, depth: 2), seed: 1)
-        let state = TrainingState(configuration: training, sampler: BatchSampler(batchSize: 8, contextLength: 32, seed: 2),
+        let state = TrainingState(configuration: training, samplerSeed: 2,
                                   dataPath: "", tokenizer: try ByteTokenizer().serialized(), modelSeed: 1)
         let trainer = try Trainer(model: model, optimizer: AdamW(model.parameters, hyperparameters: training.optimizer),
                                   state: state, data: tokens, runFolder: folder)
@@ -153,7 +153,7 @@ struct ModelTests {
         training.dropout = 0.2
         func freshTrainer(_ run: String) throws -> Trainer {
             let model = try LanguageModel(tinyConfiguration(), seed: 7)
-            let state = TrainingState(configuration: training, sampler: BatchSampler(batchSize: 4, contextLength: 24, seed: 9),
+            let state = TrainingState(configuration: training, samplerSeed: 9,
                                       dataPath: "", tokenizer: try ByteTokenizer().serialized(), modelSeed: 7)
             return try Trainer(model: model, optimizer: AdamW(model.parameters, hyperparameters: training.optimizer),
                                state: state, data: tokens, runFolder: folder.appendingPathComponent(run))
@@ -183,7 +183,7 @@ struct ModelTests {
         let folder = temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
         let model = try LanguageModel(tinyConfiguration(pattern: "P", depth: 1), seed: 1)
-        let state = TrainingState(configuration: TrainingConfiguration(), sampler: BatchSampler(batchSize: 1, contextLength: 4, seed: 1),
+        let state = TrainingState(configuration: TrainingConfiguration(), samplerSeed: 1,
                                   dataPath: "", tokenizer: try ByteTokenizer().serialized(), modelSeed: 1)
         let url = folder.appendingPathComponent("checkpoint.safetensors")
         try TrainingCheckpoint.save(model: model, optimizer: AdamW(model.parameters), state: state, to: url)

@@ -137,7 +137,7 @@ struct OptimizerTests {
         training.evaluationInterval = 0
         training.checkpointInterval = 0
         let model = try LanguageModel(tinyConfiguration(pattern: "P", depth: 1), seed: 1)
-        let state = TrainingState(configuration: training, sampler: BatchSampler(batchSize: 2, contextLength: 16, seed: 2),
+        let state = TrainingState(configuration: training, samplerSeed: 2,
                                   dataPath: "", tokenizer: try ByteTokenizer().serialized(), modelSeed: 1)
         let trainer = try Trainer(model: model, optimizer: AdamW(model.parameters, hyperparameters: training.optimizer),
                                   state: state, data: tokens, runFolder: folder)
