@@ -1,6 +1,7 @@
 import Foundation
 import PhalanxLayers
 import PhalanxModels
+import PhalanxRuntime
 
 // The CPU benchmark reports of `phalanx bench`: each measures the ceilings, runs its benchmark,
 // prints a table of results as fractions of the ceilings, and ends with one JSON line.
@@ -62,6 +63,8 @@ extension LayerBenchmark {
         public var repeats = 5
         /// Also time each of the Phalanx layer's matrix products alone (where its time goes).
         public var profile = false
+        /// The same layers in PyTorch, measured in the same run (nil: no comparison).
+        public var pytorch: PyTorchBaseline?
 
         /// The defaults above.
         public init() {}
@@ -148,7 +151,41 @@ extension LayerBenchmark {
                                 : crossings.map { "  " + $0 }.joined(separator: "\n"))
         json["sweep"] = rows
         json["crossings"] = crossings
+        if let pytorch = settings.pytorch {
+            json["pytorch"] = compare(phalanx: t, attention: a, with: pytorch, settings)
+        }
         return ceilings.finish(json, rates: rates)
+    }
+}
+
+extension LayerBenchmark {
+    /// The Phalanx layer's forward+backward and the attention kernel's forward against the same
+    /// in PyTorch (its Phalanx layer, and `scaled_dot_product_attention(is_causal: true)`),
+    /// printed; returns the figures for the JSON line.
+    static func compare(phalanx t: LayerTiming, attention a: AttentionTiming, with pytorch: PyTorchBaseline,
+                        _ settings: Settings) -> [String: Any] {
+        print("\n4. The same in PyTorch (scripts/torch-cpu-bench.py, float32, \(WorkerPool.shared.threadCount) threads, same run)")
+        guard let (version, results) = pytorch.results(["layers", "--dim", "\(settings.dim)", "--heads", "\(settings.heads)",
+                                                         "--length", "\(settings.length)", "--repeats", "\(settings.repeats)"])
+        else { return [:] }
+        func figure(_ layer: String, _ key: String) -> Double? {
+            results.first { $0["layer"] as? String == layer }?[key] as? Double
+        }
+        var json: [String: Any] = ["torch": version]
+        print("  torch \(version)")
+        if let theirs = figure("phalanx", "forward_backward_ms") {
+            print(String(format: "  Phalanx layer forward+backward: PyTorch %.2f ms, ours %.2f ms: %.2fx faster", theirs,
+                         t.forwardBackward * 1e3, theirs / (t.forwardBackward * 1e3)))
+            json["phalanx_forward_backward_ms"] = theirs
+            json["phalanx_speedup"] = theirs / (t.forwardBackward * 1e3)
+        }
+        if let theirs = figure("sdpa kernel, causal", "forward_ms") {
+            print(String(format: "  attention kernel forward (causal): PyTorch SDPA %.2f ms, ours %.2f ms: %.2fx faster", theirs,
+                         a.forward * 1e3, theirs / (a.forward * 1e3)))
+            json["sdpa_forward_ms"] = theirs
+            json["attention_speedup"] = theirs / (a.forward * 1e3)
+        }
+        return json
     }
 }
 
@@ -162,6 +199,8 @@ public struct ModelBenchmarkSettings: Sendable {
     public var steps: Int
     /// Sliding-window attention window of `S` layers.
     public var window = 512
+    /// The same models in PyTorch, measured in the same run (nil: no comparison).
+    public var pytorch: PyTorchBaseline?
 
     /// The three small presets at `contexts`, `steps` timed steps each.
     public init(contexts: [Int], steps: Int) {
@@ -210,8 +249,30 @@ extension TrainingBenchmark {
                              "fraction_of_fma_peak": r.utilisation(sgemmRate: ceilings.peak), "speedup_vs_first": speedup])
             }
         }
+        if let pytorch = settings.pytorch {
+            compare(&rows, with: pytorch, settings)
+        }
         json["results"] = rows
         return ceilings.finish(json, rates: rates)
+    }
+
+    /// Adds `speedup_vs_pytorch` to each row that PyTorch measured, printing the comparison.
+    static func compare(_ rows: inout [[String: Any]], with pytorch: PyTorchBaseline, _ settings: ModelBenchmarkSettings) {
+        print("\nThe same models in PyTorch (scripts/torch-cpu-bench.py, float32, \(WorkerPool.shared.threadCount) threads, same run)")
+        guard let (version, results) = pytorch.results(["train", "--presets"] + settings.presets
+                + ["--contexts"] + settings.contexts.map(String.init) + ["--steps", "\(settings.steps)", "--window", "\(settings.window)"])
+        else { return }
+        print("  torch \(version)")
+        print("  preset                 context   PyTorch tok/s   ours tok/s   ours / PyTorch")
+        for (i, row) in rows.enumerated() {
+            guard let preset = row["preset"] as? String, let context = row["context"] as? Int,
+                  let ours = row["tokens_per_second"] as? Double,
+                  let theirs = results.first(where: { $0["preset"] as? String == preset && $0["context"] as? Int == context })?["tokens_per_second"] as? Double
+            else { continue }
+            print(String(format: "  %@ %7d %15.0f %12.0f   %6.2fx", padded(preset), context, theirs, ours, ours / theirs))
+            rows[i]["pytorch_tokens_per_second"] = theirs
+            rows[i]["speedup_vs_pytorch"] = ours / theirs
+        }
     }
 }
 

@@ -69,16 +69,27 @@ struct BenchLayers: ParsableCommand {
     @Option(help: "Timed repeats per figure (the median is reported).") var repeats = 5
     @Flag(help: "Also time each of the Phalanx layer's matrix products alone at its shapes (where the time goes).")
     var profile = false
+    @OptionGroup var pytorch: PyTorchOptions
 
     var settings: LayerBenchmark.Settings {
         var s = LayerBenchmark.Settings()
         (s.dim, s.heads, s.kvHeads, s.length, s.window, s.sweep, s.repeats) = (dim, heads, kvHeads, length, window, sweep, repeats)
         s.profile = profile
+        s.pytorch = pytorch.baseline
         return s
     }
 
     func validate() throws { try validating(settings.validate) }
     func run() throws { try failingOnCeilingErrors(LayerBenchmark.report(settings)) }
+}
+
+/// The same-run PyTorch comparison of `bench layers` and `bench train`.
+struct PyTorchOptions: ParsableArguments {
+    @Flag(help: "Also measure the same models in PyTorch on the CPU in this run (scripts/torch-cpu-bench.py; needs torch, PHALANX_PYTHON picks the interpreter).")
+    var pytorch = false
+    @Option(help: "Path of the PyTorch baseline script.") var pytorchScript = PyTorchBaseline().script
+
+    var baseline: PyTorchBaseline? { pytorch ? PyTorchBaseline(script: pytorchScript) : nil }
 }
 
 /// The options shared by the model-level benchmarks.
@@ -101,15 +112,23 @@ struct BenchTraining: ParsableCommand {
         discussion: """
         Batch 1, random byte tokens. Reports tokens/s, model-FLOPs utilisation (model FLOPs per \
         second over the sgemm rate measured in the same run, and over the FMA peak) and each \
-        preset's speed-up over the first preset. Ends with one JSON line.
+        preset's speed-up over the first preset; with --pytorch, also over the same models in \
+        PyTorch measured in the same run. Ends with one JSON line.
         """)
 
     @OptionGroup var options: ModelBenchmarkOptions
     @Option(parsing: .upToNextOption, help: "Context lengths.") var contexts = [2048, 8192, 32768]
     @Option(help: "Timed steps per figure (the median is reported).") var steps = 3
+    @OptionGroup var pytorch: PyTorchOptions
 
-    func validate() throws { try validating { try options.settings(contexts: contexts, steps: steps).validate(minimumContext: 16) } }
-    func run() throws { try failingOnCeilingErrors(TrainingBenchmark.report(options.settings(contexts: contexts, steps: steps))) }
+    var settings: ModelBenchmarkSettings {
+        var s = options.settings(contexts: contexts, steps: steps)
+        s.pytorch = pytorch.baseline
+        return s
+    }
+
+    func validate() throws { try validating { try settings.validate(minimumContext: 16) } }
+    func run() throws { try failingOnCeilingErrors(TrainingBenchmark.report(settings)) }
 }
 
 struct BenchDecode: ParsableCommand {

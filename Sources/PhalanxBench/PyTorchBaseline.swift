@@ -1,0 +1,52 @@
+import Foundation
+import PhalanxRuntime
+
+/// The PyTorch figures of `scripts/torch-cpu-bench.py` (the same models and layers, float32 on the
+/// CPU with this pool's thread count), measured in the same run as the Swift figures they are
+/// compared with. Optional: without Python or torch the reports say why and go on without them.
+public struct PyTorchBaseline: Sendable {
+    /// The script's path.
+    public var script: String
+    /// The Python interpreter: `PHALANX_PYTHON` if set, else `python3` from the path.
+    public var python: String
+
+    /// A baseline run by `python` (default: `PHALANX_PYTHON`, else `python3`) from `script`.
+    public init(script: String = "scripts/torch-cpu-bench.py", python: String? = nil) {
+        self.script = script
+        self.python = python ?? ProcessInfo.processInfo.environment["PHALANX_PYTHON"] ?? "python3"
+    }
+
+    /// The script's `results` for `arguments` (its mode and flags; `--threads` is added), or nil
+    /// after printing why there are none (no interpreter, no torch, a failed run).
+    func results(_ arguments: [String]) -> (version: String, results: [[String: Any]])? {
+        guard FileManager.default.fileExists(atPath: script) else {
+            print("  PyTorch baseline: \(script) not found (run from the package root, or pass its path)")
+            return nil
+        }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = [python, script] + arguments + ["--threads", "\(WorkerPool.shared.threadCount)"]
+        let output = Pipe()
+        process.standardOutput = output
+        do { try process.run() } catch {
+            print("  PyTorch baseline: could not start \(python): \(error)")
+            return nil
+        }
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        let line = String(decoding: data, as: UTF8.self).split(separator: "\n").last.map(String.init) ?? ""
+        guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            print("  PyTorch baseline: \(python) \(script) exited with status \(process.terminationStatus) and no JSON line")
+            return nil
+        }
+        if let error = object["error"] as? String {
+            print("  PyTorch baseline: \(error) (pip install torch, or set PHALANX_PYTHON to an interpreter that has it)")
+            return nil
+        }
+        guard let results = object["results"] as? [[String: Any]] else {
+            print("  PyTorch baseline: the JSON line has no results")
+            return nil
+        }
+        return (object["torch"] as? String ?? "?", results)
+    }
+}
