@@ -48,8 +48,10 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Tokenizer: byte (default) or bpe.") var tokenizer = "byte"
     @Option(help: "Vocabulary size of a trained BPE tokenizer, in \(TrainingRun.TokenizerChoice.bpeVocabularies).") var vocabulary = 512
 
-    @Option(help: "Optimizer steps (default \(defaults.steps); about ten minutes on 2 cores). With --resume, a larger count extends the run.")
+    @Option(help: "Optimizer steps (default \(defaults.steps)). With --resume, a larger count extends the run.")
     var steps: Int?
+    @Option(help: "Instead of --steps: as many steps as fit in this many minutes of training, measured on this machine before the run starts.")
+    var minutes: Double?
     @Option(help: "Sequences per micro-batch.") var batchSize = defaults.batchSize
     @Option(help: "Context length in tokens.") var context = defaults.contextLength
     @Option(help: "Micro-batches per optimizer step (gradient accumulation).") var accumulation = defaults.accumulation
@@ -80,7 +82,7 @@ struct TrainCommand: ParsableCommand {
         "gradientClip": "--clip", "evaluationInterval": "--eval-every", "evaluationBatches": "--eval-batches",
         "checkpointInterval": "--checkpoint-every", "dropout": "--dropout", "vocabulary": "--vocabulary", "data": "--data",
         "pattern": "--pattern", "depth": "--depth", "window": "--window", "gateScale": "--gate-scale",
-        "overwrite": "--resume or --overwrite", "resume": "--resume",
+        "overwrite": "--resume or --overwrite", "resume": "--resume", "minutes": "--minutes",
     ]
 
     /// `error` with the flag of the field it names.
@@ -122,10 +124,26 @@ struct TrainCommand: ParsableCommand {
                                 overwrite: overwrite)
     }
 
+    /// The plan, its step count measured from --minutes when given.
+    private func sizedPlan() throws -> TrainingRun.Plan {
+        var plan = try plan()
+        guard let minutes else { return plan }
+        print("measuring a training step on this machine for --minutes \(minutes) ...")
+        let (steps, perStep) = try plan.stepsFitting(seconds: minutes * 60)
+        plan.training.steps = steps
+        print(String(format: "sized to %d steps (%.3f s per step here; a tenth of the time is left to evaluations)", steps, perStep))
+        return plan
+    }
+
     func validate() throws {
         guard ["byte", "bpe"].contains(tokenizer) else { throw ValidationError("--tokenizer must be byte or bpe; got \(tokenizer).") }
         guard sample >= 0 else { throw ValidationError("--sample must be at least 0; got \(sample).") }
         guard !(resume && overwrite) else { throw ValidationError("--resume continues a run and --overwrite replaces it: give one.") }
+        if let minutes {
+            guard steps == nil else { throw ValidationError("--minutes sizes the run by time and --steps by count: give one.") }
+            guard !resume else { throw ValidationError("--minutes sizes a new run; a resumed run keeps its steps (extend it with --steps).") }
+            guard minutes > 0 && minutes <= 100_000 else { throw ValidationError("--minutes must be in (0, 100000]; got \(minutes).") }
+        }
         if resume {
             if let steps, steps < 1 { throw ValidationError("--steps must be at least 1; got \(steps).") }
             return
@@ -166,7 +184,7 @@ struct TrainCommand: ParsableCommand {
         let trainer: Trainer
         do {
             trainer = resume ? try TrainingRun.resume(in: folder, steps: steps, log: { print($0) })
-                             : try TrainingRun.start(try plan(), in: folder, log: { print($0) })
+                             : try TrainingRun.start(try sizedPlan(), in: folder, log: { print($0) })
         } catch let error as TrainingError {
             throw flagError(error)
         }
