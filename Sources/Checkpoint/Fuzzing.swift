@@ -46,6 +46,8 @@ public struct SafetensorsMutator {
     private var generator: SeededGenerator
 
     /// Prepares mutations of `original` (a valid image) drawn from `seed`.
+    ///
+    /// - Throws: `SafetensorsError` when `original` is not a valid safetensors image.
     public init(original: Data, seed: UInt64) throws {
         self.original = original
         _ = try SafetensorsFile(data: original, origin: "the original")
@@ -205,6 +207,7 @@ public struct SafetensorsMutator {
 
 /// What a fuzzing run saw.
 public struct FuzzReport: Sendable, CustomStringConvertible {
+    /// Mutated files passed to the loader: `accepted + refused`.
     public var cases = 0
     /// Cases the reader accepted (a mutation that left a valid file, such as a flipped data bit).
     public var accepted = 0
@@ -228,6 +231,9 @@ public struct FuzzReport: Sendable, CustomStringConvertible {
     /// Runs `cases` mutations of `original` from `seed` through `load`, which must throw for a
     /// file it refuses (a crash ends the process: that is the failure this run looks for).
     /// `progress` is called every 1,000 cases.
+    ///
+    /// - Throws: `SafetensorsError` when `original` is not a valid safetensors image (a refusal
+    ///   by `load` is counted, not thrown).
     public static func run(original: Data, cases: Int, seed: UInt64, load: (Data) throws -> Void,
                            progress: (FuzzReport) -> Void = { _ in }) throws -> FuzzReport {
         require(cases >= 0, "FuzzReport.run: cases must not be negative, got \(cases)")

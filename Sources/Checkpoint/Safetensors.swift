@@ -1,8 +1,10 @@
 import Foundation
 
-/// Errors from reading a safetensors file; each names the file and what was expected.
+/// Errors from reading or writing a safetensors file; each names the file and what was expected.
 public struct SafetensorsError: Error, CustomStringConvertible, Equatable {
+    /// What went wrong, naming the file (or data), the tensor or metadata key, and the byte range.
     public let description: String
+    /// An error saying `description`.
     public init(_ description: String) { self.description = description }
 }
 
@@ -11,6 +13,7 @@ public enum TensorDType: String, Sendable, CaseIterable {
     case float64 = "F64", float32 = "F32", float16 = "F16", bfloat16 = "BF16"
     case int64 = "I64", int32 = "I32", uint8 = "U8"
 
+    /// Bytes per element: 8 (F64, I64), 4 (F32, I32), 2 (F16, BF16) or 1 (U8).
     public var byteSize: Int {
         switch self {
         case .float64, .int64: 8
@@ -23,7 +26,9 @@ public enum TensorDType: String, Sendable, CaseIterable {
 
 /// A tensor's entry in the header: its type, shape and byte range inside the data section.
 public struct TensorInfo: Sendable, Equatable {
+    /// The element type, from the header's `dtype` field.
     public let dtype: TensorDType
+    /// The extents, outermost first (row-major); `[]` is a scalar, and every extent is >= 0.
     public let shape: [Int]
     /// Byte range relative to the start of the data section.
     public let byteRange: Range<Int>
@@ -54,13 +59,18 @@ public struct TensorInfo: Sendable, Equatable {
 /// to be padded (our writer pads to 8 bytes; older files are not padded), and values are read
 /// with unaligned loads.
 public struct SafetensorsFile: Sendable {
+    /// Every tensor's entry, by name (the header without `__metadata__`).
     public let tensors: [String: TensorInfo]
+    /// The header's `__metadata__` strings; empty when the file has none.
     public let metadata: [String: String]
     private let data: Data
     private let dataStart: Int
     private let origin: String
 
-    /// Reads and validates the file at `url`.
+    /// Reads (memory-mapped where safe) and validates the file at `url`.
+    ///
+    /// - Throws: `SafetensorsError` when the file cannot be read or fails one of the checks listed
+    ///   on the type.
     public init(contentsOf url: URL) throws {
         let data: Data
         do {
@@ -71,7 +81,9 @@ public struct SafetensorsFile: Sendable {
         try self.init(data: data, origin: url.path)
     }
 
-    /// Parses a safetensors image; `origin` names it in error messages.
+    /// Parses and validates a safetensors image; `origin` names it in error messages.
+    ///
+    /// - Throws: `SafetensorsError` naming `origin` and the check that failed.
     public init(data: Data, origin: String = "safetensors data") throws {
         self.origin = origin
         self.data = data

@@ -6,14 +6,19 @@ import Glibc
 
 /// Writes safetensors files: an 8-byte little-endian header length, the JSON header (tensor
 /// name -> dtype, shape, data offsets; optional `__metadata__` strings), then the raw
-/// little-endian data, each tensor's bytes 8-byte aligned by padding the header with spaces.
+/// little-endian data. The header is padded with spaces so that the data section starts at a
+/// multiple of 8 bytes; tensors follow each other in the order they were added, without padding
+/// (`SafetensorsFile` refuses a tensor that starts off a multiple of its element size, so add the
+/// widest elements first when mixing types).
 ///
 /// `write(to:)` is atomic: the file is written under a temporary name in the same folder and
 /// renamed over the destination, so an interrupted write never leaves a truncated file.
 public struct SafetensorsWriter {
     private var entries: [(name: String, dtype: TensorDType, shape: [Int], bytes: Data)] = []
+    /// Strings written as the header's `__metadata__` map (omitted when empty).
     public var metadata: [String: String] = [:]
 
+    /// A writer with no tensors and no metadata.
     public init() {}
 
     /// Adds a float32 tensor; `values` must number `shape`'s product.
@@ -34,7 +39,9 @@ public struct SafetensorsWriter {
         entries.append((name, dtype, shape, bytes))
     }
 
-    /// The complete file image.
+    /// The complete file image: header length, padded JSON header, then every tensor's bytes.
+    ///
+    /// - Throws: the `JSONSerialization` error when the header cannot be encoded.
     public func serialized() throws -> Data {
         var header: [String: Any] = [:]
         var offset = 0
@@ -53,12 +60,19 @@ public struct SafetensorsWriter {
     }
 
     /// Writes the file atomically (temporary file in the same folder, then rename).
+    ///
+    /// - Throws: `SafetensorsError` naming `url` when the file cannot be written (see
+    ///   `writeAtomically(_:to:)`).
     public func write(to url: URL) throws {
         try writeAtomically(try serialized(), to: url)
     }
 }
 
-/// Writes `data` under a temporary name beside `url`, flushes it, then renames it over `url`.
+/// Writes `data` under a temporary name beside `url`, flushes it, then renames it over `url`
+/// (creating the folder if needed); on failure the temporary file is removed.
+///
+/// - Throws: `SafetensorsError` naming `url` when the write, flush or rename fails; the
+///   `FileManager` error when the folder cannot be created.
 public func writeAtomically(_ data: Data, to url: URL) throws {
     let folder = url.deletingLastPathComponent()
     try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)

@@ -18,14 +18,20 @@ import PhalanxRuntime
 public struct BPETokenizer: Tokenizer, Codable, Equatable {
     /// One merge: the adjacent tokens `left, right` become one token. Serialised as `[left, right]`.
     public struct Merge: Hashable, Sendable, Codable {
+        /// The first token of the pair.
         public var left: Int32
+        /// The token that follows `left`.
         public var right: Int32
 
+        /// The merge of `left` followed by `right`.
         public init(_ left: Int32, _ right: Int32) {
             self.left = left
             self.right = right
         }
 
+        /// Decodes `[left, right]`.
+        ///
+        /// - Throws: `DecodingError` unless the value is an array of exactly two `Int32`.
         public init(from decoder: any Decoder) throws {
             var container = try decoder.unkeyedContainer()
             left = try container.decode(Int32.self)
@@ -35,6 +41,7 @@ public struct BPETokenizer: Tokenizer, Codable, Equatable {
             }
         }
 
+        /// Encodes as `[left, right]`.
         public func encode(to encoder: any Encoder) throws {
             var container = encoder.unkeyedContainer()
             try container.encode(left)
@@ -55,11 +62,15 @@ public struct BPETokenizer: Tokenizer, Codable, Equatable {
     /// Merge key -> rank.
     private let ranks: [UInt64: Int32]
 
+    /// Always `.bpe`.
     public var kind: TokenizerKind { .bpe }
+    /// `256 + merges.count`: the bytes, then one token per merge.
     public var vocabularySize: Int { 256 + merges.count }
 
     /// A tokenizer with the given merges; merge `i` may only join tokens below `256 + i`, and no
     /// pair may be merged twice.
+    ///
+    /// - Throws: `DataError` naming the first merge that breaks either rule.
     public init(merges: [Merge]) throws {
         var tokenBytes = (0..<256).map { [UInt8($0)] }
         var ranks: [UInt64: Int32] = [:]
@@ -79,10 +90,16 @@ public struct BPETokenizer: Tokenizer, Codable, Equatable {
         self.ranks = ranks
     }
 
+    /// Equal when the merges are (everything else is derived from them).
     public static func == (a: BPETokenizer, b: BPETokenizer) -> Bool { a.merges == b.merges }
 
     private enum CodingKeys: String, CodingKey { case kind, version, merges }
 
+    /// Decodes `{"kind": "bpe", "version": 1, "merges": [[left, right], ...]}` and checks the
+    /// merges as `init(merges:)` does.
+    ///
+    /// - Throws: `DataError` for another kind or version or an invalid merge; `DecodingError`
+    ///   when a field is missing or of the wrong type.
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         let kind = try container.decode(TokenizerKind.self, forKey: .kind)
@@ -93,6 +110,7 @@ public struct BPETokenizer: Tokenizer, Codable, Equatable {
         try self.init(merges: container.decode([Merge].self, forKey: .merges))
     }
 
+    /// Encodes as `{"kind": "bpe", "version": 1, "merges": [[left, right], ...]}`.
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.container(keyedBy: CodingKeys.self)
         try container.encode(TokenizerKind.bpe, forKey: .kind)
@@ -100,11 +118,15 @@ public struct BPETokenizer: Tokenizer, Codable, Equatable {
         try container.encode(merges, forKey: .merges)
     }
 
+    /// The bytes of `token`: the byte itself below 256, else its merge's left bytes then right
+    /// bytes. `token` must be in `0 ..< vocabularySize`.
     public func bytes(of token: Int32) -> [UInt8] {
         require(token >= 0 && Int(token) < tokenBytes.count, "BPETokenizer: token \(token) is outside the vocabulary 0..<\(tokenBytes.count)")
         return tokenBytes[Int(token)]
     }
 
+    /// The tokens of `text`: each ``PreTokenizer`` chunk merged lowest rank first (see the type's
+    /// summary), each distinct chunk encoded once per call.
     public func encode(_ text: String) -> [Int32] {
         let bytes = Array(text.utf8)
         var out: [Int32] = []

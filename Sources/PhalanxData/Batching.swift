@@ -5,9 +5,13 @@ import PhalanxRuntime
 ///
 /// Layout: `inputs` and `targets` are `[batchSize, contextLength]`, row-major.
 public struct Batch: Sendable, Equatable {
+    /// Rows (windows) in the batch, `B`.
     public var batchSize: Int
+    /// Positions per row, `T`.
     public var contextLength: Int
+    /// The input tokens, `[batchSize, contextLength]`.
     public var inputs: [Int32]
+    /// The tokens to predict, `[batchSize, contextLength]`: each input's successor in the split.
     public var targets: [Int32]
 
     /// A batch whose rows are the windows of `contextLength + 1` tokens starting at `starts`.
@@ -36,10 +40,14 @@ public struct Batch: Sendable, Equatable {
 /// drawn with Lemire's multiply-and-reject method written out here, not `Int.random(in:)`, so the
 /// stream does not depend on the standard library's implementation.
 public struct BatchSampler: Codable, Sendable, Equatable {
+    /// Windows per batch.
     public let batchSize: Int
+    /// Input positions per window; each window reads `contextLength + 1` tokens.
     public let contextLength: Int
+    /// The stream the starts are drawn from; its state is where the sampler stands.
     public var generator: SeededGenerator
 
+    /// A sampler whose stream starts from `seed`; `batchSize` and `contextLength` must be positive.
     public init(batchSize: Int, contextLength: Int, seed: UInt64) {
         self.init(batchSize: batchSize, contextLength: contextLength, generator: SeededGenerator(seed: seed))
     }
@@ -80,8 +88,11 @@ public struct BatchSampler: Codable, Sendable, Equatable {
 /// batch holds `batchSize` windows, the last one possibly fewer. Run it once per context length
 /// to compare a model at several lengths.
 public struct EvaluationBatches: Sequence, IteratorProtocol, Sendable {
+    /// The split scored.
     public let split: TokenSplit
+    /// Positions per window, `T`.
     public let contextLength: Int
+    /// Windows per batch (the last batch may hold fewer).
     public let batchSize: Int
     /// How many windows are scored: `(count - 1) / contextLength`, capped by `maxWindows`.
     public let windowCount: Int
@@ -101,6 +112,7 @@ public struct EvaluationBatches: Sequence, IteratorProtocol, Sendable {
     /// The number of tokens scored: `windowCount * contextLength`.
     public var targetCount: Int { windowCount * contextLength }
 
+    /// The next batch of up to `batchSize` consecutive windows, or nil after the last window.
     public mutating func next() -> Batch? {
         guard nextWindow < windowCount else { return nil }
         let windows = nextWindow ..< Swift.min(nextWindow + batchSize, windowCount)

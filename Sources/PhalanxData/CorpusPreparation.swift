@@ -5,10 +5,13 @@ import PhalanxRuntime
 public enum CorpusPreparation {
     /// What ``prepare(files:tokenizer:output:validationFraction:progress:)`` wrote.
     public struct Summary: Sendable, Equatable {
+        /// Input files read.
         public var files: Int
         /// UTF-8 bytes read.
         public var bytes: Int
+        /// Tokens written to the train split.
         public var trainTokens: Int
+        /// Tokens written to the validation split.
         public var validationTokens: Int
     }
 
@@ -30,6 +33,8 @@ public enum CorpusPreparation {
     ///   - files: UTF-8 text files; one that is not valid UTF-8 fails with the offset of the first bad byte.
     ///   - validationFraction: in `0 ..< 1`; 0.1 holds out a tenth of each file.
     ///   - progress: called after each file with (bytes read so far, total bytes).
+    /// - Throws: `DataError` naming the file when an input cannot be read or is not UTF-8, or when
+    ///   `output` cannot be written; `output` is then left as it was.
     @discardableResult
     public static func prepare(files: [URL], tokenizer: any Tokenizer, output: URL, validationFraction: Double = 0.1,
                                progress: ((Int, Int) -> Void)? = nil) throws -> Summary {

@@ -15,9 +15,12 @@ public struct TokenSplit: RandomAccessCollection, Sendable {
     private let byteOffset: Int
     /// Bytes per token: 2 (`UInt16`) or 4 (`UInt32`), little-endian.
     private let width: Int
+    /// Tokens in the split.
     public let count: Int
 
+    /// Always 0.
     public var startIndex: Int { 0 }
+    /// `count`.
     public var endIndex: Int { count }
 
     init(storage: Data, byteOffset: Int, width: Int, count: Int) {
@@ -38,6 +41,7 @@ public struct TokenSplit: RandomAccessCollection, Sendable {
         self.init(storage: data, byteOffset: 0, width: 4, count: tokens.count)
     }
 
+    /// The token at `position`, which must be in `0 ..< count`.
     public subscript(position: Int) -> Int32 {
         require(position >= 0 && position < count, "TokenSplit: index \(position) is outside 0..<\(count)")
         return storage.withUnsafeBytes { raw in
@@ -96,19 +100,27 @@ public struct TokenSplit: RandomAccessCollection, Sendable {
 /// file length, the tokenizer, every token below `vocabularySize`), so a truncated or corrupt file
 /// fails here with its name and the reason, never later inside training.
 public struct TokenFile: Sendable {
+    /// The first 8 bytes of every token file: ASCII `PHXTOKS1`.
     public static let magic = Array("PHXTOKS1".utf8)
+    /// The format version this code writes and reads (the `UInt32` at byte 8).
     public static let version: UInt32 = 1
     static let headerSize = 48
 
     /// The token width for a vocabulary: `UInt16` (2 bytes) when every id fits, else `UInt32`.
     public static func tokenWidth(vocabularySize: Int) -> Int { vocabularySize <= 65536 ? 2 : 4 }
 
+    /// The tokenizer that made the tokens, restored from the file.
     public let tokenizer: any Tokenizer
+    /// Token ids are `0 ..< vocabularySize`; equal to `tokenizer.vocabularySize`.
     public let vocabularySize: Int
+    /// The training tokens, `T` of them.
     public let train: TokenSplit
+    /// The held-out tokens for evaluation, `V` of them.
     public let validation: TokenSplit
 
     /// Memory-maps and validates the token file at `url`.
+    ///
+    /// - Throws: `DataError` naming the file and the check that failed.
     public init(contentsOf url: URL) throws {
         let data: Data
         do {
@@ -120,6 +132,8 @@ public struct TokenFile: Sendable {
     }
 
     /// Validates a token file image; `origin` names it in error messages.
+    ///
+    /// - Throws: `DataError` naming `origin` and the check that failed.
     public init(data: Data, origin: String = "token data") throws {
         let data = data.startIndex == 0 ? data : Data(data)  // Offsets below are from 0.
         let size = data.count
@@ -186,6 +200,8 @@ public struct TokenFile: Sendable {
 
     /// Writes a token file atomically (a temporary file in the same folder, renamed over `url`).
     /// Every token must be in `0 ..< tokenizer.vocabularySize`.
+    ///
+    /// - Throws: `DataError` naming `url` when it cannot be written; `url` is then left as it was.
     public static func write(train: [Int32], validation: [Int32], tokenizer: any Tokenizer, to url: URL) throws {
         var writer = try TokenFileWriter(url: url, tokenizer: tokenizer)
         do {

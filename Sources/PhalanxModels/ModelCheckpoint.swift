@@ -7,15 +7,21 @@ extension LanguageModel {
     public enum CheckpointKey {
         /// Always `phalanx-checkpoint`; a file without it is refused with a clear message.
         public static let format = "format"
+        /// The checkpoint format version, `checkpointVersion`; another value is refused.
         public static let version = "format_version"
         /// The `ModelConfiguration` as JSON.
         public static let configuration = "model_config"
     }
 
+    /// The value of metadata `format` in every Phalanx checkpoint.
     public static let checkpointFormat = "phalanx-checkpoint"
+    /// The checkpoint format version this code writes and reads (metadata `format_version`).
     public static let checkpointVersion = "1"
 
-    /// Adds every parameter (by name), the configuration and the format marker to `writer`.
+    /// Adds every parameter (by name, as float32), the configuration and the format marker and
+    /// version to `writer`.
+    ///
+    /// - Throws: `EncodingError` when the configuration cannot be encoded as JSON.
     public func addWeights(to writer: inout SafetensorsWriter) throws {
         for p in parameters { writer.add(p.name, floats: p.value.array, shape: p.value.shape) }
         writer.metadata[CheckpointKey.format] = Self.checkpointFormat
@@ -30,6 +36,8 @@ extension LanguageModel {
     /// tensors: the model's parameter count must not exceed the values the file holds, and the
     /// embedding's shape must be `[vocabulary, dim]`. After loading, a non-finite weight is
     /// refused by name.
+    ///
+    /// - Throws: `SafetensorsError` naming `origin`, the key or tensor, and what was expected.
     public static func load(from file: SafetensorsFile, origin: String) throws -> LanguageModel {
         try checkFormat(of: file, origin: origin)
         let configuration = try storedConfiguration(file, origin: origin)
@@ -44,6 +52,8 @@ extension LanguageModel {
     }
 
     /// Throws unless the metadata marks `file` as a Phalanx checkpoint of a supported version.
+    ///
+    /// - Throws: `SafetensorsError` naming `origin` and the metadata key at fault.
     public static func checkFormat(of file: SafetensorsFile, origin: String) throws {
         guard file.metadata[CheckpointKey.format] == checkpointFormat else {
             throw SafetensorsError("\(origin): not a Phalanx checkpoint (metadata '\(CheckpointKey.format)' is \(file.metadata[CheckpointKey.format].map { "'\(excerpt($0))'" } ?? "missing"))")
@@ -85,6 +95,8 @@ extension LanguageModel {
 }
 
 /// Throws, naming the first tensor that holds a NaN or an infinity and where.
+///
+/// - Throws: `SafetensorsError` naming `origin`, the tensor, the element index and its shape.
 public func checkFinite(_ tensors: [(name: String, value: Tensor)], origin: String) throws {
     for (name, tensor) in tensors {
         let values = tensor.pointer

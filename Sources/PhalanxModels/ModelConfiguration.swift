@@ -19,13 +19,24 @@ public enum MixerKind: Character, Codable, Sendable, CaseIterable {
 /// `x + mlp(norm(x))`; a final norm; an output head (tied to the embedding by default). The mixer
 /// of block `i` is `pattern[i % pattern.count]` (`PPPA` tiled over depth 8 gives `PPPAPPPA`).
 public struct ModelConfiguration: Codable, Hashable, Sendable {
+    /// Token ids are `0 ..< vocabulary` (rows of the embedding and of the head); 256 for bytes.
+    /// At least 2, at most `Int32.max`.
     public var vocabulary: Int
+    /// Width of the residual stream: a positive multiple of `PhalanxLayer.headDim` (16).
     public var dim: Int
+    /// Number of blocks, at least 1.
     public var depth: Int
+    /// Mixer kinds as `MixerKind` characters (`P`, `S`, `A`), tiled over the blocks: block `i`
+    /// uses `pattern[i % pattern.count]`. Not empty.
     public var pattern: String
-    /// Attention heads and their width (`attentionHeads * attentionHeadDim == dim` is usual).
+    /// Query heads of each attention block (`S` and `A`); a positive multiple of
+    /// `attentionKVHeads`.
     public var attentionHeads: Int
+    /// Key/value heads of each attention block (grouped-query attention when fewer than
+    /// `attentionHeads`); at least 1.
     public var attentionKVHeads: Int
+    /// Channels per attention head: even (rotary pairs) and at least 2. `attentionHeads *
+    /// attentionHeadDim == dim` is usual, not required.
     public var attentionHeadDim: Int
     /// Sliding-window attention's window (positions seen, the current one included).
     public var window: Int
@@ -40,9 +51,17 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
     public var blocksSeen: Int
     /// Scale on the Phalanx gate sigmoid (1: plain sigmoid).
     public var gateScale: Float
+    /// Whether the output head reuses the embedding `[vocabulary, dim]` (true) or has its own
+    /// `lm_head.weight`.
     public var tiedEmbedding: Bool
+    /// Frequency base `b` of the rotary position embedding in the attention blocks (position `p`
+    /// turns channel pair `i` by `p * b^(-2i / attentionHeadDim)`); finite and above 1.
     public var ropeBase: Float
 
+    /// A configuration; the optional sizes default to `attentionKVHeads = attentionHeads`,
+    /// `attentionHeadDim = dim / attentionHeads` and `phalanxKVHeads = dim / PhalanxLayer.headDim`
+    /// (one per head), and the jagged window to the paper's `blockLength` 16, `blocksSeen` 2.
+    /// Nothing is checked here: call `validate()`.
     public init(vocabulary: Int = 256, dim: Int, depth: Int, pattern: String, attentionHeads: Int,
                 attentionKVHeads: Int? = nil, attentionHeadDim: Int? = nil, window: Int = 512,
                 mlpHidden: Int, phalanxKVHeads: Int? = nil, blockLength: Int = JaggedWindow.standardBlockLength,
@@ -73,6 +92,8 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
 
     /// Checks every constraint, with a message naming the field and what is allowed, including
     /// that the weights (with their gradients) fit this machine's memory.
+    ///
+    /// - Throws: `ConfigurationError` for the first field out of range, with `field` set.
     public func validate() throws {
         func fail(_ field: String, _ message: String) -> ConfigurationError { ConfigurationError(message, field: field) }
         guard vocabulary >= 2 else { throw fail("vocabulary", "vocabulary must be at least 2, got \(vocabulary)") }
@@ -159,6 +180,8 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
 
     /// Throws unless scoring or decoding `batch` sequences of `positions` tokens fits this
     /// machine's memory (see `inferenceBytes`); the error's field is `batch`.
+    ///
+    /// - Throws: `ConfigurationError` with the bytes needed and the bytes this machine has.
     public func checkInference(batch: Int, positions: Int) throws {
         let bytes = inferenceBytes(batch: batch, positions: positions)
         guard MemoryBudget.fits(bytes) else {
@@ -213,9 +236,11 @@ extension ModelConfiguration {
 
 /// A model configuration value out of range; the message names the field and what is allowed.
 public struct ConfigurationError: Error, CustomStringConvertible, Equatable {
+    /// What is out of range and what is allowed.
     public let description: String
     /// The `ModelConfiguration` property at fault, when one is (for the CLI to name its flag).
     public let field: String?
+    /// An error saying `description`, about `field` when one is given.
     public init(_ description: String, field: String? = nil) {
         self.description = description
         self.field = field
@@ -230,6 +255,8 @@ extension ModelConfiguration {
     /// - small: dim 256, depth 4, 4 attention heads of 64, SwiGLU 688, byte vocabulary, tied
     ///   head: about 3.2M parameters.
     /// - tiny: dim 128, depth 4, 2 heads of 64, SwiGLU 344: about 0.8M parameters.
+    ///
+    /// - Throws: `ConfigurationError` listing `presetNames` when `name` is not one of them.
     public static func preset(_ name: String) throws -> ModelConfiguration {
         let parts = name.split(separator: "-")
         guard parts.count >= 2, let size = parts.last else { throw unknownPreset(name) }
@@ -248,6 +275,7 @@ extension ModelConfiguration {
         }
     }
 
+    /// The names `preset(_:)` accepts: each family with `-tiny` and `-small`.
     public static let presetNames = ["transformer", "swa-hybrid", "phalanx-hybrid"].flatMap { f in ["tiny", "small"].map { "\(f)-\($0)" } }
 
     private static func unknownPreset(_ name: String) -> ConfigurationError {

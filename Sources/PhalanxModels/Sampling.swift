@@ -8,13 +8,17 @@ import PhalanxRuntime
 ///
 /// Temperature 0 picks the most likely token (greedy).
 public struct TokenSampler: Sendable {
+    /// Divides the logits before the softmax, `T`; 0 or below picks the most likely token.
     public var temperature: Float
     /// Keep only the k most likely tokens (0: all).
     public var topK: Int
     /// Keep the smallest set of most likely tokens whose probability reaches this (1: all).
     public var topP: Float
+    /// The seeded stream the draws come from (a greedy pick draws nothing).
     public var generator: SeededGenerator
 
+    /// A sampler with a generator seeded with `seed`; the defaults are temperature 0.8 and no
+    /// top-k or top-p cut.
     public init(temperature: Float = 0.8, topK: Int = 0, topP: Float = 1, seed: UInt64 = 0) {
         self.temperature = temperature
         self.topK = topK
@@ -64,7 +68,8 @@ public struct TokenSampler: Sendable {
 extension LanguageModel {
     /// Generates up to `maxTokens` tokens after `prompt` (one sequence): the prompt is prefilled
     /// in chunks of `prefillChunk`, then each new token is one decode step through every mixer's
-    /// state. `emit` receives each token and returns false to stop. Returns the generated tokens.
+    /// state. `emit` receives each token and returns false to stop. Returns the generated tokens
+    /// (the one `emit` stopped at included). An empty prompt starts from token 0.
     public func generate(prompt: [Int32], maxTokens: Int, sampler: inout TokenSampler, prefillChunk: Int = 512,
                          emit: (Int32) -> Bool) -> [Int32] {
         var state = makeDecodeState(batch: 1)

@@ -97,6 +97,7 @@ public func clipGradients(_ parameters: [Parameter], maxNorm: Float) -> Float {
 ///
 ///     lr(s) = peak * (s + 1) / warmup                                    s < warmup
 ///     lr(s) = peak * (f + (1 - f) * (1 + cos(pi * progress)) / 2)         otherwise
+///     progress = min((s - warmup) / max(totalSteps - warmup, 1), 1)
 public struct LearningRateSchedule: Codable, Hashable, Sendable {
     /// The learning rate at the end of the warm-up.
     public var peak: Float

@@ -11,24 +11,39 @@ import PhalanxModels
 /// A run is fully determined by its checkpoint: weights, optimizer moments, step, sampler state.
 /// Resuming from a checkpoint therefore reproduces the uninterrupted run's losses exactly.
 public final class Trainer {
+    /// The model trained; its weights are updated in place.
     public let model: LanguageModel
+    /// AdamW over `model.parameters`, holding the moments and the step count.
     public let optimizer: AdamW
+    /// The run's progress (configuration, step, tokens, losses, sampler position), saved in every
+    /// checkpoint.
     public private(set) var state: TrainingState
+    /// The token file: batches come from `train`, evaluations from `validation`.
     public let data: TokenFile
     /// Folder of `checkpoint.safetensors` and `loss.svg`.
     public let runFolder: URL
 
+    /// `runFolder/checkpoint.safetensors`, written by `saveCheckpoint()`.
     public var checkpointURL: URL { runFolder.appendingPathComponent("checkpoint.safetensors") }
+    /// `runFolder/loss.svg`, the loss curve written with each checkpoint.
     public var plotURL: URL { runFolder.appendingPathComponent("loss.svg") }
 
     /// What one optimizer step reports.
     public struct StepReport: Sendable {
+        /// Steps completed, this one included, and the run's total (`configuration.steps`).
         public let step: Int, totalSteps: Int
+        /// The step's training loss (nats per token, the mean over its micro-batches), the
+        /// learning rate it used, and the global gradient L2 norm before clipping.
         public let loss: Float, learningRate: Float, gradientNorm: Float
+        /// Training tokens per second since this process started or resumed the run; training
+        /// seconds so far, summed over resumes (evaluations excluded); estimated seconds to the
+        /// last step at that rate (evaluations not counted).
         public let tokensPerSecond: Double, elapsed: Double, remaining: Double
     }
 
+    /// How `run` ended.
     public enum Outcome: Equatable, Sendable {
+        /// The run reached `configuration.steps`; the checkpoint holds the last step.
         case finished
         /// Stopped on request after `step`; a checkpoint was written.
         case interrupted(step: Int)
@@ -42,8 +57,14 @@ public final class Trainer {
     /// it writes; nil while the run has none.
     public private(set) var checkpointStep: Int?
 
+    /// A trainer continuing `state` (step 0 for a new run) with `model` and `optimizer` on `data`,
+    /// writing into `runFolder`.
+    ///
     /// - Parameter checkpointStep: the step of the checkpoint `state` was loaded from (nil for a
     ///   new run).
+    /// - Throws: `TrainingError` when the configuration is out of range, a step would not fit in
+    ///   memory, the token file's vocabulary exceeds the model's, or the training split is too short
+    ///   for one window.
     public init(model: LanguageModel, optimizer: AdamW, state: TrainingState, data: TokenFile, runFolder: URL,
                 checkpointStep: Int? = nil) throws {
         try state.configuration.validate()
@@ -69,6 +90,7 @@ public final class Trainer {
     ///   - stopRequested: polled after every step (for Ctrl-C).
     ///   - onStep: called after every step, for the progress line.
     ///   - onEvaluation: called with each validation result.
+    /// - Throws: `SafetensorsError` when a checkpoint or the plot cannot be written.
     public func run(stopRequested: () -> Bool, onStep: (StepReport) -> Void,
                     onEvaluation: (EvaluationResult) -> Void) throws -> Outcome {
         let c = state.configuration
@@ -134,6 +156,8 @@ public final class Trainer {
     }
 
     /// Writes the checkpoint and the loss plot (both atomically).
+    ///
+    /// - Throws: `SafetensorsError` when either file cannot be written.
     public func saveCheckpoint() throws {
         try TrainingCheckpoint.save(model: model, optimizer: optimizer, state: state, to: checkpointURL)
         checkpointStep = state.step

@@ -8,15 +8,20 @@ import PhalanxRuntime
 /// Everything a training run needs to continue exactly where it stopped, besides the weights
 /// and the optimizer moments (which are tensors in the same file).
 public struct TrainingState: Codable, Sendable {
+    /// How the run is trained (a resume may raise `steps`).
     public var configuration: TrainingConfiguration
     /// Optimizer steps completed.
     public var step = 0
+    /// Training tokens consumed so far: `step * configuration.tokensPerStep`.
     public var tokensSeen = 0
+    /// Training wall time in seconds, summed over resumes (evaluations excluded).
     public var elapsedSeconds = 0.0
     /// Where the data sampler's stream stands: the next batch after a resume is the one the
     /// uninterrupted run would have drawn. (The batch shape is the configuration's.)
     public var sampler: SamplerPosition
+    /// The training loss of every step.
     public var trainLosses: [LossPoint] = []
+    /// The validation loss of every evaluation.
     public var validationLosses: [LossPoint] = []
     /// Where the token file came from, for `inspect` and for a resume without `--data`.
     public var dataPath: String
@@ -44,7 +49,9 @@ public struct TrainingState: Codable, Sendable {
 
     /// One point of a loss curve.
     public struct LossPoint: Codable, Sendable, Equatable {
+        /// The step the loss belongs to: steps completed when it was measured.
         public var step: Int
+        /// The loss in nats per token.
         public var loss: Float
     }
 }
@@ -57,6 +64,9 @@ public enum TrainingCheckpoint {
     static let trainingKey = "training_state"
     static let optimizerStepKey = "optimizer_step"
 
+    /// Writes `model`'s weights, `optimizer`'s moments and step, and `state` to `url`, atomically.
+    ///
+    /// - Throws: `SafetensorsError` when the file cannot be written.
     public static func save(model: LanguageModel, optimizer: AdamW, state: TrainingState, to url: URL) throws {
         var writer = SafetensorsWriter()
         try model.addWeights(to: &writer)
@@ -70,6 +80,8 @@ public enum TrainingCheckpoint {
     }
 
     /// Reads a checkpoint back: the model, an optimizer with its moments and step, the state.
+    ///
+    /// - Throws: `SafetensorsError` naming `url` and what is wrong (see `load(from:origin:)`).
     public static func load(from url: URL) throws -> (model: LanguageModel, optimizer: AdamW, state: TrainingState) {
         try load(from: try SafetensorsFile(contentsOf: url), origin: url.path)
     }
@@ -81,6 +93,8 @@ public enum TrainingCheckpoint {
     /// `0 <= step <= steps`, at most `step x tokensPerStep` tokens seen, a finite non-negative
     /// elapsed time, an optimizer step equal to the state's), and no weight or optimizer moment
     /// may be NaN or infinite.
+    ///
+    /// - Throws: `SafetensorsError` naming `origin`, the key or tensor, and what was expected.
     public static func load(from file: SafetensorsFile, origin: String) throws
         -> (model: LanguageModel, optimizer: AdamW, state: TrainingState) {
         try LanguageModel.checkFormat(of: file, origin: origin)

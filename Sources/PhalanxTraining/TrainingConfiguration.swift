@@ -9,40 +9,53 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
     public var batchSize = 16
     /// Positions per sequence.
     public var contextLength = 256
-    /// Micro-batches whose gradients are summed per optimizer step.
+    /// Micro-batches per optimizer step; their gradients are averaged (each scaled by
+    /// `1 / accumulation`).
     public var accumulation = 1
+    /// The learning rate at the end of the warm-up; positive and finite.
     public var peakLearningRate: Float = 2e-3
+    /// Steps of linear warm-up to `peakLearningRate` (0: none).
     public var warmupSteps = 100
     /// The learning rate at the end, as a fraction of the peak.
     public var finalLearningRateFraction: Float = 0.1
+    /// AdamW's decoupled weight decay `wd` (multiplied by the learning rate); finite, at least 0.
     public var weightDecay: Float = 0.1
     /// Decay norms, biases and embeddings too.
     public var decayAll = false
+    /// AdamW's first-moment decay `b1`, in [0, 1).
     public var beta1: Float = 0.9
+    /// AdamW's second-moment decay `b2`, in [0, 1).
     public var beta2: Float = 0.95
     /// Maximum global gradient norm (0: no clipping).
     public var gradientClip: Float = 1
     /// Steps between evaluations on the validation split (0: only at the end).
     public var evaluationInterval = 200
-    /// Validation windows per evaluation.
+    /// Validation batches per evaluation: at most `evaluationBatches * batchSize` windows of
+    /// `contextLength` tokens are scored.
     public var evaluationBatches = 16
     /// Steps between checkpoints (0: only at the end and on interruption).
     public var checkpointInterval = 500
-    /// Seeds the data order and the dropout masks (the model's initialisation has its own seed).
+    /// Seeds the dropout masks. The data order has its own seed (`TrainingState`'s `samplerSeed`)
+    /// and so has the model's initialisation; `TrainingRun` derives both from `Plan.seed`.
     public var seed: UInt64 = 1
     /// Residual dropout rate of every block's mixer and MLP output (`Dropout`); nil or 0: none.
     /// Optional so that checkpoints written before it existed still load; read `dropoutRate`.
     public var dropout: Float?
 
+    /// The defaults above.
     public init() {}
 
+    /// Training tokens per optimizer step: `batchSize * contextLength * accumulation`.
     public var tokensPerStep: Int { batchSize * contextLength * accumulation }
 
+    /// This run's learning rate per step: warm-up to `peakLearningRate`, then cosine decay to
+    /// `peakLearningRate * finalLearningRateFraction` at `steps`.
     public var schedule: LearningRateSchedule {
         LearningRateSchedule(peak: peakLearningRate, warmupSteps: warmupSteps, totalSteps: steps,
                              finalFraction: finalLearningRateFraction)
     }
 
+    /// AdamW's constants from this configuration (`epsilon` keeps its default).
     public var optimizer: AdamW.Hyperparameters {
         var h = AdamW.Hyperparameters()
         h.beta1 = beta1
@@ -55,6 +68,8 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
     /// Checks every value, naming the field (its Swift name, in `TrainingError.field`) and the
     /// allowed range. Products the run computes (tokens per step, all its tokens, validation
     /// windows) must fit `Int`.
+    ///
+    /// - Throws: `TrainingError` for the first value out of range, with `field` set.
     public func validate() throws {
         func check(_ condition: Bool, _ field: String, _ range: String, _ value: Any) throws {
             if !condition { throw TrainingError("\(field) must be \(range), got \(value)", field: field) }
@@ -90,6 +105,8 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
 
     /// Checks that a step of this run fits in memory with `model` (see
     /// `ModelConfiguration.trainingBytes`), naming `batchSize` when it does not.
+    ///
+    /// - Throws: `TrainingError` with the bytes needed and the bytes this machine has.
     public func checkMemory(for model: ModelConfiguration) throws {
         let bytes = model.trainingBytes(batch: batchSize, length: contextLength)
         guard MemoryBudget.fits(bytes) else {
@@ -101,9 +118,11 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
 /// A training run's configuration or state is unusable; `field` names the
 /// `TrainingConfiguration` property at fault, when one is.
 public struct TrainingError: Error, CustomStringConvertible, Equatable {
+    /// What is wrong and what is allowed.
     public let description: String
     /// The `TrainingConfiguration` property the message is about (for the CLI to name its flag).
     public let field: String?
+    /// An error saying `description`, about `field` when one is given.
     public init(_ description: String, field: String? = nil) {
         self.description = description
         self.field = field
