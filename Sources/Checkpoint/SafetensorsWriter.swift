@@ -7,9 +7,10 @@ import Glibc
 /// Writes safetensors files: an 8-byte little-endian header length, the JSON header (tensor
 /// name -> dtype, shape, data offsets; optional `__metadata__` strings), then the raw
 /// little-endian data. The header is padded with spaces so that the data section starts at a
-/// multiple of 8 bytes; tensors follow each other in the order they were added, without padding
-/// (`SafetensorsFile` refuses a tensor that starts off a multiple of its element size, so add the
-/// widest elements first when mixing types).
+/// multiple of 8 bytes; tensors follow each other without padding, widest elements first (in the
+/// order they were added within one width), so that every tensor starts at a multiple of its
+/// element size, as `SafetensorsFile` requires: each tensor's byte count is a multiple of its
+/// element size, and every earlier one's of a larger or equal power of two.
 ///
 /// `write(to:)` is atomic: the file is written under a temporary name in the same folder and
 /// renamed over the destination, so an interrupted write never leaves a truncated file.
@@ -43,6 +44,8 @@ public struct SafetensorsWriter {
     ///
     /// - Throws: the `JSONSerialization` error when the header cannot be encoded.
     public func serialized() throws -> Data {
+        let entries = self.entries.enumerated()
+            .sorted { ($0.element.dtype.byteSize, -$0.offset) > ($1.element.dtype.byteSize, -$1.offset) }.map(\.element)
         var header: [String: Any] = [:]
         var offset = 0
         for e in entries {

@@ -77,4 +77,18 @@ struct SafetensorsWriterTests {
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: url.deletingLastPathComponent().path)
         #expect(leftovers == ["x.safetensors"])
     }
+
+    @Test("tensors of mixed widths, added narrowest first, still read back (each starts at a multiple of its width)")
+    func mixedWidths() throws {
+        var writer = SafetensorsWriter()
+        writer.add("bytes", dtype: .uint8, shape: [3], bytes: Data([1, 2, 3]))
+        writer.add("halves", dtype: .bfloat16, shape: [1], bytes: Data([0x80, 0x3f]))  // 1.0
+        writer.add("floats", floats: [2, 4], shape: [2])
+        writer.add("more floats", floats: [8], shape: [1])
+        let file = try SafetensorsFile(data: try writer.serialized())
+        #expect(try file.floats("floats") == [2, 4] && file.floats("more floats") == [8])
+        #expect(try file.floats("halves") == [1])
+        #expect(try file.bytes("bytes") == Data([1, 2, 3]))
+        for (name, info) in file.tensors { #expect(info.byteRange.lowerBound % info.dtype.byteSize == 0, "\(name)") }
+    }
 }
