@@ -96,34 +96,27 @@ extension CUDABenchmark {
     /// writes dz) as a fraction of the copy bandwidth.
     private func layerSteps(_ layer: CUDAPhalanxLayer, batch: Int, length: Int, x: DeviceBuffer, dy: DeviceBuffer,
                             copy: Double) throws -> (gemmForward: Double, gemmBackward: Double, lines: [String], json: [String: Any]) {
-        let context = layer.context, blas = layer.blas, rows = batch * length
+        let context = layer.context, rows = batch * length
         let dim = layer.configuration.dim, width = layer.configuration.heads * PhalanxLayer.headDim, c = layer.columns
         let (_, cache) = try layer.forward(x, batch: batch, length: length)
         let dMixed = try DeviceBuffer(context: context, byteCount: rows * width * 2)
         let out = try DeviceBuffer(context: context, byteCount: rows * max(dim, c.stride) * 2)
-        let xMatrix = CUBLAS.Matrix(x, .bfloat16, rows: rows, columns: dim), dyMatrix = CUBLAS.Matrix(dy, .bfloat16, rows: rows, columns: dim)
-        let zMatrix = CUBLAS.Matrix(cache.projections, .bfloat16, rows: rows, columns: c.width, stride: c.stride)
-        let mixedMatrix = CUBLAS.Matrix(cache.mixed, .bfloat16, rows: rows, columns: width)
-        let inputWeight = CUBLAS.Matrix(layer.inputWeight, .bfloat16, rows: c.width, columns: dim)
-        let outputWeight = CUBLAS.Matrix(layer.outputWeight, .bfloat16, rows: dim, columns: dim)
-        let gemms: [(String, Bool, () throws -> Void)] = [
-            ("z", false, { try blas.gemm(xMatrix, inputWeight, transposeB: true,
-                                         into: .init(out, .bfloat16, rows: rows, columns: c.width, stride: c.stride)) }),
-            ("y", false, { try blas.gemm(mixedMatrix, outputWeight, transposeB: true, into: .init(out, .bfloat16, rows: rows, columns: dim)) }),
-            ("dmixed", true, { try blas.gemm(dyMatrix, outputWeight, into: .init(dMixed, .bfloat16, rows: rows, columns: width)) }),
-            ("dW_out", true, { try blas.gemm(dyMatrix, transposeA: true, mixedMatrix,
-                                             into: .init(layer.outputWeightGradient, .float32, rows: dim, columns: dim), beta: 1) }),
-            ("dW_in", true, { try blas.gemm(zMatrix, transposeA: true, xMatrix,
-                                            into: .init(layer.inputWeightGradient, .float32, rows: c.width, columns: dim), beta: 1) }),
-            ("dx", true, { try blas.gemm(zMatrix, inputWeight, into: .init(out, .bfloat16, rows: rows, columns: dim)) }),
+        // Each product of the layer's own list, on this shape's operands (dz stands in for itself:
+        // the projections have its shape).
+        let operands: [PhalanxLayer.Product: (DeviceBuffer, DeviceBuffer?)] = [
+            .z: (x, nil), .y: (cache.mixed, nil), .dMixed: (dy, nil), .dOutputWeight: (dy, cache.mixed),
+            .dInputWeight: (cache.projections, x), .dx: (cache.projections, nil),
         ]
+        let gemms = PhalanxLayer.Product.allCases.map { product in
+            (product.symbol, product.isBackward, { () throws -> Void in
+                let (a, b) = operands[product]!
+                try layer.multiply(product, rows: rows, a, b, into: out)
+            })
+        }
         // The input projection with cuBLASLt's first-choice algorithm, for comparison with the searched one.
         let unsearched = try CUBLAS(context: context)
         unsearched.searchAlgorithms = false
-        let firstChoice = try measure(context) {
-            try unsearched.gemm(xMatrix, inputWeight, transposeB: true,
-                                into: .init(out, .bfloat16, rows: rows, columns: c.width, stride: c.stride))
-        }
+        let firstChoice = try measure(context) { try layer.multiply(.z, rows: rows, x, into: out, blas: unsearched) }
         var json: [String: Any] = ["gemm_z_first_choice_ms": firstChoice]
         var gemmForward = 0.0, gemmBackward = 0.0, gemmLine: [String] = []
         for (name, backward, body) in gemms {

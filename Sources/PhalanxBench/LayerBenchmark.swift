@@ -49,10 +49,11 @@ public enum LayerBenchmark {
     public static func phalanx(dim: Int, kvHeads: Int, batch: Int = 1, length: Int, repeats: Int) -> LayerTiming {
         var rng = SeededGenerator(seed: 1)
         let layer = PhalanxLayer("bench", .init(dim: dim, kvHeads: kvHeads), rng: &rng)
-        let D = PhalanxLayer.headDim, H = dim / D
-        let projections = H + 2 * kvHeads * D + H * D + dim
-        return time(layer, name: "phalanx", dim: dim, batch: batch, length: length, repeats: repeats,
-                    gemmFlops: 2 * Double(batch * length) * Double(dim) * Double(projections))
+        let forwardFlops = PhalanxLayer.Product.allCases.filter { !$0.isBackward }.reduce(0.0) { total, product in
+            let (m, n, k) = layer.shape(of: product, rows: batch * length)
+            return total + 2 * Double(m) * Double(n) * Double(k)
+        }
+        return time(layer, name: "phalanx", dim: dim, batch: batch, length: length, repeats: repeats, gemmFlops: forwardFlops)
     }
 }
 
@@ -70,34 +71,23 @@ public struct ProductTiming: Sendable {
 }
 
 extension LayerBenchmark {
-    /// The Phalanx layer's six matrix products (three per direction), each alone at the layer's
-    /// shapes for one sequence of `length` (`rows = length`, `P` fused projection columns):
-    ///
-    ///     forward:  z = x W_in^T [rows, P] (k = dim);  y = mixed W_out^T [rows, dim] (k = dim)
-    ///     backward: dmixed = dy W_out;  dW_out += dy^T mixed [dim, dim] (k = rows);
-    ///               dW_in += dz^T x [P, dim] (k = rows);  dx = dz W_in [rows, dim] (k = P)
-    ///
-    /// Their sum is the layer's matrix-product time at its own (skinny) shapes; the rest of the
-    /// layer's forward+backward is its element-wise passes and the recurrence.
+    /// The Phalanx layer's six matrix products (`PhalanxLayer.Product`, the list the layer itself
+    /// runs), each alone through the layer at its shapes for one sequence of `length`. Their sum
+    /// is the layer's matrix-product time at its own (skinny) shapes; the rest of the layer's
+    /// forward+backward is its element-wise passes and the recurrence.
     public static func phalanxProducts(dim: Int, kvHeads: Int, length: Int, repeats: Int) -> [ProductTiming] {
-        let columns = PhalanxLayer.Columns(heads: dim / PhalanxLayer.headDim, kvHeads: kvHeads)
-        let (rows, P) = (length, columns.width)
         var rng = SeededGenerator(seed: 2)
-        func buffer(_ count: Int) -> BenchBuffer { BenchBuffer(count: count) { _ in Float.random(in: -1...1, using: &rng) } }
-        let x = buffer(rows * dim), z = buffer(rows * P), mixed = buffer(rows * dim), dy = buffer(rows * dim)
-        let inputWeight = buffer(P * dim), outputWeight = buffer(dim * dim), out = buffer(max(rows, P) * max(P, dim))
-        let (xp, zp, mp, dyp) = (x.readOnly.baseAddress!, z.readOnly.baseAddress!, mixed.readOnly.baseAddress!, dy.readOnly.baseAddress!)
-        let (wi, wo, op) = (inputWeight.readOnly.baseAddress!, outputWeight.readOnly.baseAddress!, out.pointer.baseAddress!)
-        let products: [(String, Int, Int, Int, () -> Void)] = [
-            ("z = x W_in^T", rows, P, dim, { Gemm.multiply(m: rows, n: P, k: dim, xp, wi, transposeB: true, into: op) }),
-            ("y = mixed W_out^T", rows, dim, dim, { Gemm.multiply(m: rows, n: dim, k: dim, mp, wo, transposeB: true, into: op) }),
-            ("dmixed = dy W_out", rows, dim, dim, { Gemm.multiply(m: rows, n: dim, k: dim, dyp, wo, into: op) }),
-            ("dW_out += dy^T mixed", dim, dim, rows, { Gemm.multiply(m: dim, n: dim, k: rows, dyp, transposeA: true, mp, into: op, beta: 1) }),
-            ("dW_in += dz^T x", P, dim, rows, { Gemm.multiply(m: P, n: dim, k: rows, zp, transposeA: true, xp, into: op, beta: 1) }),
-            ("dx = dz W_in", rows, dim, P, { Gemm.multiply(m: rows, n: dim, k: P, zp, wi, into: op) }),
-        ]
-        return products.map { name, m, n, k, body in
-            ProductTiming(name: name, m: m, n: n, k: k, seconds: Timing.median(repeats: repeats, body))
+        let layer = PhalanxLayer("bench", .init(dim: dim, kvHeads: kvHeads), rng: &rng)
+        let widest = PhalanxLayer.Product.allCases.map { layer.shape(of: $0, rows: length) }.map { max($0.m * $0.k, $0.k * $0.n, $0.m * $0.n) }.max()!
+        let a = BenchBuffer(count: widest) { _ in Float.random(in: -1...1, using: &rng) }
+        let b = BenchBuffer(count: widest) { _ in Float.random(in: -1...1, using: &rng) }
+        let out = BenchBuffer(count: widest) { _ in 0 }
+        return PhalanxLayer.Product.allCases.map { product in
+            let (m, n, k) = layer.shape(of: product, rows: length)
+            let seconds = Timing.median(repeats: repeats) {
+                layer.multiply(product, rows: length, a.readOnly.baseAddress!, b.readOnly.baseAddress!, into: out.pointer.baseAddress!)
+            }
+            return ProductTiming(name: product.rawValue, m: m, n: n, k: k, seconds: seconds)
         }
     }
 }

@@ -174,20 +174,49 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
     /// `y` `[batch, length, dim]` for `x` `[batch, length, dim]` (both in `storage`), every sequence
     /// from its start; queued on the context's stream.
     public func forward(_ x: DeviceBuffer, batch: Int, length: Int) throws -> (DeviceBuffer, Cache) {
-        let dim = configuration.dim, rows = batch * length, width = configuration.heads * D
+        let dim = configuration.dim, rows = batch * length
         check(x, rows * dim, "forward: x")
         let z = try DeviceBuffer(context: context, byteCount: rows * columns.stride * storage.byteCount)
         let y = try DeviceBuffer(context: context, byteCount: rows * dim * storage.byteCount)
-        if rows > 0 {
-            try blas.gemm(.init(x, storage, rows: rows, columns: dim), .init(inputWeight, storage, rows: columns.width, columns: dim),
-                          transposeB: true, into: .init(z, storage, rows: rows, columns: columns.width, stride: columns.stride))
-        }
+        if rows > 0 { try multiply(.z, rows: rows, x, into: z) }
         let (mixed, carriers) = try forwardElementwise(z, batch: batch, length: length)
-        if rows > 0 {
-            try blas.gemm(.init(mixed, storage, rows: rows, columns: width), .init(outputWeight, storage, rows: dim, columns: dim),
-                          transposeB: true, into: .init(y, storage, rows: rows, columns: dim))
-        }
+        if rows > 0 { try multiply(.y, rows: rows, mixed, into: y) }
         return (y, Cache(input: x, batch: batch, length: length, projections: z, mixed: mixed, carriers: carriers))
+    }
+
+    /// Runs `product` over `rows` rows (queued): `a` is its row operand (`x`, `mixed`, `dy` or
+    /// `dz` as the product names it), `b` the second activation of the weight gradients (`mixed`
+    /// for `dW_out`, `x` for `dW_in`), `out` its result (ignored for the weight gradients, which
+    /// add into this layer's gradient buffers). `blas` defaults to the layer's own.
+    public func multiply(_ product: PhalanxLayer.Product, rows: Int, _ a: DeviceBuffer, _ b: DeviceBuffer? = nil,
+                         into out: DeviceBuffer? = nil, blas: CUBLAS? = nil) throws {
+        let blas = blas ?? self.blas, dim = configuration.dim, width = configuration.heads * D
+        let rowsOf = { (buffer: DeviceBuffer, columns: Int) in CUBLAS.Matrix(buffer, self.storage, rows: rows, columns: columns) }
+        let z = { (buffer: DeviceBuffer) in
+            CUBLAS.Matrix(buffer, self.storage, rows: rows, columns: self.columns.width, stride: self.columns.stride)
+        }
+        let inputWeight = CUBLAS.Matrix(self.inputWeight, storage, rows: columns.width, columns: dim)
+        let outputWeight = CUBLAS.Matrix(self.outputWeight, storage, rows: dim, columns: dim)
+        func result() -> DeviceBuffer {
+            require(out != nil, "CUDAPhalanxLayer.multiply(\(product)): needs an output buffer")
+            return out!
+        }
+        func second() -> DeviceBuffer {
+            require(b != nil, "CUDAPhalanxLayer.multiply(\(product)): needs its second activation")
+            return b!
+        }
+        switch product {
+        case .z: try blas.gemm(rowsOf(a, dim), inputWeight, transposeB: true, into: z(result()))
+        case .y: try blas.gemm(rowsOf(a, width), outputWeight, transposeB: true, into: rowsOf(result(), dim))
+        case .dMixed: try blas.gemm(rowsOf(a, dim), outputWeight, into: rowsOf(result(), width))
+        case .dOutputWeight:
+            try blas.gemm(rowsOf(a, dim), transposeA: true, rowsOf(second(), width),
+                          into: .init(outputWeightGradient, .float32, rows: dim, columns: dim), beta: 1)
+        case .dInputWeight:
+            try blas.gemm(z(a), transposeA: true, rowsOf(second(), dim),
+                          into: .init(inputWeightGradient, .float32, rows: columns.width, columns: dim), beta: 1)
+        case .dx: try blas.gemm(z(a), inputWeight, into: rowsOf(result(), dim))
+        }
     }
 
     /// The forward kernel alone: `mixed` `[rows, H*16]` and the carriers from `z` (`[rows, stride]`,
@@ -214,17 +243,11 @@ public final class CUDAPhalanxLayer: @unchecked Sendable {
         let dx = try DeviceBuffer(context: context, byteCount: rows * dim * storage.byteCount)
         guard rows > 0 else { return dx }
         let dMixed = try DeviceBuffer(context: context, byteCount: rows * width * storage.byteCount)
-        try blas.gemm(.init(dy, storage, rows: rows, columns: dim), .init(outputWeight, storage, rows: dim, columns: dim),
-                      into: .init(dMixed, storage, rows: rows, columns: width))
-        try blas.gemm(.init(dy, storage, rows: rows, columns: dim), transposeA: true,
-                      .init(cache.mixed, storage, rows: rows, columns: width),
-                      into: .init(outputWeightGradient, .float32, rows: dim, columns: dim), beta: 1)
+        try multiply(.dMixed, rows: rows, dy, into: dMixed)
+        try multiply(.dOutputWeight, rows: rows, dy, cache.mixed)
         let dz = try backwardElementwise(dMixed, cache: cache)
-        let dzMatrix = CUBLAS.Matrix(dz, storage, rows: rows, columns: columns.width, stride: columns.stride)
-        try blas.gemm(dzMatrix, transposeA: true, .init(cache.input, storage, rows: rows, columns: dim),
-                      into: .init(inputWeightGradient, .float32, rows: columns.width, columns: dim), beta: 1)
-        try blas.gemm(dzMatrix, .init(inputWeight, storage, rows: columns.width, columns: dim),
-                      into: .init(dx, storage, rows: rows, columns: dim))
+        try multiply(.dInputWeight, rows: rows, dz, cache.input)
+        try multiply(.dx, rows: rows, dz, into: dx)
         return dx
     }
 

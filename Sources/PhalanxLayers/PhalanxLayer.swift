@@ -83,6 +83,64 @@ public final class PhalanxLayer: ParameterContainer {
         public init(_ configuration: Configuration) { self.init(heads: configuration.heads, kvHeads: configuration.kvHeads) }
     }
 
+    /// The layer's six matrix products, forward then backward, on every backend: the one list
+    /// that the layers run (`PhalanxLayer.multiply`, `CUDAPhalanxLayer.multiply`) and that the
+    /// benchmarks time one by one (the GEMM floor). `rows = batch * length`, `P = Columns.width`.
+    public enum Product: String, CaseIterable, Sendable {
+        /// `z = x W_in^T` `[rows, P]`, inner k = dim.
+        case z = "z = x W_in^T"
+        /// `y = mixed W_out^T` `[rows, dim]`, inner k = H*D.
+        case y = "y = mixed W_out^T"
+        /// `dmixed = dy W_out` `[rows, H*D]`, inner k = dim.
+        case dMixed = "dmixed = dy W_out"
+        /// `dW_out += dy^T mixed` `[dim, H*D]`, inner k = rows.
+        case dOutputWeight = "dW_out += dy^T mixed"
+        /// `dW_in += dz^T x` `[P, dim]`, inner k = rows.
+        case dInputWeight = "dW_in += dz^T x"
+        /// `dx = dz W_in` `[rows, dim]`, inner k = P.
+        case dx = "dx = dz W_in"
+
+        /// Whether the product belongs to the backward pass.
+        public var isBackward: Bool { ![.z, .y].contains(self) }
+        /// What it computes, in one word (`z`, `y`, `dmixed`, `dW_out`, `dW_in`, `dx`).
+        public var symbol: String { String(rawValue.prefix { $0 != " " }) }
+    }
+
+    /// `(m, n, k)` of `product` over `rows` rows: its result is `m x n`, its inner dimension `k`.
+    public func shape(of product: Product, rows: Int) -> (m: Int, n: Int, k: Int) {
+        let dim = configuration.dim, width = configuration.heads * D, P = columns.width
+        switch product {
+        case .z: return (rows, P, dim)
+        case .y: return (rows, dim, width)
+        case .dMixed: return (rows, width, dim)
+        case .dOutputWeight: return (dim, width, rows)
+        case .dInputWeight: return (P, dim, rows)
+        case .dx: return (rows, dim, P)
+        }
+    }
+
+    /// Runs `product` over `rows` rows: `a` is its row operand (`x`, `mixed`, `dy` or `dz` as the
+    /// product names it), `b` the second activation of the weight gradients (`mixed` for
+    /// `dW_out`, `x` for `dW_in`), `out` its result (unused by the weight gradients, which add
+    /// into this layer's gradients).
+    public func multiply(_ product: Product, rows: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>? = nil,
+                         into out: UnsafeMutablePointer<Float>? = nil) {
+        require(product == .dOutputWeight || product == .dInputWeight ? b != nil : out != nil,
+                "PhalanxLayer.multiply(\(product.rawValue)): missing operand")
+        let (m, n, k) = shape(of: product, rows: rows)
+        let inputWeight = inputWeight.value.pointer, outputWeight = projOut.weight.value.pointer
+        switch product {
+        case .z: Gemm.multiply(m: m, n: n, k: k, a, inputWeight, transposeB: true, into: out!, pool: pool)
+        case .y: Gemm.multiply(m: m, n: n, k: k, a, outputWeight, transposeB: true, into: out!, pool: pool)
+        case .dMixed: Gemm.multiply(m: m, n: n, k: k, a, outputWeight, into: out!, pool: pool)
+        case .dOutputWeight:
+            Gemm.multiply(m: m, n: n, k: k, a, transposeA: true, b!, into: projOut.weight.gradient.pointer, beta: 1, pool: pool)
+        case .dInputWeight:
+            Gemm.multiply(m: m, n: n, k: k, a, transposeA: true, b!, into: self.inputWeight.gradient.pointer, beta: 1, pool: pool)
+        case .dx: Gemm.multiply(m: m, n: n, k: k, a, inputWeight, into: out!, pool: pool)
+        }
+    }
+
     /// What backward needs from forward, for one call.
     public struct Cache {
         /// `x` `[batch, length, dim]`.
@@ -204,7 +262,7 @@ public final class PhalanxLayer: ParameterContainer {
         // z = x W^T, all four projections in one product; the biases join in the next pass.
         let z = Tensor(uninitialized: [rows, P])
         let zp = z.pointer, bias = inputBias.value.pointer
-        Gemm.multiply(m: rows, n: P, k: dim, x.pointer, inputWeight.value.pointer, transposeB: true, into: zp, pool: pool)
+        multiply(.z, rows: rows, x.pointer, into: zp)
 
         // Biases and activations in place, the gates copied out contiguous, and the recurrence
         // input b * v.
@@ -244,7 +302,7 @@ public final class PhalanxLayer: ParameterContainer {
             }
         }
         let y = Tensor(uninitialized: [batch, length, dim])
-        projOut.forward(mixed.pointer, rows: rows, into: y.pointer)
+        multiply(.y, rows: rows, mixed.pointer, into: y.pointer)
         return (y, Cache(input: x, shape: (batch, length), projections: z, gates: gates,
                          recurrenceInput: recurrenceInput, recurrence: recurrence, mixed: mixed,
                          initialState: initialState, columns: cols))
@@ -265,7 +323,8 @@ public final class PhalanxLayer: ParameterContainer {
         let group = H / KVH, scale = configuration.gateScale
 
         let dMixed = Tensor(uninitialized: [rows, H * D])
-        projOut.backward(dy.pointer, input: cache.mixed.pointer, rows: rows, inputGradient: dMixed.pointer)
+        multiply(.dMixed, rows: rows, dy.pointer, into: dMixed.pointer)
+        multiply(.dOutputWeight, rows: rows, dy.pointer, cache.mixed.pointer)
 
         // dz collects the gradient of every projection; the c columns get sum_group dmixed * s.
         let dz = Tensor(uninitialized: [rows, P]), ds = Tensor(uninitialized: [rows, H * D])
@@ -325,10 +384,9 @@ public final class PhalanxLayer: ParameterContainer {
         }
 
         // Weights of all four projections at once, then dx.
-        Gemm.multiply(m: P, n: dim, k: rows, dzp, transposeA: true, cache.input.pointer,
-                      into: inputWeight.gradient.pointer, beta: 1, pool: pool)
+        multiply(.dInputWeight, rows: rows, dzp, cache.input.pointer)
         let dx = Tensor(uninitialized: [batch, length, dim])
-        Gemm.multiply(m: rows, n: dim, k: P, dzp, inputWeight.value.pointer, into: dx.pointer, pool: pool)
+        multiply(.dx, rows: rows, dzp, into: dx.pointer)
         return dx
     }
 
