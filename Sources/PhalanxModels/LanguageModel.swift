@@ -283,6 +283,25 @@ public final class LanguageModel: ParameterContainer {
         return logits
     }
 
+    /// Copies into this model every parameter of `source` that has a parameter here of the same
+    /// name and shape (a retrofit: embeddings, norms, MLPs and the mixers that did not change
+    /// keep their trained values); the others keep their initialisation.
+    ///
+    /// - Returns: the names copied and the names left as initialised, in parameter order.
+    public func copyMatchingParameters(from source: LanguageModel) -> (copied: [String], initialised: [String]) {
+        let trained = Dictionary(source.parameters.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        var copied: [String] = [], initialised: [String] = []
+        for parameter in parameters {
+            if let match = trained[parameter.name], match.value.shape == parameter.value.shape {
+                parameter.value.pointer.update(from: match.value.pointer, count: parameter.value.count)
+                copied.append(parameter.name)
+            } else {
+                initialised.append(parameter.name)
+            }
+        }
+        return (copied, initialised)
+    }
+
     /// The mixer kinds of the blocks, in order.
     public var mixerKinds: [MixerKind] { blocks.map(\.kind) }
 }

@@ -46,16 +46,22 @@ public enum TrainingRun {
         public var seed: UInt64
         /// Start over in a folder that already holds a checkpoint.
         public var overwrite: Bool
+        /// A trained run's checkpoint to start from (a retrofit): every parameter of the new
+        /// model with the same name and shape as one there takes its trained value, the rest
+        /// their seeded initialisation, and the checkpoint's tokenizer replaces `tokenizer`.
+        /// Nil: a model trained from scratch.
+        public var startingPoint: URL?
 
         /// A plan; see the properties.
         public init(model: ModelConfiguration, training: TrainingConfiguration, files: [URL],
-                    tokenizer: TokenizerChoice = .byte, seed: UInt64, overwrite: Bool = false) {
+                    tokenizer: TokenizerChoice = .byte, seed: UInt64, overwrite: Bool = false, startingPoint: URL? = nil) {
             self.model = model
             self.training = training
             self.files = files
             self.tokenizer = tokenizer
             self.seed = seed
             self.overwrite = overwrite
+            self.startingPoint = startingPoint
         }
 
         /// Checks the plan against itself and this machine, touching no file: configuration
@@ -102,11 +108,14 @@ public enum TrainingRun {
         removeStalePartialFiles(in: folder)
         let staging = folder.appendingPathComponent(".tokens.bin.staged.partial")
         do {
+            let source = try plan.startingPoint.map { try TrainingCheckpoint.load(from: $0) }
             let tokenizer: any Tokenizer
-            switch plan.tokenizer {
-            case .byte:
+            switch (source, plan.tokenizer) {
+            case (let source?, _):
+                tokenizer = try loadTokenizer(from: source.state.tokenizer, origin: plan.startingPoint!.path)
+            case (nil, .byte):
                 tokenizer = ByteTokenizer()
-            case .bpe(let vocabulary):
+            case (nil, .bpe(let vocabulary)):
                 log("training a BPE tokenizer of \(vocabulary) tokens ...")
                 let text = try plan.files.map { try String(contentsOf: $0, encoding: .utf8) }.joined(separator: "\n")
                 tokenizer = BPETokenizer.train(on: text, vocabularySize: vocabulary)
@@ -115,6 +124,12 @@ public enum TrainingRun {
             var model = plan.model
             model.vocabulary = tokenizer.vocabularySize
             let languageModel = try LanguageModel(model, seed: plan.seed)
+            if let source {
+                let (copied, initialised) = languageModel.copyMatchingParameters(from: source.model)
+                log("starting from \(plan.startingPoint!.path) (step \(source.state.step)): \(copied.count) tensors keep their "
+                    + "trained values, \(initialised.count) start from the seeded initialisation"
+                    + (initialised.isEmpty ? "" : " (\(Retrofit.summary(initialised)))"))
+            }
             let state = TrainingState(configuration: plan.training, samplerSeed: plan.seed &+ 1,
                                       dataPath: tokensURL(in: folder).path, tokenizer: try tokenizer.serialized(),
                                       modelSeed: plan.seed)
@@ -162,5 +177,40 @@ public enum TrainingRun {
             : "resuming at step \(state.step) of \(state.configuration.steps)")
         return try Trainer(model: model, optimizer: optimizer, state: state, data: tokens, runFolder: folder,
                            checkpointStep: state.step)
+    }
+}
+
+/// Turning a trained model into one of another layer pattern (the paper's retrofit: its
+/// window-attention layers replaced by Phalanx layers, then fine-tuned).
+public enum Retrofit {
+    /// The plan of a retrofit run: the trained checkpoint's model configuration with `pattern`
+    /// (and `depth`, when given) in place of its own, trained by `training` on `files`, starting
+    /// from the checkpoint's weights wherever they still fit (`Plan.startingPoint`).
+    ///
+    /// - Throws: `SafetensorsError` for an unreadable checkpoint; `TrainingError` (field
+    ///   `pattern`) when the new pattern equals the old one.
+    public static func plan(from checkpoint: URL, pattern: String, depth: Int? = nil, training: TrainingConfiguration,
+                            files: [URL], seed: UInt64, overwrite: Bool = false) throws -> TrainingRun.Plan {
+        let (source, _, _) = try TrainingCheckpoint.load(from: checkpoint)
+        var model = source.configuration
+        guard pattern != model.pattern || (depth ?? model.depth) != model.depth else {
+            throw TrainingError("the checkpoint's pattern is already \(pattern): a retrofit changes the layer pattern", field: "pattern")
+        }
+        model.pattern = pattern
+        if let depth { model.depth = depth }
+        let tokenizer: TrainingRun.TokenizerChoice = model.vocabulary == 256 ? .byte : .bpe(vocabulary: model.vocabulary)
+        return TrainingRun.Plan(model: model, training: training, files: files, tokenizer: tokenizer, seed: seed,
+                                overwrite: overwrite, startingPoint: checkpoint)
+    }
+
+    /// `names` grouped by block: `layers.0.mixer (7 tensors), ...`.
+    static func summary(_ names: [String]) -> String {
+        var groups: [(String, Int)] = []
+        for name in names {
+            let parts = name.split(separator: ".")
+            let group = parts.count >= 3 && parts[0] == "layers" ? parts.prefix(3).joined(separator: ".") : name
+            if groups.last?.0 == group { groups[groups.count - 1].1 += 1 } else { groups.append((group, 1)) }
+        }
+        return groups.map { "\($0.0) (\($0.1) tensor\($0.1 == 1 ? "" : "s"))" }.joined(separator: ", ")
     }
 }

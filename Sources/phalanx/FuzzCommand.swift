@@ -7,8 +7,8 @@ struct FuzzCommand: ParsableCommand {
         commandName: "fuzz-checkpoints",
         abstract: "Feed hostile variants of a small checkpoint to the loader; every one must load or be refused with an error.",
         discussion: """
-        Mutations: truncation, byte flips in header and data, NaN and infinite weights, header-length \\
-        and offset edits, malformed JSON, wrong dtypes, overflowing shapes, hostile configuration \\
+        Mutations: truncation, byte flips in header and data, NaN and infinite weights, header-length \
+        and offset edits, malformed JSON, wrong dtypes, overflowing shapes, hostile configuration \
         values. A crash stops the command (the case is reproducible from --seed).
         """)
 

@@ -35,8 +35,11 @@ struct TrainCommand: ParsableCommand {
     @Option(name: .customLong("run"), help: "Run folder for checkpoints, the token file and the loss plot.")
     var runFolder = "runs/default"
 
-    @Option(help: "Model preset: \(ModelConfiguration.presetNames.joined(separator: ", ")).")
-    var preset = "phalanx-hybrid-small"
+    @Option(help: "Model preset: \(ModelConfiguration.presetNames.joined(separator: ", ")) (default phalanx-hybrid-small).")
+    var preset: String?
+
+    @Option(help: "Retrofit: start from this trained checkpoint's model and weights with the new --pattern (every tensor that still fits keeps its trained value; new layers start from the seeded initialisation), then train.")
+    var from: String?
 
     @Option(help: "Override the preset's layer pattern (P Phalanx, S sliding-window attention, A attention), e.g. PPPA.")
     var pattern: String?
@@ -93,11 +96,21 @@ struct TrainCommand: ParsableCommand {
 
     /// The new run the flags describe.
     private func plan() throws -> TrainingRun.Plan {
-        var model = try ModelConfiguration.preset(preset)
+        if let from { return try retrofitPlan(from) }
+        var model = try ModelConfiguration.preset(preset ?? "phalanx-hybrid-small")
         if let pattern { model.pattern = pattern }
         if let depth { model.depth = depth }
         if let window { model.window = window }
         if let gateScale { model.gateScale = gateScale }
+        let training = trainingConfiguration()
+        let files = try corpusFiles()
+        return TrainingRun.Plan(model: model, training: training, files: files,
+                                tokenizer: tokenizer == "bpe" ? .bpe(vocabulary: vocabulary) : .byte, seed: seed,
+                                overwrite: overwrite)
+    }
+
+    /// The training settings the flags give.
+    private func trainingConfiguration() -> TrainingConfiguration {
         var training = TrainingConfiguration()
         training.steps = steps ?? defaults.steps
         training.batchSize = batchSize
@@ -113,15 +126,32 @@ struct TrainCommand: ParsableCommand {
         training.evaluationBatches = evalBatches
         training.checkpointInterval = checkpointEvery
         training.seed = seed
+        return training
+    }
+
+    /// The corpus files, checked to exist.
+    private func corpusFiles() throws -> [URL] {
         let files = data.isEmpty ? ["data/shakespeare.txt"] : data
         for file in files where !FileManager.default.fileExists(atPath: file) {
             throw ValidationError(file == "data/shakespeare.txt"
                 ? "the default corpus data/shakespeare.txt is missing: run scripts/fetch-corpus, or pass --data FILE"
                 : "--data: no such file: \(file)")
         }
-        return TrainingRun.Plan(model: model, training: training, files: files.map { URL(fileURLWithPath: $0) },
-                                tokenizer: tokenizer == "bpe" ? .bpe(vocabulary: vocabulary) : .byte, seed: seed,
-                                overwrite: overwrite)
+        return files.map { URL(fileURLWithPath: $0) }
+    }
+
+    /// The retrofit run of `--from`: the checkpoint's model with the new --pattern.
+    private func retrofitPlan(_ checkpoint: String) throws -> TrainingRun.Plan {
+        guard let pattern else { throw ValidationError("--from needs the new layer --pattern (for example PPPA).") }
+        guard preset == nil, window == nil, gateScale == nil else {
+            throw ValidationError("--from takes the model from the checkpoint: --preset, --window and --gate-scale do not apply.")
+        }
+        do {
+            return try Retrofit.plan(from: URL(fileURLWithPath: checkpoint), pattern: pattern, depth: depth,
+                                     training: trainingConfiguration(), files: try corpusFiles(), seed: seed, overwrite: overwrite)
+        } catch let error as SafetensorsError {
+            throw ValidationError("--from: \(error)")
+        }
     }
 
     /// The plan, its step count measured from --minutes when given.

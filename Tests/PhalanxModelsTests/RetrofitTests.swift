@@ -1,0 +1,64 @@
+import Foundation
+import PhalanxModels
+import PhalanxTestSupport
+import PhalanxTraining
+import Testing
+
+@Suite("Retrofit: a trained model takes a new layer pattern and keeps what still fits")
+struct RetrofitTests {
+    /// A generated corpus (no third-party text) and a trained `SA` run beside it.
+    func trainedSource(in folder: URL) throws -> (corpus: URL, checkpoint: URL) {
+        let corpus = folder.appendingPathComponent("corpus.txt")
+        let words = ["amber", "basalt", "cobalt", "dune", "ember", "fjord"]
+        try (0..<400).map { i in "\(words[i % 6]) \(words[(i * 5 + 1) % 6]) \(i % 11)." }.joined(separator: "\n")
+            .write(to: corpus, atomically: true, encoding: .utf8)
+        var training = TrainingConfiguration()
+        (training.steps, training.batchSize, training.contextLength, training.warmupSteps) = (4, 2, 16, 1)
+        (training.evaluationInterval, training.evaluationBatches, training.checkpointInterval) = (0, 1, 0)
+        let model = ModelConfiguration(dim: 32, depth: 2, pattern: "SA", attentionHeads: 2, window: 8, mlpHidden: 48)
+        let run = folder.appendingPathComponent("source")
+        let trainer = try TrainingRun.start(TrainingRun.Plan(model: model, training: training, files: [corpus], seed: 3), in: run)
+        _ = try trainer.run(stopRequested: { false }, onStep: { _ in }, onEvaluation: { _ in })
+        return (corpus, TrainingRun.checkpointURL(in: run))
+    }
+
+    @Test("SA becomes PA: embedding, norms, MLPs and the attention block that stays are the trained ones; the new Phalanx mixer is initialised; fine-tuning runs")
+    func windowAttentionBecomesPhalanx() throws {
+        let folder = temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let (corpus, checkpoint) = try trainedSource(in: folder)
+        let (source, _, _) = try TrainingCheckpoint.load(from: checkpoint)
+        var training = TrainingConfiguration()
+        (training.steps, training.batchSize, training.contextLength, training.warmupSteps) = (2, 2, 16, 1)
+        (training.evaluationInterval, training.evaluationBatches, training.checkpointInterval) = (0, 1, 0)
+        let plan = try Retrofit.plan(from: checkpoint, pattern: "PA", training: training, files: [corpus], seed: 9)
+        #expect(plan.model.pattern == "PA" && plan.model.dim == 32 && plan.model.window == 8)
+        let trainer = try TrainingRun.start(plan, in: folder.appendingPathComponent("retrofit"))
+
+        let trained = Dictionary(uniqueKeysWithValues: source.parameters.map { ($0.name, $0.value.array) })
+        for parameter in trainer.model.parameters {
+            if parameter.name.hasPrefix("layers.0.mixer.") {
+                #expect(trained[parameter.name] == nil, "\(parameter.name) is a new Phalanx tensor")
+                #expect(parameter.name.contains(".param.proj_") || parameter.name.contains(".proj_out."))
+            } else {
+                #expect(trained[parameter.name] == parameter.value.array, "\(parameter.name) keeps its trained value")
+            }
+        }
+        #expect(trainer.model.mixerKinds == [.phalanx, .attention])
+
+        let outcome = try trainer.run(stopRequested: { false }, onStep: { #expect($0.loss.isFinite) }, onEvaluation: { _ in })
+        #expect(outcome == .finished)
+    }
+
+    @Test("the same pattern is refused, naming --pattern's field; a missing checkpoint is an error naming the file")
+    func refusals() throws {
+        let folder = temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let (corpus, checkpoint) = try trainedSource(in: folder)
+        #expect { try Retrofit.plan(from: checkpoint, pattern: "SA", training: .init(), files: [corpus], seed: 1) }
+            throws: { ($0 as? TrainingError)?.field == "pattern" }
+        let missing = folder.appendingPathComponent("nothing.safetensors")
+        #expect { try Retrofit.plan(from: missing, pattern: "PA", training: .init(), files: [corpus], seed: 1) }
+            throws: { "\($0)".contains(missing.path) }
+    }
+}
