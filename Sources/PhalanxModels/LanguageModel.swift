@@ -216,6 +216,24 @@ public final class LanguageModel: ParameterContainer {
         return Float(partial.reduce(0, +) / Double(rows))
     }
 
+    /// The cross-entropy (nats) of each position's target under the logits of `cache`, without
+    /// touching them (no gradient), in double precision:
+    ///
+    ///     loss_r = logsumexp(z_r) - z_r[t_r]        [batch * length]
+    public func tokenLosses(_ cache: Cache, targets: [Int32]) -> [Double] {
+        let rows = cache.batch * cache.length, V = configuration.vocabulary
+        require(targets.count == rows, "LanguageModel.tokenLosses: \(targets.count) targets for \(rows) positions")
+        let z = cache.logits.pointer
+        return (0..<rows).map { r in
+            let row = z + r * V
+            var maxLogit = -Double.infinity
+            for j in 0..<V { maxLogit = max(maxLogit, Double(row[j])) }
+            var total = 0.0
+            for j in 0..<V { total += Foundation.exp(Double(row[j]) - maxLogit) }
+            return Foundation.log(total) + maxLogit - Double(row[Int(targets[r])])
+        }
+    }
+
     /// Adds every parameter gradient, from the logits' gradient that `loss` left in the cache.
     public func backward(_ cache: Cache) {
         let rows = cache.batch * cache.length, V = configuration.vocabulary, dim = configuration.dim

@@ -37,4 +37,34 @@ public enum Evaluation {
         return EvaluationResult(contextLength: contextLength, loss: tokens > 0 ? total / Double(tokens) : .nan,
                                 tokens: tokens, bytes: bytes)
     }
+
+    /// The mean cross-entropy (nats per token) at each position of the windows of `evaluate`,
+    /// `[contextLength]`, position 1 (which sees no context) first: whether, and how far, a model
+    /// uses its context. NaN everywhere when `split` holds no window.
+    public static func lossByPosition(_ model: LanguageModel, split: TokenSplit, contextLength: Int, batchSize: Int,
+                                      maxWindows: Int? = nil) -> [Double] {
+        var batches = EvaluationBatches(split: split, contextLength: contextLength, batchSize: batchSize, maxWindows: maxWindows)
+        var sums = [Double](repeating: 0, count: contextLength), windows = 0
+        while let batch = batches.next() {
+            let cache = model.forward(tokens: batch.inputs, batch: batch.batchSize, length: batch.contextLength)
+            for (i, loss) in model.tokenLosses(cache, targets: batch.targets).enumerated() { sums[i % contextLength] += loss }
+            windows += batch.batchSize
+        }
+        return sums.map { windows > 0 ? $0 / Double(windows) : .nan }
+    }
+
+    /// The mean of `losses` (per position, position 1 first) over each band of positions cut at
+    /// `edges`: `edges` [64, 512] over 2048 positions give 1...64, 65...512 and 513...2048.
+    /// Edges at or beyond the last position are dropped.
+    public static func bands(_ losses: [Double], edges: [Int]) -> [(positions: ClosedRange<Int>, loss: Double)] {
+        let cuts = edges.filter { $0 >= 1 && $0 < losses.count }.sorted()
+        var bands: [(positions: ClosedRange<Int>, loss: Double)] = []
+        var first = 1
+        for last in cuts + [losses.count] where last >= first {
+            let slice = losses[(first - 1)..<last]
+            bands.append((first...last, slice.reduce(0, +) / Double(slice.count)))
+            first = last + 1
+        }
+        return bands
+    }
 }

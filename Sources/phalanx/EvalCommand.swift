@@ -14,11 +14,15 @@ struct EvalCommand: ParsableCommand {
     @Option(parsing: .upToNextOption, help: "Context lengths to evaluate at.") var contexts: [Int] = [64, 256, 1024]
     @Option(help: "Windows per context length (0: the whole split).") var windows = 64
     @Option(help: "Windows per forward pass.") var batchSize = 8
+    @Option(parsing: .upToNextOption,
+            help: "Also the loss by position within the window, in bands cut after these positions (64 512: positions 1-64, 65-512, 513 to the context).")
+    var positionBands: [Int] = []
 
     func validate() throws {
         guard !contexts.isEmpty, contexts.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--contexts must be at least 1 each; got \(contexts).") }
         guard windows >= 0 else { throw ValidationError("--windows must be at least 0 (0: the whole split); got \(windows).") }
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1; got \(batchSize).") }
+        guard positionBands.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--position-bands must be positions of at least 1; got \(positionBands).") }
     }
 
     func run() throws {
@@ -53,6 +57,16 @@ struct EvalCommand: ParsableCommand {
             }
             print(String(format: "  %7d   %7d   %17.4f   %10.3f   %9.4f", context, result.tokens / context, result.loss,
                          result.perplexity, result.bitsPerByte))
+        }
+        guard !positionBands.isEmpty else { return }
+        print("loss (nats/token) by position within the window")
+        for context in contexts {
+            let losses = Evaluation.lossByPosition(model, split: split, contextLength: context, batchSize: batchSize,
+                                                   maxWindows: windows == 0 ? nil : windows)
+            guard losses.first?.isFinite == true else { continue }
+            let bands = Evaluation.bands(losses, edges: positionBands)
+            print("  context \(context): " + bands.map { String(format: "%d-%d %.4f", $0.positions.lowerBound, $0.positions.upperBound, $0.loss) }
+                .joined(separator: "   "))
         }
     }
 }
