@@ -174,13 +174,13 @@ extension LayerBenchmark {
         var json: [String: Any] = ["torch": version]
         print("  torch \(version)")
         if let theirs = figure("phalanx", "forward_backward_ms") {
-            print(String(format: "  Phalanx layer forward+backward: PyTorch %.2f ms, ours %.2f ms: %.2fx faster", theirs,
+            print(String(format: "  Phalanx layer forward+backward: PyTorch %.2f ms, ours %.2f ms: %.2fx PyTorch's speed", theirs,
                          t.forwardBackward * 1e3, theirs / (t.forwardBackward * 1e3)))
             json["phalanx_forward_backward_ms"] = theirs
             json["phalanx_speedup"] = theirs / (t.forwardBackward * 1e3)
         }
         if let theirs = figure("sdpa kernel, causal", "forward_ms") {
-            print(String(format: "  attention kernel forward (causal): PyTorch SDPA %.2f ms, ours %.2f ms: %.2fx faster", theirs,
+            print(String(format: "  attention kernel forward (causal): PyTorch SDPA %.2f ms, ours %.2f ms: %.2fx SDPA's speed", theirs,
                          a.forward * 1e3, theirs / (a.forward * 1e3)))
             json["sdpa_forward_ms"] = theirs
             json["attention_speedup"] = theirs / (a.forward * 1e3)

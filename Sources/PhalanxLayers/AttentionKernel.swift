@@ -1,3 +1,4 @@
+import CPhalanxIntrinsics
 import Foundation
 import PhalanxRuntime
 
@@ -586,7 +587,8 @@ private func multiplyTile(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b
                           depth: Int, columns: Int, into c: UnsafeMutablePointer<Float>, cRow: Int, accumulate: Bool) {
     for r in stride(from: 0, to: tileSize, by: 4) {
         var column = 0
-        while column + 64 <= columns {
+        // 4 x 64 (16 accumulators) where 32 wide registers hold them; 4 x 16 elsewhere.
+        while PHALANX_WIDE_VECTORS == 1 && column + 64 <= columns {
             block4x64(a + r * aRow, aRow: aRow, aDepth: aDepth, b + column, bRow: bRow, depth: depth,
                       into: c + r * cRow + column, cRow: cRow, accumulate: accumulate)
             column += 64

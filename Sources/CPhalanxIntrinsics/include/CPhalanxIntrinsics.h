@@ -24,6 +24,16 @@ static inline __attribute__((always_inline)) void phalanx_prefetch_for_write(con
     __builtin_prefetch(address, 1, 3);
 }
 
+/// 1 when the compile target has 32 registers of 16 floats (AVX-512), 0 otherwise (AVX2's 16
+/// registers of 8 floats, NEON's 32 of 4): a compile-time constant for Swift kernels that size
+/// their register blocks (a block of 16 `SIMD16` accumulators fits only the first; elsewhere it
+/// spills to the stack on every multiply-add).
+#if defined(__AVX512F__)
+#define PHALANX_WIDE_VECTORS 1
+#else
+#define PHALANX_WIDE_VECTORS 0
+#endif
+
 typedef float phalanx_float16 __attribute__((ext_vector_type(16)));
 typedef float phalanx_float8 __attribute__((ext_vector_type(8)));
 typedef float phalanx_float4 __attribute__((ext_vector_type(4)));
