@@ -327,11 +327,16 @@ private func exactBackwardSequence(
     // lam lives in dx0 (this item's slice): it ends as lam_0, then scaled by a_0.
     let lam = dx0
     lam.update(repeating: 0, count: n * D)
+    // With 16-channel heads, the products of 16 heads are summed together (one tree for 16
+    // sums, and one vector store of their da) instead of one horizontal sum each.
+    let products = UnsafeMutablePointer<Float>.allocate(capacity: 16 * 16)
+    defer { products.deallocate() }
     for i in stride(from: rows - 1, through: 0, by: -1) {
-        for k in 0..<n {
+        /// lam_k = dx_i + a_{i+1} lam_k, written to du; returns lam_k * x_{i-1} (16 channels).
+        @inline(__always) func head16(_ k: Int) -> SIMD16<Float> {
             let h = h0 + k
             let aNext: Float = i + 1 < rows ? a[(i + 1) * H + h] : 0
-            let lamh = lam + k * D, dxh = dx + (i * H + h) * D, duh = du + (i * H + h) * D
+            let lamh = lam + k * D, duh = du + (i * H + h) * D
             let xPrev = i > 0 ? x + ((i - 1) * H + h) * D : x0 + k * D
             if i >= prefetchRows {
                 let ahead = ((i - prefetchRows) * H + h) * D
@@ -339,19 +344,35 @@ private func exactBackwardSequence(
                 phalanx_prefetch(dx + ahead)
                 if !streamsOutput { phalanx_prefetch_for_write(du + ahead) }
             }
+            let v = load16(dx + (i * H + h) * D).addingProduct(SIMD16(repeating: aNext), load16(lamh))
+            store16(v, lamh)
+            if streamsOutput { phalanx_stream16(duh, v) } else { store16(v, duh) }
+            return v * load16(xPrev)
+        }
+        var k = 0
+        if D == 16 {
+            while k + 16 <= n {
+                for j in 0..<16 { store16(head16(k + j), products + 16 * j) }
+                store16(phalanx_sums16x16(products), da + i * H + h0 + k)
+                k += 16
+            }
+            while k < n {
+                da[i * H + h0 + k] = horizontalSum(head16(k))
+                k += 1
+            }
+            continue
+        }
+        for k in 0..<n {
+            let h = h0 + k
+            let aNext: Float = i + 1 < rows ? a[(i + 1) * H + h] : 0
+            let lamh = lam + k * D, dxh = dx + (i * H + h) * D, duh = du + (i * H + h) * D
+            let xPrev = i > 0 ? x + ((i - 1) * H + h) * D : x0 + k * D
             var dot: Float = 0
-            if D == 16 {
-                let v = load16(dxh).addingProduct(SIMD16(repeating: aNext), load16(lamh))
-                store16(v, lamh)
-                if streamsOutput { phalanx_stream16(duh, v) } else { store16(v, duh) }
-                dot = horizontalSum(v * load16(xPrev))
-            } else {
-                for c in 0..<D {
-                    let v = dxh[c] + aNext * lamh[c]
-                    lamh[c] = v
-                    duh[c] = v
-                    dot += v * xPrev[c]
-                }
+            for c in 0..<D {
+                let v = dxh[c] + aNext * lamh[c]
+                lamh[c] = v
+                duh[c] = v
+                dot += v * xPrev[c]
             }
             da[i * H + h] = dot
         }

@@ -125,4 +125,38 @@ struct BackwardAlignmentTests {
         }
         #expect(gradients(offset: 0) == gradients(offset: 1))
     }
+
+    @Test("exact backward over many 16-channel heads (their gate gradients summed 16 at a time) equals each head alone")
+    func exactBackwardHeadGroups() {
+        var rng = SeededGenerator(seed: 31)
+        let heads = 37, length = 41
+        let layout = SequenceLayout.batched(batch: 2, length: length, heads: heads, headDim: 16)
+        let gates = (0..<layout.gateCount).map { _ in Float.random(in: 0.1...0.99, using: &rng) }
+        let inputs = randomInputs(layout.elementCount, &rng), dy = randomInputs(layout.elementCount, &rng)
+        /// `(du, da)` of the exact recurrence over `layout`, from zero.
+        func gradients(_ layout: SequenceLayout, _ a: [Float], _ u: [Float], _ dy: [Float]) -> ([Float], [Float]) {
+            var state = ExactState(for: layout)
+            let x = exact(gates: a, inputs: u, layout: layout, state: &state)
+            var du = [Float](repeating: .nan, count: u.count), da = [Float](repeating: .nan, count: a.count)
+            a.withUnsafeBufferPointer { a in x.withUnsafeBufferPointer { x in dy.withUnsafeBufferPointer { dy in
+                du.withUnsafeMutableBufferPointer { du in da.withUnsafeMutableBufferPointer { da in
+                    _ = ExactRecurrence().backward(gates: a, outputs: x, outputGradient: dy, layout: layout,
+                                                   initialState: ExactState(for: layout), inputGradient: du, gateGradient: da)
+                } }
+            } } }
+            return (du, da)
+        }
+        let (du, da) = gradients(layout, gates, inputs, dy)
+        let single = SequenceLayout.batched(batch: 2, length: length, heads: 1, headDim: 16)
+        for h in [0, 15, 16, 36] {
+            let rows = 0..<(2 * length)
+            let a = rows.map { gates[$0 * heads + h] }
+            let u = rows.flatMap { r in inputs[((r * heads + h) * 16)..<((r * heads + h) * 16 + 16)] }
+            let g = rows.flatMap { r in dy[((r * heads + h) * 16)..<((r * heads + h) * 16 + 16)] }
+            let (duAlone, daAlone) = gradients(single, a, Array(u), Array(g))
+            let duHere = rows.flatMap { r in du[((r * heads + h) * 16)..<((r * heads + h) * 16 + 16)] }
+            #expect(Array(duHere) == duAlone, "du of head \(h)")
+            expectClose(rows.map { da[$0 * heads + h] }, daAlone.map(Double.init), tolerance: .float32Kernel, "da of head \(h)")
+        }
+    }
 }

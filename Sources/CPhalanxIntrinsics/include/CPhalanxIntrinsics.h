@@ -49,6 +49,25 @@ static inline __attribute__((always_inline)) float phalanx_sum16(phalanx_float16
     return b[0] + b[1];
 }
 
+/// The lane sums of 16 vectors of 16 floats stored one after another at `values` (any
+/// alignment): `result[h] = sum_k values[16 h + k]`, by a tree that halves the vectors at each
+/// level (15 vector adds and 30 shuffles, against about 8 instructions per vector summed alone).
+static inline __attribute__((always_inline)) phalanx_float16 phalanx_sums16x16(const float *values) {
+    phalanx_float16 v[16], s[8], t[4], u[2];
+    __builtin_memcpy(v, values, sizeof(v));
+    for (int i = 0; i < 8; i++)  // [v_{2i} halves folded | v_{2i+1} halves folded], 8 lanes each
+        s[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)  // 4 lanes per vector
+        t[i] = __builtin_shufflevector(s[2 * i], s[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(s[2 * i], s[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)  // 2 lanes per vector
+        u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(t[2 * i], t[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(u[0], u[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(u[0], u[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 /// Stores 16 floats at a 64-byte aligned address without reading the line first and without
 /// keeping it in cache (a non-temporal store): for outputs far larger than the caches, it saves
 /// the read that an ordinary store of a missing line costs.
