@@ -332,49 +332,48 @@ private func exactBackwardSequence(
     let products = UnsafeMutablePointer<Float>.allocate(capacity: 16 * 16)
     defer { products.deallocate() }
     for i in stride(from: rows - 1, through: 0, by: -1) {
-        /// lam_k = dx_i + a_{i+1} lam_k, written to du; returns lam_k * x_{i-1} (16 channels).
-        @inline(__always) func head16(_ k: Int) -> SIMD16<Float> {
+        /// Head `k`'s operands at row `i` (the next row's gate, lam, dx, du, and x one row back),
+        /// with the rows ahead prefetched.
+        @inline(__always) func operands(_ k: Int) -> (aNext: Float, lam: UnsafeMutablePointer<Float>, dx: UnsafePointer<Float>,
+                                                     du: UnsafeMutablePointer<Float>, xPrev: UnsafePointer<Float>) {
             let h = h0 + k
-            let aNext: Float = i + 1 < rows ? a[(i + 1) * H + h] : 0
-            let lamh = lam + k * D, duh = du + (i * H + h) * D
-            let xPrev = i > 0 ? x + ((i - 1) * H + h) * D : x0 + k * D
             if i >= prefetchRows {
                 let ahead = ((i - prefetchRows) * H + h) * D
                 phalanx_prefetch(x + ahead)
                 phalanx_prefetch(dx + ahead)
                 if !streamsOutput { phalanx_prefetch_for_write(du + ahead) }
             }
-            let v = load16(dx + (i * H + h) * D).addingProduct(SIMD16(repeating: aNext), load16(lamh))
-            store16(v, lamh)
-            if streamsOutput { phalanx_stream16(duh, v) } else { store16(v, duh) }
-            return v * load16(xPrev)
+            return (i + 1 < rows ? a[(i + 1) * H + h] : 0, lam + k * D, dx + (i * H + h) * D, du + (i * H + h) * D,
+                    i > 0 ? x + ((i - 1) * H + h) * D : x0 + k * D)
         }
-        var k = 0
+        /// lam_k = dx_i + a_{i+1} lam_k, written to du; returns lam_k * x_{i-1} (16 channels).
+        @inline(__always) func head16(_ k: Int) -> SIMD16<Float> {
+            let o = operands(k)
+            let v = load16(o.dx).addingProduct(SIMD16(repeating: o.aNext), load16(o.lam))
+            store16(v, o.lam)
+            if streamsOutput { phalanx_stream16(o.du, v) } else { store16(v, o.du) }
+            return v * load16(o.xPrev)
+        }
         if D == 16 {
+            var k = 0
             while k + 16 <= n {
                 for j in 0..<16 { store16(head16(k + j), products + 16 * j) }
                 store16(phalanx_sums16x16(products), da + i * H + h0 + k)
                 k += 16
             }
-            while k < n {
-                da[i * H + h0 + k] = horizontalSum(head16(k))
-                k += 1
+            for k in k..<n { da[i * H + h0 + k] = horizontalSum(head16(k)) }
+        } else {
+            for k in 0..<n {
+                let o = operands(k)
+                var dot: Float = 0
+                for c in 0..<D {
+                    let v = o.dx[c] + o.aNext * o.lam[c]
+                    o.lam[c] = v
+                    o.du[c] = v
+                    dot += v * o.xPrev[c]
+                }
+                da[i * H + h0 + k] = dot
             }
-            continue
-        }
-        for k in 0..<n {
-            let h = h0 + k
-            let aNext: Float = i + 1 < rows ? a[(i + 1) * H + h] : 0
-            let lamh = lam + k * D, dxh = dx + (i * H + h) * D, duh = du + (i * H + h) * D
-            let xPrev = i > 0 ? x + ((i - 1) * H + h) * D : x0 + k * D
-            var dot: Float = 0
-            for c in 0..<D {
-                let v = dxh[c] + aNext * lamh[c]
-                lamh[c] = v
-                duh[c] = v
-                dot += v * xPrev[c]
-            }
-            da[i * H + h] = dot
         }
     }
     if rows > 0 {
