@@ -40,8 +40,7 @@ extension TrainingRun.Plan {
                 scratch.backward(cache)
             }
             optimizer.update(learningRate: training.peakLearningRate)
-            let elapsed = clock.now - start
-            if step > 0 { samples.append(Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18) }
+            if step > 0 { samples.append(seconds(clock.now - start)) }
         }
         let perStep = samples.sorted()[samples.count / 2]
         let steps = max(1, Int(min(0.9 * budget / perStep, 1e12)))

@@ -166,8 +166,9 @@ public final class Trainer {
                                title: "\(model.configuration.pattern) x \(model.configuration.depth), dim \(model.configuration.dim)")
         try writeAtomically(Data(svg.utf8), to: plotURL)
     }
+}
 
-    private func seconds(_ d: Duration) -> Double {
-        Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
-    }
+/// `d` in seconds.
+func seconds(_ d: Duration) -> Double {
+    Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
 }
