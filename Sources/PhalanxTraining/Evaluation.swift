@@ -12,6 +12,9 @@ public struct EvaluationResult: Sendable, Equatable {
     public let tokens: Int
     /// Bytes of text those tokens stand for (equal to `tokens` for the byte tokenizer).
     public let bytes: Int
+    /// When asked for: the mean cross-entropy at each position of the windows, `[contextLength]`,
+    /// position 1 (which sees no context) first: whether, and how far, a model uses its context.
+    public let lossByPosition: [Double]?
 
     /// `exp(loss)`.
     public var perplexity: Double { exp(loss) }
@@ -22,35 +25,30 @@ public struct EvaluationResult: Sendable, Equatable {
 /// Scoring a model on held-out tokens.
 public enum Evaluation {
     /// Scores `split` in non-overlapping windows of `contextLength` (each position predicts the
-    /// next token with the context of its window), at most `maxWindows` windows.
-    public static func evaluate(_ model: LanguageModel, split: TokenSplit, tokenizer: any Tokenizer,
-                                contextLength: Int, batchSize: Int, maxWindows: Int? = nil) -> EvaluationResult {
+    /// next token with the context of its window), at most `maxWindows` windows; with
+    /// `byPosition`, also the loss at each position of the window, from the same forward passes.
+    public static func evaluate(_ model: LanguageModel, split: TokenSplit, tokenizer: any Tokenizer, contextLength: Int,
+                                batchSize: Int, maxWindows: Int? = nil, byPosition: Bool = false) -> EvaluationResult {
         var batches = EvaluationBatches(split: split, contextLength: contextLength, batchSize: batchSize, maxWindows: maxWindows)
         var total = 0.0, tokens = 0, bytes = 0
+        var positionSums = [Double](repeating: 0, count: byPosition ? contextLength : 0)
         while let batch = batches.next() {
             let cache = model.forward(tokens: batch.inputs, batch: batch.batchSize, length: batch.contextLength)
-            let loss = model.loss(cache, targets: batch.targets, gradientScale: 0)
-            total += Double(loss) * Double(batch.targets.count)
+            if byPosition {
+                for (i, loss) in model.tokenLosses(cache, targets: batch.targets).enumerated() {
+                    positionSums[i % contextLength] += loss
+                    total += loss
+                }
+            } else {
+                total += Double(model.loss(cache, targets: batch.targets, gradientScale: 0)) * Double(batch.targets.count)
+            }
             tokens += batch.targets.count
             for t in batch.targets { bytes += tokenizer.bytes(of: t).count }
         }
+        let windows = tokens / contextLength
         return EvaluationResult(contextLength: contextLength, loss: tokens > 0 ? total / Double(tokens) : .nan,
-                                tokens: tokens, bytes: bytes)
-    }
-
-    /// The mean cross-entropy (nats per token) at each position of the windows of `evaluate`,
-    /// `[contextLength]`, position 1 (which sees no context) first: whether, and how far, a model
-    /// uses its context. NaN everywhere when `split` holds no window.
-    public static func lossByPosition(_ model: LanguageModel, split: TokenSplit, contextLength: Int, batchSize: Int,
-                                      maxWindows: Int? = nil) -> [Double] {
-        var batches = EvaluationBatches(split: split, contextLength: contextLength, batchSize: batchSize, maxWindows: maxWindows)
-        var sums = [Double](repeating: 0, count: contextLength), windows = 0
-        while let batch = batches.next() {
-            let cache = model.forward(tokens: batch.inputs, batch: batch.batchSize, length: batch.contextLength)
-            for (i, loss) in model.tokenLosses(cache, targets: batch.targets).enumerated() { sums[i % contextLength] += loss }
-            windows += batch.batchSize
-        }
-        return sums.map { windows > 0 ? $0 / Double(windows) : .nan }
+                                tokens: tokens, bytes: bytes,
+                                lossByPosition: byPosition ? positionSums.map { windows > 0 ? $0 / Double(windows) : .nan } : nil)
     }
 
     /// The mean of `losses` (per position, position 1 first) over each band of positions cut at

@@ -45,9 +45,10 @@ struct EvalCommand: ParsableCommand {
         }
         print("checkpoint: step \(state.step), \(model.configuration.pattern) x \(model.configuration.depth), \(split.count) tokens to score")
         print("  context   windows   loss (nats/token)   perplexity   bits/byte")
+        var byPosition: [(context: Int, losses: [Double])] = []
         for context in contexts {
-            let result = Evaluation.evaluate(model, split: split, tokenizer: tokenizer, contextLength: context,
-                                             batchSize: batchSize, maxWindows: windows == 0 ? nil : windows)
+            let result = Evaluation.evaluate(model, split: split, tokenizer: tokenizer, contextLength: context, batchSize: batchSize,
+                                             maxWindows: windows == 0 ? nil : windows, byPosition: !positionBands.isEmpty)
             guard result.tokens > 0 else {
                 print(String(format: "  %7d   (the text is shorter than one window)", context))
                 continue
@@ -57,13 +58,11 @@ struct EvalCommand: ParsableCommand {
             }
             print(String(format: "  %7d   %7d   %17.4f   %10.3f   %9.4f", context, result.tokens / context, result.loss,
                          result.perplexity, result.bitsPerByte))
+            if let losses = result.lossByPosition { byPosition.append((context, losses)) }
         }
-        guard !positionBands.isEmpty else { return }
+        guard !byPosition.isEmpty else { return }
         print("loss (nats/token) by position within the window")
-        for context in contexts {
-            let losses = Evaluation.lossByPosition(model, split: split, contextLength: context, batchSize: batchSize,
-                                                   maxWindows: windows == 0 ? nil : windows)
-            guard losses.first?.isFinite == true else { continue }
+        for (context, losses) in byPosition {
             let bands = Evaluation.bands(losses, edges: positionBands)
             print("  context \(context): " + bands.map { String(format: "%d-%d %.4f", $0.positions.lowerBound, $0.positions.upperBound, $0.loss) }
                 .joined(separator: "   "))

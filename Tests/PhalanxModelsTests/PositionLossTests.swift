@@ -30,8 +30,12 @@ struct PositionLossTests {
 
     @Test("the mean over positions equals the evaluation's loss; bands average their positions")
     func positionsAndBands() {
-        let byPosition = Evaluation.lossByPosition(model, split: split, contextLength: 24, batchSize: 2)
+        let result = Evaluation.evaluate(model, split: split, tokenizer: ByteTokenizer(), contextLength: 24, batchSize: 2,
+                                         byPosition: true)
+        let byPosition = result.lossByPosition ?? []
         let whole = Evaluation.evaluate(model, split: split, tokenizer: ByteTokenizer(), contextLength: 24, batchSize: 2)
+        #expect(whole.lossByPosition == nil)
+        #expect(abs(result.loss - whole.loss) < 1e-5)
         #expect(byPosition.count == 24)
         #expect(abs(byPosition.reduce(0, +) / 24 - whole.loss) < 1e-5)
         let bands = Evaluation.bands(byPosition, edges: [4, 10, 99])
