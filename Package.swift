@@ -35,22 +35,22 @@ let package = Package(
         .target(name: "SWR", dependencies: ["PhalanxRuntime", "CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "Checkpoint", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
-        .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxLayers", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
+        .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
         // The GPU-against-CPU comparisons, shared by the tests and `phalanx bench cuda --check`.
         .target(name: "PhalanxCUDAChecks", dependencies: ["PhalanxCUDA", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(
             name: "PhalanxLayers",
             dependencies: [
-                "SWR", "Checkpoint", "PhalanxRuntime", "CPhalanxIntrinsics",
+                "SWR", "Checkpoint", "PhalanxRuntime", "CPhalanxIntrinsics", "PhalanxCUDA",
                 .target(name: "CBLAS", condition: .when(platforms: [.linux])),
             ],
             swiftSettings: cpuFlags),
         .target(
-            name: "PhalanxModels", dependencies: ["PhalanxLayers", "SWR", "PhalanxRuntime", "Checkpoint"],
+            name: "PhalanxModels", dependencies: ["PhalanxLayers", "PhalanxCUDA", "SWR", "PhalanxRuntime", "Checkpoint"],
             swiftSettings: cpuFlags),
         .target(
             name: "PhalanxTraining",
-            dependencies: ["PhalanxModels", "PhalanxLayers", "PhalanxData", "PhalanxRuntime", "Checkpoint"],
+            dependencies: ["PhalanxModels", "PhalanxLayers", "PhalanxCUDA", "PhalanxData", "PhalanxRuntime", "Checkpoint"],
             swiftSettings: cpuFlags),
         .target(
             name: "PhalanxBench",
@@ -61,8 +61,8 @@ let package = Package(
         .executableTarget(
             name: "phalanx",
             dependencies: [
-                "SWR", "Checkpoint", "PhalanxBench", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxRuntime",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "SWR", "Checkpoint", "PhalanxBench", "PhalanxCUDA", "PhalanxLayers", "PhalanxModels", "PhalanxTraining", "PhalanxData",
+                "PhalanxRuntime", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: cpuFlags),
         // What every test target shares: named tolerances, `expectClose`, finite differences,

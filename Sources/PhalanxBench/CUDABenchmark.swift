@@ -82,7 +82,7 @@ public struct CUDABenchmark {
         let nvrtc = try NVRTC.shared.get()
         _ = try KernelSources.source(named: "jagged_window")
         print("Kernels: \(KernelSources.directory?.path ?? "?"); NVRTC \(nvrtc.version.major).\(nvrtc.version.minor) at \(nvrtc.path)")
-        let context = try CUDAContext.shared.get()
+        let device = try CUDADevice.shared.get(), context = device.context
         print("Device: \(context.deviceName), \(context.architecture), \(context.multiprocessorCount) SMs, "
               + String(format: "%.0f GiB", Double(context.totalMemory) / Double(1 << 30))
               + "; driver \(context.driver.path) (CUDA \(context.driver.version / 1000).\(context.driver.version % 1000 / 10))")
@@ -93,7 +93,7 @@ public struct CUDABenchmark {
 
         var failures = 0
         if settings.check {
-            let outcome = try CUDAChecks.runAll(context: context)
+            let outcome = try CUDAChecks.runAll(device: device)
             json["check"] = ["passed": outcome.passed, "failed": outcome.failed]
             failures = outcome.failed
         }
@@ -102,7 +102,7 @@ public struct CUDABenchmark {
         print(String(format: "\nCopy bandwidth (cuMemcpyDtoD, 1 GiB, read + write): %.0f GB/s", copy / 1e9))
         json["copy_gbps"] = copy / 1e9
         if settings.parts.contains("operator") { try timeOperator(context, copy: copy, json: &json) }
-        if settings.parts.contains("layer") { json["layer"] = try timeLayer(context, copy: copy) }
+        if settings.parts.contains("layer") { json["layer"] = try timeLayer(device, copy: copy) }
         if settings.parts.contains("exact") { json["exact"] = try timeExact(context, copy: copy) }
         printJSONLine(json)
         return failures

@@ -12,8 +12,8 @@ extension CUDABenchmark {
     /// forward+backward against the same matrix products alone and, with --attention, against the
     /// attention layer; then each step alone, and every variant of the two kernels against the
     /// copy bandwidth.
-    func timeLayer(_ context: CUDAContext, copy: Double) throws -> [String: Any] {
-        let blas = try CUBLAS(context: context)
+    func timeLayer(_ device: CUDADevice, copy: Double) throws -> [String: Any] {
+        let context = device.context, blas = device.blas
         let dim = PhalanxLayer.headDim * heads, kv = kvHeads ?? heads
         print("\nPhalanx layer, bf16, dim \(dim) (\(heads) heads x \(PhalanxLayer.headDim), \(kv) kv heads); cuBLAS \(blas.version) at \(blas.path)")
         let rate = try gemmRate(blas)
@@ -30,24 +30,30 @@ extension CUDABenchmark {
         }
 
         var rng = SeededGenerator(seed: 11)
-        let cpu = PhalanxLayer("bench", .init(dim: dim, kvHeads: kv), rng: &rng)
-        let layer = try CUDAPhalanxLayer(copying: cpu, context: context, storage: .bfloat16, blas: blas)
-        json["tuning"] = "\(layer.tuning)"
+        let layer = PhalanxLayer("bench", .init(dim: dim, kvHeads: kv), rng: &rng)
+        layer.move(to: .cuda(device), compute: .bfloat16)
+        let kernels = try CUDAPhalanxKernels.on(device, storage: .bfloat16, blockLength: layer.configuration.blockLength)
+        json["tuning"] = "\(kernels.tuning)"
         let shapes = layerShapes
         let tokens = shapes.map { $0.batch * $0.length }.max() ?? 0
-        let x = try layer.storage.upload((0..<tokens * dim).map { _ in Float.random(in: -1...1, using: &rng) }, context: context)
-        let dy = try layer.storage.upload((0..<tokens * dim).map { _ in Float.random(in: -0.01...0.01, using: &rng) }, context: context)
+        let xs = Tensor((0..<tokens * dim).map { _ in Float.random(in: -1...1, using: &rng) }, shape: [tokens, dim],
+                        on: .cuda(device), format: .bfloat16)
+        let dys = Tensor((0..<tokens * dim).map { _ in Float.random(in: -0.01...0.01, using: &rng) }, shape: [tokens, dim],
+                         on: .cuda(device), format: .bfloat16)
 
-        print("  median of \(repeats) x \(launches) calls, \(layer.tuning); GEMM floor: the layer's own matrix products alone")
+        print("  median of \(repeats) x \(launches) calls, \(kernels.tuning); GEMM floor: the layer's own matrix products alone")
         var summary: [String] = []
         for shape in shapes {
             let rows = shape.batch * shape.length
-            let forward = try measure(context) { _ = try layer.forward(x, batch: shape.batch, length: shape.length) }
+            let x = Tensor(viewing: xs, offset: 0, shape: [shape.batch, shape.length, dim])
+            let dy = Tensor(viewing: dys, offset: 0, shape: [shape.batch, shape.length, dim])
+            let forward = try measure(context) { _ = layer.forward(x) }
             let forwardBackward = try measure(context) {
-                let (_, cache) = try layer.forward(x, batch: shape.batch, length: shape.length)
-                _ = try layer.backward(dy, cache: cache)
+                let (_, cache) = layer.forward(x)
+                _ = layer.backward(dy, cache: cache)
             }
-            let steps = try layerSteps(layer, batch: shape.batch, length: shape.length, x: x, dy: dy, copy: copy)
+            try device.checkFailure()
+            let steps = try layerSteps(layer, kernels, batch: shape.batch, length: shape.length, x: x, dy: dy, copy: copy)
             let gemmForward = steps.gemmForward, gemmBoth = steps.gemmForward + steps.gemmBackward
             var entry: [String: Any] = [
                 "forward_ms": forward, "forward_backward_ms": forwardBackward,
@@ -94,16 +100,16 @@ extension CUDABenchmark {
     /// of each direction) and every variant of its two kernels, with the bandwidth the kernels
     /// reach (bytes they must move: forward reads z, writes mixed; backward reads z and dmixed,
     /// writes dz) as a fraction of the copy bandwidth.
-    private func layerSteps(_ layer: CUDAPhalanxLayer, batch: Int, length: Int, x: DeviceBuffer, dy: DeviceBuffer,
+    private func layerSteps(_ layer: PhalanxLayer, _ kernels: CUDAPhalanxKernels, batch: Int, length: Int, x: Tensor, dy: Tensor,
                             copy: Double) throws -> (gemmForward: Double, gemmBackward: Double, lines: [String], json: [String: Any]) {
-        let context = layer.context, rows = batch * length
+        let context = kernels.context, rows = batch * length, gpu = x.device.cuda!
         let dim = layer.configuration.dim, width = layer.configuration.heads * PhalanxLayer.headDim, c = layer.columns
-        let (_, cache) = try layer.forward(x, batch: batch, length: length)
-        let dMixed = try DeviceBuffer(context: context, byteCount: rows * width * 2)
-        let out = try DeviceBuffer(context: context, byteCount: rows * max(dim, c.stride) * 2)
+        let (_, cache) = layer.forward(x)
+        let dMixed = Tensor(zeros: [rows, width], on: x.device, format: .bfloat16)
+        let out = Tensor(uninitialized: [rows, max(dim, c.stride)], on: x.device, format: .bfloat16)
         // Each product of the layer's own list, on this shape's operands (dz stands in for itself:
         // the projections have its shape).
-        let operands: [PhalanxLayer.Product: (DeviceBuffer, DeviceBuffer?)] = [
+        let operands: [PhalanxLayer.Product: (Tensor, Tensor?)] = [
             .z: (x, nil), .y: (cache.mixed, nil), .dMixed: (dy, nil), .dOutputWeight: (dy, cache.mixed),
             .dInputWeight: (cache.projections, x), .dx: (cache.projections, nil),
         ]
@@ -116,7 +122,12 @@ extension CUDABenchmark {
         // The input projection with cuBLASLt's first-choice algorithm, for comparison with the searched one.
         let unsearched = try CUBLAS(context: context)
         unsearched.searchAlgorithms = false
-        let firstChoice = try measure(context) { try layer.multiply(.z, rows: rows, x, into: out, blas: unsearched) }
+        let z = CUBLAS.Matrix(cache.projections.deviceBuffer, .bfloat16, rows: rows, columns: c.width, stride: c.stride)
+        let weight = try layer.projB.value.compute.root.deviceBuffer
+        let firstChoice = try measure(context) {
+            try unsearched.gemm(.init(x.deviceBuffer, .bfloat16, rows: rows, columns: dim), .init(weight, .bfloat16, rows: c.width, columns: dim),
+                                transposeB: true, into: z)
+        }
         var json: [String: Any] = ["gemm_z_first_choice_ms": firstChoice]
         var gemmForward = 0.0, gemmBackward = 0.0, gemmLine: [String] = []
         for (name, backward, body) in gemms {
@@ -127,32 +138,35 @@ extension CUDABenchmark {
         }
 
         let forwardBytes = Double(rows * (c.width + width) * 2), backwardBytes = Double(rows * (2 * c.width + width) * 2)
-        let standard = layer.tuning
+        let standard = kernels.tuning
         var kernelLines: [String] = []
         /// Times both kernels with `tuning`; returns the line fragment for each.
-        func time(_ tuning: CUDAPhalanxLayer.Tuning, forward: Bool, backward: Bool) throws -> (String, String) {
-            layer.tuning = tuning
+        func time(_ tuning: CUDAPhalanxKernels.Tuning, forward: Bool, backward: Bool) throws -> (String, String) {
+            kernels.tuning = tuning
             var parts = ("", "")
+            let heads = layer.configuration.heads
             if forward {
-                let ms = try measure(context) { _ = try layer.forwardElementwise(cache.projections, batch: batch, length: length) }
-                let chunk = try layer.chunkBlocks(batch: batch, length: length, backward: false)
+                let ms = try measure(context) { _ = layer.forwardKernel(cache.projections, batch: batch, length: length, on: gpu) }
+                try gpu.checkFailure()
+                let chunk = try kernels.chunkBlocks(batch: batch, length: length, heads: heads, backward: false)
                 json["forward_kernel_v\(tuning.forwardChannels)_rows\(tuning.forwardRows)_chunk\(tuning.chunkBlocks.map(String.init) ?? "auto")_ms"] = ms
                 parts.0 = String(format: "%.3f ms (%.0f%%, chunk %d)", ms, 100 * forwardBytes / (ms * 1e-3) / copy, chunk)
             }
             if backward {
-                let ms = try measure(context) { _ = try layer.backwardElementwise(dMixed, cache: cache) }
-                let chunk = try layer.chunkBlocks(batch: batch, length: length, backward: true)
+                let ms = try measure(context) { _ = layer.backwardKernel(dMixed, cache: cache, on: gpu) }
+                try gpu.checkFailure()
+                let chunk = try kernels.chunkBlocks(batch: batch, length: length, heads: heads, backward: true)
                 json["backward_kernel_rows\(tuning.backwardRows)_chunk\(tuning.chunkBlocks.map(String.init) ?? "auto")_ms"] = ms
                 parts.1 = String(format: "%.3f ms (%.0f%%, chunk %d)", ms, 100 * backwardBytes / (ms * 1e-3) / copy, chunk)
             }
             return parts
         }
-        kernelLines.append("forward kernel, channels x rows loaded together: " + (try CUDAPhalanxLayer.Tuning.forwardVariants.map { variant in
+        kernelLines.append("forward kernel, channels x rows loaded together: " + (try CUDAPhalanxKernels.Tuning.forwardVariants.map { variant in
             var tuning = standard
             (tuning.forwardChannels, tuning.forwardRows) = variant
             return "\(variant.0)x\(variant.1): " + (try time(tuning, forward: true, backward: false)).0
         }).joined(separator: ", "))
-        kernelLines.append("backward kernel, rows loaded together: " + (try CUDAPhalanxLayer.Tuning.backwardVariants.map { rows in
+        kernelLines.append("backward kernel, rows loaded together: " + (try CUDAPhalanxKernels.Tuning.backwardVariants.map { rows in
             var tuning = standard
             tuning.backwardRows = rows
             return "\(rows): " + (try time(tuning, forward: false, backward: true)).1
@@ -164,7 +178,7 @@ extension CUDABenchmark {
         }
         kernelLines.append("forward kernel by chunk: " + byChunk.map { "\($0.0): \($0.1.0)" }.joined(separator: ", "))
         kernelLines.append("backward kernel by chunk: " + byChunk.map { "\($0.0): \($0.1.1)" }.joined(separator: ", "))
-        layer.tuning = standard
+        kernels.tuning = standard
         return (gemmForward, gemmBackward, ["GEMMs (ms) " + gemmLine.joined(separator: ", ")
                                             + String(format: " (z with cuBLASLt's first choice, unsearched: %.3f)", firstChoice)]
                                            + kernelLines, json)

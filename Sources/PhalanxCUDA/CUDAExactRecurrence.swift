@@ -1,4 +1,3 @@
-import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
@@ -96,7 +95,7 @@ public struct CUDAExactRecurrence: Sendable {
     private func reduce(_ kernel: CUDAContext.Function, _ shape: (batch: Int, length: Int, heads: Int),
                         gates: DeviceBuffer, values: DeviceBuffer, reverse: Bool) throws -> (DeviceBuffer, DeviceBuffer) {
         let blocks = blocks(shape.length)
-        let carriers = try DeviceBuffer(context: context, byteCount: shape.batch * blocks * shape.heads * PhalanxLayer.headDim * 4)
+        let carriers = try DeviceBuffer(context: context, byteCount: shape.batch * blocks * shape.heads * JaggedWindow.standardHeadDim * 4)
         let compounds = try DeviceBuffer(context: context, byteCount: shape.batch * blocks * shape.heads * 4)
         try launch(kernel, shape, [.buffer(gates), .buffer(values), .buffer(carriers), .buffer(compounds)], reverse: reverse)
         return (carriers, compounds)
@@ -108,7 +107,7 @@ public struct CUDAExactRecurrence: Sendable {
     private func scanCarriers(_ carriers: DeviceBuffer, compounds: DeviceBuffer,
                               _ shape: (batch: Int, length: Int, heads: Int)) throws {
         if shape.length <= Self.scanLength {
-            let threads = shape.batch * shape.heads * PhalanxLayer.headDim
+            let threads = shape.batch * shape.heads * JaggedWindow.standardHeadDim
             try context.launch(scan, grid: ((threads + threadsPerBlock - 1) / threadsPerBlock, 1, 1), block: (threadsPerBlock, 1, 1),
                                arguments: [.buffer(carriers), .buffer(compounds), .int32(Int32(shape.batch)),
                                            .int32(Int32(shape.length)), .int32(Int32(shape.heads))])

@@ -1,4 +1,3 @@
-import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
@@ -163,7 +162,7 @@ public struct CUDAJaggedWindow: Sendable {
               channels: Int) throws -> (chunkBlocks: Int, grid: Int) {
         let resident = tuning.chunkBlocks == nil ? try context.residentBlocks(kernel, threadsPerBlock: tuning.threadsPerBlock) : 0
         let plan = ChunkPlan(batch: shape.batch, length: shape.length, blockLength: window.blockLength,
-                             lanesPerRow: shape.heads * (PhalanxLayer.headDim / channels),
+                             lanesPerRow: shape.heads * (JaggedWindow.standardHeadDim / channels),
                              threadsPerBlock: tuning.threadsPerBlock, chunkBlocks: tuning.chunkBlocks,
                              residentThreads: resident * tuning.threadsPerBlock * context.multiprocessorCount)
         return (plan.chunkBlocks, plan.gridBlocks)

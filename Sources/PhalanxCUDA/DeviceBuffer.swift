@@ -13,6 +13,8 @@ public final class DeviceBuffer: @unchecked Sendable {
     public let address: UInt64
     /// Size in bytes, as asked for.
     public let byteCount: Int
+    /// The buffer whose memory a view shares (kept alive by the view); nil when this one owns it.
+    public let base: DeviceBuffer?
 
     /// Allocates `byteCount` bytes (contents undefined).
     public init(context: CUDAContext, byteCount: Int) throws {
@@ -21,6 +23,18 @@ public final class DeviceBuffer: @unchecked Sendable {
         self.byteCount = byteCount
         try context.makeCurrent()
         self.address = try context.allocate(byteCount)
+        base = nil
+    }
+
+    /// A view of `byteCount` bytes of `base` from `byteOffset`: kernels and copies see the same
+    /// memory through either; the memory goes back when both are gone.
+    public init(viewing base: DeviceBuffer, byteOffset: Int, byteCount: Int) {
+        require(byteOffset >= 0 && byteCount >= 0 && byteOffset + byteCount <= base.byteCount,
+                "DeviceBuffer view: \(byteCount) bytes at \(byteOffset) do not fit in a buffer of \(base.byteCount)")
+        context = base.context
+        address = base.address + UInt64(byteOffset)
+        self.byteCount = byteCount
+        self.base = base.base ?? base
     }
 
     /// A buffer holding `values` (float32).
@@ -35,7 +49,7 @@ public final class DeviceBuffer: @unchecked Sendable {
         try upload(bits)
     }
 
-    deinit { context.memory.give(address, byteCount: max(byteCount, 1)) }
+    deinit { if base == nil { context.memory.give(address, byteCount: max(byteCount, 1)) } }
 
     /// Copies `values` to the start of the buffer, after the stream's queued work.
     public func upload<T: BitwiseCopyable>(_ values: [T]) throws {

@@ -1,5 +1,5 @@
+import SWR
 import Foundation
-import PhalanxLayers
 
 /// What identifies a compiled kernel module: a hash of its source and compile options, and the GPU
 /// architecture it was compiled for (`sm_90`). Equal keys mean interchangeable CUBINs.
@@ -62,9 +62,9 @@ public enum KernelSources {
 
     /// The compile definitions that give the kernels their shape constants: `SWR_BLOCK_LENGTH`
     /// (positions per block, the model configuration's `blockLength`) and `SWR_HEAD_DIM`
-    /// (`PhalanxLayer.headDim`). Part of the compile options, hence of the kernel cache's key.
+    /// (`JaggedWindow.standardHeadDim`). Part of the compile options, hence of the kernel cache's key.
     public static func definitions(blockLength: Int) -> [String] {
-        ["-DSWR_BLOCK_LENGTH=\(blockLength)", "-DSWR_HEAD_DIM=\(PhalanxLayer.headDim)"]
+        ["-DSWR_BLOCK_LENGTH=\(blockLength)", "-DSWR_HEAD_DIM=\(JaggedWindow.standardHeadDim)"]
     }
 
     /// The NVRTC options every kernel of this package is compiled with for `architecture`:

@@ -1,4 +1,3 @@
-import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
@@ -9,11 +8,11 @@ extension SequenceLayout {
     /// returns the batch shape.
     func checkUniformBatch(_ function: String, context: CUDAContext, storage: NumberFormat,
                            _ buffers: [(String, DeviceBuffer, Int)]) -> (batch: Int, length: Int, heads: Int) {
-        require(headDim == PhalanxLayer.headDim, "\(function): the kernels have head dim \(PhalanxLayer.headDim), the layout is \(self)")
+        require(headDim == JaggedWindow.standardHeadDim, "\(function): the kernels have head dim \(JaggedWindow.standardHeadDim), the layout is \(self)")
         let length = lengths.first ?? 0
         require(starts == (0..<sequenceCount).map { $0 * length } && lengths.allSatisfy { $0 == length },
                 "\(function): needs a uniform batch (SequenceLayout.batched), got \(self)")
-        require(sequenceCount <= Int(Int32.max) && length <= Int(Int32.max) && heads <= Int(Int32.max) / PhalanxLayer.headDim,
+        require(sequenceCount <= Int(Int32.max) && length <= Int(Int32.max) && heads <= Int(Int32.max) / JaggedWindow.standardHeadDim,
                 "\(function): batch, length and heads must fit the kernels' 32-bit counts, got \(self)")
         for (label, buffer, count) in buffers {
             require(buffer.context === context, "\(function): \(label) belongs to another CUDAContext")

@@ -6,7 +6,8 @@ import PhalanxCUDA
 public enum CUDAChecks {
     /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence), one
     /// PASS/FAIL line each; returns the number of failures.
-    public static func runAll(context: CUDAContext) throws -> (passed: Int, failed: Int) {
+    public static func runAll(device: CUDADevice) throws -> (passed: Int, failed: Int) {
+        let context = device.context
         var failures = 0, total = 0
         func report(_ title: String, _ outcomes: () throws -> [(line: String, passed: Bool)]) rethrows {
             print("\nCheck: \(title)")
@@ -23,10 +24,9 @@ public enum CUDAChecks {
                 return ("\(outcome)", outcome.passed)
             }
         }
-        let blas = try CUBLAS(context: context)
-        try report("the GPU Phalanx layer against the CPU PhalanxLayer (output, dx, every parameter gradient)") {
+        try report("PhalanxLayer on the GPU against the CPU (output, dx, every parameter gradient)") {
             try CUDAPhalanxLayerCheck.standardCases.map {
-                let outcome = try CUDAPhalanxLayerCheck.run($0, context: context, blas: blas)
+                let outcome = try CUDAPhalanxLayerCheck.run($0, device: device)
                 return ("\(outcome)", outcome.passed)
             }
         }

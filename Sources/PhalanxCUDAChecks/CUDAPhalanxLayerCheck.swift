@@ -4,11 +4,12 @@ import PhalanxLayers
 import PhalanxRuntime
 import SWR
 
-/// The comparisons of `CUDAPhalanxLayer` with the CPU `PhalanxLayer` that define it: the tests run
-/// them, and so does `phalanx bench cuda --check`.
+/// The comparisons of `PhalanxLayer` on a GPU with the same layer on the CPU, which defines it: the
+/// tests run them, and so does `phalanx bench cuda --check`.
 ///
 /// Each case builds a CPU layer from a seed (its parameters rounded to bfloat16 when the storage
-/// is bfloat16), copies it to the GPU, pushes the same input and output gradient through both and
+/// is bfloat16) and a second one from the same seed that it moves to the GPU (bfloat16 compute
+/// copies of its matrices when the storage is bfloat16), pushes the same input and output gradient through both and
 /// compares the output, the input gradient and every parameter gradient by name, each by
 /// `CUDAJaggedWindowCheck.relativeError` (error relative to each value and to the tensor's scale).
 public enum CUDAPhalanxLayerCheck {
@@ -33,12 +34,12 @@ public enum CUDAPhalanxLayerCheck {
         /// Positions per block, compiled into the kernels.
         public var blockLength: Int
         /// The kernel variants and chunk length.
-        public var tuning: CUDAPhalanxLayer.Tuning
+        public var tuning: CUDAPhalanxKernels.Tuning
 
         /// A case of `batch` sequences of `length` positions through a layer of width `dim`.
         public init(storage: NumberFormat, batch: Int, length: Int, dim: Int = 64, kvHeads: Int = 4,
                     gateScale: Float = 1, gates: Gates = .random, blockLength: Int = JaggedWindow.standardBlockLength,
-                    tuning: CUDAPhalanxLayer.Tuning = .init()) {
+                    tuning: CUDAPhalanxKernels.Tuning = .init()) {
             (self.storage, self.batch, self.length, self.dim, self.kvHeads) = (storage, batch, length, dim, kvHeads)
             (self.gateScale, self.gates, self.blockLength, self.tuning) = (gateScale, gates, blockLength, tuning)
         }
@@ -107,50 +108,53 @@ public enum CUDAPhalanxLayerCheck {
 
     /// Every kernel variant (each forward one, paired with the backward ones in turn) besides the
     /// default, with a chunk of 2 blocks.
-    static var variants: [CUDAPhalanxLayer.Tuning] {
-        let all = CUDAPhalanxLayer.Tuning.forwardVariants.enumerated().map { index, forward in
-            let backward = CUDAPhalanxLayer.Tuning.backwardVariants
-            return CUDAPhalanxLayer.Tuning(forwardChannels: forward.0, forwardRows: forward.1,
+    static var variants: [CUDAPhalanxKernels.Tuning] {
+        let all = CUDAPhalanxKernels.Tuning.forwardVariants.enumerated().map { index, forward in
+            let backward = CUDAPhalanxKernels.Tuning.backwardVariants
+            return CUDAPhalanxKernels.Tuning(forwardChannels: forward.0, forwardRows: forward.1,
                                            backwardRows: backward[index % backward.count], chunkBlocks: 2)
         }
-        return all.filter { $0 != CUDAPhalanxLayer.Tuning(chunkBlocks: 2) }
+        return all.filter { $0 != CUDAPhalanxKernels.Tuning(chunkBlocks: 2) }
     }
 
-    /// Runs one case on `context` and on the CPU.
-    public static func run(_ testCase: Case, context: CUDAContext, blas: CUBLAS? = nil) throws -> Outcome {
+    /// Runs one case on `device` and on the CPU.
+    public static func run(_ testCase: Case, device: CUDADevice) throws -> Outcome {
         let storage = testCase.storage
-        var rng = SeededGenerator(seed: UInt64(testCase.length * 131 + testCase.dim * 7 + testCase.kvHeads))
-        let cpu = PhalanxLayer("check", .init(dim: testCase.dim, kvHeads: testCase.kvHeads, gateScale: testCase.gateScale,
-                                                      blockLength: testCase.blockLength),
-                               rng: &rng)
-        for parameter in cpu.parameters {
-            let values = storage.rounded(parameter.value.array)
-            for i in values.indices { parameter.value[i] = values[i] }
+        func layer() -> (PhalanxLayer, SeededGenerator) {
+            var rng = SeededGenerator(seed: UInt64(testCase.length * 131 + testCase.dim * 7 + testCase.kvHeads))
+            let layer = PhalanxLayer("check", .init(dim: testCase.dim, kvHeads: testCase.kvHeads, gateScale: testCase.gateScale,
+                                                    blockLength: testCase.blockLength),
+                                     rng: &rng)
+            for parameter in layer.parameters { parameter.value.write(storage.rounded(parameter.value.array)) }
+            switch testCase.gates {
+            case .random: break
+            case .nearOne: layer.projABias.value.fill(12)
+            case .nearZero: layer.projABias.value.fill(-30)
+            }
+            return (layer, rng)
         }
-        switch testCase.gates {
-        case .random: break
-        case .nearOne: cpu.projABias.value.fill(12)
-        case .nearZero: cpu.projABias.value.fill(-30)
-        }
-        let count = testCase.batch * testCase.length * testCase.dim
+        var (cpu, rng) = layer()
+        let gpu = layer().0
+        gpu.move(to: .cuda(device), compute: storage)
+        let kernels = try CUDAPhalanxKernels.on(device, storage: storage, blockLength: testCase.blockLength)
+        kernels.tuning = testCase.tuning
+        defer { kernels.tuning = .init() }
+
+        let shape = [testCase.batch, testCase.length, testCase.dim], count = shape.reduce(1, *)
         let x = storage.rounded((0..<count).map { _ in Float.random(in: -1...1, using: &rng) })
         let dy = storage.rounded((0..<count).map { _ in Float.random(in: -1...1, using: &rng) })
+        let (y, cache) = gpu.forward(Tensor(x, shape: shape, on: .cuda(device), format: storage))
+        let dx = gpu.backward(Tensor(dy, shape: shape, on: .cuda(device), format: storage), cache: cache)
+        try device.checkFailure()
 
-        let gpu = try CUDAPhalanxLayer(copying: cpu, context: context, storage: storage, blas: blas)
-        gpu.tuning = testCase.tuning
-        let (y, cache) = try gpu.forward(try storage.upload(x, context: context), batch: testCase.batch, length: testCase.length)
-        let dx = try gpu.backward(try storage.upload(dy, context: context), cache: cache)
-        let gpuOutput = try storage.download(y, count: count), gpuInputGradient = try storage.download(dx, count: count)
-        let gradients = try gpu.gradients()
-
-        let shape = [testCase.batch, testCase.length, testCase.dim]
         let (expected, cpuCache) = cpu.forward(Tensor(x, shape: shape))
         let expectedInputGradient = cpu.backward(Tensor(dy, shape: shape), cache: cpuCache)
-        var errors = [("y", CUDAJaggedWindowCheck.relativeError(gpuOutput, expected.array)),
-                      ("dx", CUDAJaggedWindowCheck.relativeError(gpuInputGradient, expectedInputGradient.array))]
-        for parameter in cpu.parameters {
-            errors.append((parameter.name, CUDAJaggedWindowCheck.relativeError(gradients[parameter.name] ?? [], parameter.gradient.array)))
+        var errors = [("y", CUDAJaggedWindowCheck.relativeError(y.array, expected.array)),
+                      ("dx", CUDAJaggedWindowCheck.relativeError(dx.array, expectedInputGradient.array))]
+        for (reference, parameter) in zip(cpu.parameters, gpu.parameters) {
+            errors.append((parameter.name, CUDAJaggedWindowCheck.relativeError(parameter.gradient.array, reference.gradient.array)))
         }
+        try device.checkFailure()
         return Outcome(testCase: testCase, errors: errors, tolerance: tolerance(storage))
     }
 }

@@ -1,3 +1,4 @@
+import PhalanxCUDA
 import PhalanxRuntime
 
 /// Causal multi-head attention with grouped key/value heads, rotary position embedding and an
@@ -89,10 +90,15 @@ public final class Attention: ParameterContainer {
             rotary.rotate(q, inverse: false, pool: pool)
             rotary.rotate(k, inverse: false, pool: pool)
         }
-        let attended = Tensor(uninitialized: [layout.batch, layout.length, heads * headDim])
-        let lse = Tensor(uninitialized: [layout.batch, heads, layout.length])
-        kernel.forward(query: q.readOnly, key: k.readOnly, value: v.readOnly, output: attended.buffer,
-                       logsumexp: lse.buffer, layout: layout, pool: pool)
+        let attended = Tensor(uninitialized: [layout.batch, layout.length, heads * headDim], like: q)
+        let lse = Tensor(uninitialized: [layout.batch, heads, layout.length], on: q.device)
+        switch q.device {
+        case .cpu:
+            kernel.forward(query: q.readOnly, key: k.readOnly, value: v.readOnly, output: attended.buffer,
+                           logsumexp: lse.buffer, layout: layout, pool: pool)
+        case .cuda(let gpu):
+            DeviceOps.attention(query: q, key: k, value: v, output: attended, logsumexp: lse, layout: layout, window: window, on: gpu)
+        }
         let y = oProj.forward(attended)
         return (y, Cache(input: x, layout: layout, query: q, key: k, value: v, attended: attended, logsumexp: lse))
     }
@@ -103,20 +109,27 @@ public final class Attention: ParameterContainer {
         require(dy.shape == [layout.batch, layout.length, dim],
                 "Attention.backward: cotangent \(dy.shape), expected \([layout.batch, layout.length, dim])")
         let dAttended = oProj.backward(dy, input: cache.attended)
-        let dq = Tensor(uninitialized: cache.query.shape)
-        let dk = Tensor(uninitialized: cache.key.shape), dv = Tensor(uninitialized: cache.value.shape)
-        kernel.backward(query: cache.query.readOnly, key: cache.key.readOnly, value: cache.value.readOnly,
-                        output: cache.attended.readOnly, logsumexp: cache.logsumexp.readOnly,
-                        outputGradient: dAttended.readOnly, queryGradient: dq.buffer, keyGradient: dk.buffer,
-                        valueGradient: dv.buffer, layout: layout, pool: pool)
+        let dq = Tensor(uninitialized: cache.query.shape, like: dy)
+        let dk = Tensor(uninitialized: cache.key.shape, like: dy), dv = Tensor(uninitialized: cache.value.shape, like: dy)
+        switch dy.device {
+        case .cpu:
+            kernel.backward(query: cache.query.readOnly, key: cache.key.readOnly, value: cache.value.readOnly,
+                            output: cache.attended.readOnly, logsumexp: cache.logsumexp.readOnly,
+                            outputGradient: dAttended.readOnly, queryGradient: dq.buffer, keyGradient: dk.buffer,
+                            valueGradient: dv.buffer, layout: layout, pool: pool)
+        case .cuda(let gpu):
+            DeviceOps.attentionBackward(query: cache.query, key: cache.key, value: cache.value, output: cache.attended,
+                                        logsumexp: cache.logsumexp, outputGradient: dAttended, queryGradient: dq,
+                                        keyGradient: dk, valueGradient: dv, layout: layout, window: window, on: gpu)
+        }
         if let rotary {
             rotary.rotate(dq, inverse: true, pool: pool)
             rotary.rotate(dk, inverse: true, pool: pool)
         }
-        let dx = Tensor(uninitialized: x.shape), rows = x.rows
-        qProj.backward(dq.pointer, input: x.pointer, rows: rows, inputGradient: dx.pointer)
-        kProj.backward(dk.pointer, input: x.pointer, rows: rows, inputGradient: dx.pointer, accumulate: true)
-        vProj.backward(dv.pointer, input: x.pointer, rows: rows, inputGradient: dx.pointer, accumulate: true)
+        let dx = Tensor(uninitialized: x.shape, like: dy)
+        qProj.backward(dq, input: x, inputGradient: dx)
+        kProj.backward(dk, input: x, inputGradient: dx, accumulate: true)
+        vProj.backward(dv, input: x, inputGradient: dx, accumulate: true)
         return dx
     }
 }

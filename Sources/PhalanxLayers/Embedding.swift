@@ -1,3 +1,4 @@
+import PhalanxCUDA
 import PhalanxRuntime
 
 /// A token embedding table: row `t` of `weight` `[vocabulary, dim]` for each token `t`.
@@ -29,6 +30,12 @@ public final class Embedding: ParameterContainer {
     /// `tokens` `[batch, length]` (row-major) to `[batch, length, dim]`.
     public func forward(_ tokens: [Int32], batch: Int, length: Int) -> Tensor {
         require(tokens.count == batch * length, "Embedding: \(tokens.count) tokens for [\(batch), \(length)]")
+        if case .cuda(let gpu) = weight.value.device {
+            if let bad = tokens.firstIndex(where: { $0 < 0 || Int($0) >= vocabulary }) {
+                fatalError("Embedding \(weight.name): token \(tokens[bad]) at position \(bad) is outside 0..<\(vocabulary)")
+            }
+            return DeviceOps.embed(tokens, shape: [batch, length, dim], table: weight.value, on: gpu)
+        }
         let y = Tensor(zeros: [batch, length, dim])
         for (i, t) in tokens.enumerated() {
             require(t >= 0 && Int(t) < vocabulary, "Embedding \(weight.name): token \(t) at position \(i) is outside 0..<\(vocabulary)")
@@ -40,6 +47,9 @@ public final class Embedding: ParameterContainer {
     /// Adds the cotangent of each position into its token's row.
     public func backward(_ dy: Tensor, tokens: [Int32]) {
         require(dy.rows == tokens.count && dy.columns == dim, "Embedding.backward: cotangent \(dy.shape) for \(tokens.count) tokens")
+        if case .cuda(let gpu) = dy.device {
+            return DeviceOps.embedBackward(dy, tokens: tokens, tableGradient: weight.gradient, on: gpu)
+        }
         let dw = weight.gradient.pointer
         for (i, t) in tokens.enumerated() {
             let row = dw + Int(t) * dim, g = dy.pointer + i * dim

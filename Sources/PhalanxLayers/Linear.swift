@@ -36,9 +36,19 @@ public final class Linear: ParameterContainer {
     /// `y = x W^T + b`; `x` has `inputs` columns, `y` keeps `x`'s leading shape.
     public func forward(_ x: Tensor) -> Tensor {
         require(x.columns == inputs, "Linear \(weight.name): input has \(x.columns) features, expected \(inputs) (shape \(x.shape))")
-        let y = Tensor(zeros: Array(x.shape.dropLast()) + [outputs])
-        forward(x.pointer, rows: x.rows, into: y.pointer)
+        let y = Tensor(uninitialized: Array(x.shape.dropLast()) + [outputs], like: x)
+        forward(x, into: y)
         return y
+    }
+
+    /// `y = x W^T + b` into `y` (`[rows, outputs]` elements, overwritten), where `x` lives.
+    public func forward(_ x: Tensor, into y: Tensor) {
+        require(x.columns == inputs && y.count == x.rows * outputs,
+                "Linear \(weight.name): input \(x.shape) and output \(y.shape) do not fit \(inputs) -> \(outputs)")
+        switch x.device {
+        case .cpu: forward(x.pointer, rows: x.rows, into: y.pointer)
+        case .cuda(let gpu): forward(x, into: y, on: gpu)
+        }
     }
 
     /// Raw form: `x` `[rows, inputs]` to `y` `[rows, outputs]` (overwritten).
@@ -54,9 +64,21 @@ public final class Linear: ParameterContainer {
     public func backward(_ dy: Tensor, input x: Tensor) -> Tensor {
         require(dy.columns == outputs && dy.rows == x.rows,
                      "Linear \(weight.name): cotangent \(dy.shape) does not match input \(x.shape) -> \(outputs) features")
-        let dx = Tensor(zeros: x.shape)
-        backward(dy.pointer, input: x.pointer, rows: x.rows, inputGradient: dx.pointer)
+        let dx = Tensor(uninitialized: x.shape, like: dy)
+        backward(dy, input: x, inputGradient: dx)
         return dx
+    }
+
+    /// Tensor form of the raw backward, on the CPU or a GPU: adds the parameter gradients and
+    /// writes `dx` into `inputGradient` (added to it when `accumulate`; nil when the input needs
+    /// no gradient).
+    public func backward(_ dy: Tensor, input x: Tensor, inputGradient dx: Tensor?, accumulate: Bool = false) {
+        require(dy.columns == outputs && dy.rows == x.rows && x.columns == inputs && (dx.map { $0.count == x.count } ?? true),
+                "Linear \(weight.name): cotangent \(dy.shape), input \(x.shape), input gradient \(dx?.shape ?? []) do not chain")
+        switch dy.device {
+        case .cpu: backward(dy.pointer, input: x.pointer, rows: x.rows, inputGradient: dx?.pointer, accumulate: accumulate)
+        case .cuda(let gpu): backward(dy, input: x, inputGradient: dx, accumulate: accumulate, on: gpu)
+        }
     }
 
     /// Raw form. `inputGradient` (`[rows, inputs]`) is overwritten unless `accumulate` is set;

@@ -1,4 +1,5 @@
 import PhalanxRuntime
+import PhalanxCUDA
 
 /// A trainable tensor with its gradient and its checkpoint name.
 ///
@@ -53,6 +54,28 @@ public protocol ParameterContainer: AnyObject {
 extension ParameterContainer {
     /// Sets every parameter's gradient to zero.
     public func zeroGradients() { for p in parameters { p.gradient.fill(0) } }
+
+    /// Moves every parameter's value and gradient to `device` (float32 masters). With `compute`
+    /// bfloat16 on a GPU, every matrix (a two-dimensional tensor owning its storage) also gets a
+    /// bfloat16 `computeCopy` that the matrix products read; the optimizer refreshes it after
+    /// each update. Views move with the tensor they view. Moving back to the CPU drops the copies.
+    public func move(to device: Device, compute: NumberFormat = .float32) {
+        var seen = Set<ObjectIdentifier>()
+        for root in parameters.flatMap({ [$0.value.root, $0.gradient.root] }) where seen.insert(ObjectIdentifier(root)).inserted {
+            root.computeCopy = nil
+            root.move(to: device)
+        }
+        guard compute != .float32, case .cuda = device else { return }
+        seen.removeAll()
+        for root in parameters.map(\.value.root) where root.shape.count == 2 && seen.insert(ObjectIdentifier(root)).inserted {
+            let copy = Tensor(uninitialized: root.shape, on: device, format: compute)
+            copy.write(root.array)
+            root.computeCopy = copy
+        }
+    }
+
+    /// Where the parameters live (the first one's place; all move together).
+    public var device: Device { parameters.first?.value.device ?? .cpu }
     /// Trainable scalars: the sum of the parameters' element counts.
     public var parameterCount: Int { parameters.reduce(0) { $0 + $1.value.count } }
 }

@@ -27,9 +27,9 @@ private let D = PhalanxLayer.headDim
 /// `b | c | v | a`, `Columns`) and backward one for `dx` and one for the weights. Gates, `b * v` and the
 /// post-gating are each one row-parallel pass; backward mirrors it.
 public final class PhalanxLayer: ParameterContainer {
-    /// Channels per head, `D`. Fixed: the CPU kernels hold one head in one 16-lane vector
-    /// (`SIMD16<Float>`), and the GPU kernels assign lanes per head by it.
-    public static let headDim = 16
+    /// Channels per head, `D` (`JaggedWindow.standardHeadDim`). Fixed: the CPU kernels hold one
+    /// head in one 16-lane vector (`SIMD16<Float>`), and the GPU kernels assign lanes per head by it.
+    public static let headDim = JaggedWindow.standardHeadDim
 
     /// The shape of a layer: width, key/value heads, gate scale and jagged window.
     public struct Configuration: Codable, Hashable, Sendable {
@@ -84,7 +84,7 @@ public final class PhalanxLayer: ParameterContainer {
     }
 
     /// The layer's six matrix products, forward then backward, on every backend: the one list
-    /// that the layers run (`PhalanxLayer.multiply`, `CUDAPhalanxLayer.multiply`) and that the
+    /// that the layers run (`PhalanxLayer.multiply`, in its pointer form on the CPU and its tensor form on a GPU) and that the
     /// benchmarks time one by one (the GEMM floor). `rows = batch * length`, `P = Columns.width`.
     public enum Product: String, CaseIterable, Sendable {
         /// `z = x W_in^T` `[rows, P]`, inner k = dim.
@@ -147,22 +147,44 @@ public final class PhalanxLayer: ParameterContainer {
         public let input: Tensor
         /// Batch and length of the call.
         public let shape: (batch: Int, length: Int)
-        /// `[rows, P]`: the activated projections in `Columns` order (a after the sigmoid and
-        /// scale, b after the sigmoid).
-        let projections: Tensor
-        /// `[rows, H]`: the gates again, contiguous for the recurrence.
-        public let gates: Tensor
-        /// `[rows, H*D]`: `b * v` (the recurrence input), `s`, and `s * c + v`.
-        public let recurrenceInput: Tensor, recurrence: Tensor, mixed: Tensor
-        /// The recurrence state the call started from.
-        let initialState: JaggedState
+        /// `[rows, P]` on the CPU: the activated projections in `Columns` order (a after the
+        /// sigmoid and scale, b after the sigmoid); `[rows, stride]` on a GPU: the projections
+        /// before bias and activation (the kernels recompute the rest from them).
+        public let projections: Tensor
+        /// `[rows, H*D]`: `s * c + v`, `proj_out`'s input.
+        public let mixed: Tensor
+        /// What only the CPU pass keeps, or only the GPU pass.
+        let intermediates: Intermediates
         let columns: Columns
 
-        /// `[rows, KVH*D]` sigmoid(proj_b(x)), a copy for inspection.
+        enum Intermediates {
+            /// The gates `[rows, H]` (contiguous for the recurrence), `b * v` and `s` `[rows, H*D]`,
+            /// and the recurrence state the call started from.
+            case host(gates: Tensor, recurrenceInput: Tensor, recurrence: Tensor, initialState: JaggedState)
+            /// Each block's terminal local state `[batch, ceil(length / l), H, D]` float32.
+            case device(carriers: Tensor)
+        }
+
+        private var host: (gates: Tensor, recurrenceInput: Tensor, recurrence: Tensor, initialState: JaggedState) {
+            guard case .host(let gates, let input, let recurrence, let state) = intermediates else {
+                fatalError("PhalanxLayer.Cache: the GPU pass keeps no gates, b * v or s (the kernels recompute them)")
+            }
+            return (gates, input, recurrence, state)
+        }
+        /// `[rows, H]`: the gates (CPU passes).
+        public var gates: Tensor { host.gates }
+        /// `[rows, H*D]`: `b * v`, the recurrence input (CPU passes).
+        public var recurrenceInput: Tensor { host.recurrenceInput }
+        /// `[rows, H*D]`: `s`, the recurrence output (CPU passes).
+        public var recurrence: Tensor { host.recurrence }
+        /// The recurrence state the call started from (CPU passes).
+        var initialState: JaggedState { host.initialState }
+
+        /// `[rows, KVH*D]` sigmoid(proj_b(x)), a copy for inspection (CPU passes).
         public var b: Tensor { slice(columns.b, columns.c) }
-        /// `[rows, KVH*D]` proj_c(x), a copy for inspection.
+        /// `[rows, KVH*D]` proj_c(x), a copy for inspection (CPU passes).
         public var c: Tensor { slice(columns.c, columns.v) }
-        /// `[rows, H*D]` proj_v(x), a copy for inspection.
+        /// `[rows, H*D]` proj_v(x), a copy for inspection (CPU passes).
         public var v: Tensor { slice(columns.v, columns.a) }
 
         private func slice(_ from: Int, _ to: Int) -> Tensor {
@@ -240,6 +262,7 @@ public final class PhalanxLayer: ParameterContainer {
 
     /// `x` `[batch, length, dim]` to `y` `[batch, length, dim]`, every sequence from the start.
     public func forward(_ x: Tensor) -> (Tensor, Cache) {
+        if case .cuda(let gpu) = x.device { return forward(x, on: gpu) }
         var state = makeState(batch: x.shape.first ?? 0)
         return forward(x, state: &state)
     }
@@ -255,6 +278,7 @@ public final class PhalanxLayer: ParameterContainer {
     public func forward(_ x: Tensor, state: inout JaggedState) -> (Tensor, Cache) {
         let dim = configuration.dim, H = configuration.heads, KVH = configuration.kvHeads
         require(x.shape.count == 3 && x.shape[2] == dim, "PhalanxLayer: input must be [batch, length, \(dim)], got \(x.shape)")
+        require(x.device.isSame(as: .cpu), "PhalanxLayer.forward(_:state:): decoding from a state runs on the CPU; x is on \(x.device)")
         let (batch, length) = (x.shape[0], x.shape[1])
         let initialState = state
         let rows = batch * length, P = columns.width, cols = columns
@@ -303,9 +327,10 @@ public final class PhalanxLayer: ParameterContainer {
         }
         let y = Tensor(uninitialized: [batch, length, dim])
         multiply(.y, rows: rows, mixed.pointer, into: y.pointer)
-        return (y, Cache(input: x, shape: (batch, length), projections: z, gates: gates,
-                         recurrenceInput: recurrenceInput, recurrence: recurrence, mixed: mixed,
-                         initialState: initialState, columns: cols))
+        return (y, Cache(input: x, shape: (batch, length), projections: z, mixed: mixed,
+                         intermediates: .host(gates: gates, recurrenceInput: recurrenceInput, recurrence: recurrence,
+                                              initialState: initialState),
+                         columns: cols))
     }
 
     /// Adds every parameter gradient for output cotangent `dy` `[batch, length, dim]`; returns `dx`.
@@ -320,6 +345,7 @@ public final class PhalanxLayer: ParameterContainer {
         let (batch, length) = cache.shape
         let rows = batch * length, P = columns.width, cols = columns
         require(dy.shape == [batch, length, dim], "PhalanxLayer.backward: cotangent \(dy.shape), expected \([batch, length, dim])")
+        if case .device = cache.intermediates { return backwardOnDevice(dy, cache: cache) }
         let group = H / KVH, scale = configuration.gateScale
 
         let dMixed = Tensor(uninitialized: [rows, H * D])

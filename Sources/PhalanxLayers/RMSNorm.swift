@@ -1,3 +1,4 @@
+import PhalanxCUDA
 import PhalanxRuntime
 
 /// Root-mean-square normalisation with a learned scale:
@@ -32,6 +33,7 @@ public final class RMSNorm: ParameterContainer {
     /// Normalises each row of `x` (last dimension `dim`).
     public func forward(_ x: Tensor) -> Tensor {
         require(x.columns == dim, "RMSNorm \(weight.name): input has \(x.columns) features, expected \(dim)")
+        if case .cuda(let gpu) = x.device { return DeviceOps.rmsNorm(x, weight: weight.value, eps: eps, on: gpu) }
         let y = Tensor(zeros: x.shape)
         let xp = x.pointer, yp = y.pointer, w = weight.value.pointer, dim = dim, eps = eps
         forEachRowRange(x.rows) { range in
@@ -49,6 +51,9 @@ public final class RMSNorm: ParameterContainer {
     /// Adds `dw` for input `x` and cotangent `dy`; returns `dx`.
     public func backward(_ dy: Tensor, input x: Tensor) -> Tensor {
         require(dy.shape == x.shape, "RMSNorm \(weight.name): cotangent \(dy.shape) does not match input \(x.shape)")
+        if case .cuda(let gpu) = x.device {
+            return DeviceOps.rmsNormBackward(dy, input: x, weight: weight.value, weightGradient: weight.gradient, eps: eps, on: gpu)
+        }
         let dx = Tensor(zeros: x.shape)
         let rows = x.rows, dim = dim, eps = eps
         let xp = x.pointer, dyp = dy.pointer, dxp = dx.pointer, w = weight.value.pointer

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxCUDA
 import PhalanxRuntime
 import Synchronization
 
@@ -29,6 +30,8 @@ public final class RotaryEmbedding: Sendable {
         var sin: [Float] = []
     }
     private let table = Mutex(Table())
+    /// The same tables on each GPU that asked for them.
+    private let deviceTables = Mutex([ObjectIdentifier: (Tensor, Tensor)]())
 
     /// A rotation for heads of `headDim` channels (even, at least 2) and frequency `base` (above 1).
     public init(headDim: Int, base: Float = 10000) {
@@ -59,6 +62,12 @@ public final class RotaryEmbedding: Sendable {
         let perPosition = batch * length == 0 ? 0 : x.count / (batch * length)
         require(perPosition % headDim == 0,
                 "RotaryEmbedding: \(perPosition) channels per position do not split into heads of \(headDim) (shape \(x.shape))")
+        if case .cuda(let gpu) = x.device {
+            require(startPosition >= 0, "RotaryEmbedding: startPosition must be non-negative, got \(startPosition)")
+            let (cosines, sines) = deviceAngles(upTo: startPosition + length, on: gpu)
+            return DeviceOps.rotate(x, heads: perPosition / headDim, headDim: headDim, cosines: cosines, sines: sines,
+                                    startPosition: startPosition, inverse: inverse, on: gpu)
+        }
         rotate(x.pointer, batch: batch, length: length, heads: perPosition / headDim,
                startPosition: startPosition, inverse: inverse, pool: pool)
     }
@@ -89,6 +98,20 @@ public final class RotaryEmbedding: Sendable {
                     }
                 }
             }
+        }
+    }
+
+    /// The cos and sin tables on `gpu` `[positions, headDim/2]` float32, covering at least
+    /// `positions` positions: uploaded once per device and table size.
+    private func deviceAngles(upTo positions: Int, on gpu: CUDADevice) -> (Tensor, Tensor) {
+        let (cosines, sines) = angles(upTo: positions)
+        return deviceTables.withLock { tables in
+            let key = ObjectIdentifier(gpu)
+            if let cached = tables[key], cached.0.count == cosines.count { return cached }
+            let shape = [cosines.count / (headDim / 2), headDim / 2]
+            let uploaded = (Tensor(cosines, shape: shape, on: .cuda(gpu)), Tensor(sines, shape: shape, on: .cuda(gpu)))
+            tables[key] = uploaded
+            return uploaded
         }
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxCUDA
 import PhalanxRuntime
 
 /// The SwiGLU feed-forward block:
@@ -37,6 +38,11 @@ public final class SwiGLU: ParameterContainer {
 
     /// `x` `[..., dim]` to `y` of the same shape; rows are independent.
     public func forward(_ x: Tensor) -> (Tensor, Cache) {
+        if case .cuda(let gpu) = x.device {
+            let gate = gateProj.forward(x), up = upProj.forward(x)
+            let hidden = DeviceOps.swiGLU(gate: gate, up: up, on: gpu)
+            return (downProj.forward(hidden), Cache(input: x, gate: gate, up: up, hidden: hidden))
+        }
         let rows = x.rows, hiddenSize = gateProj.outputs
         let gate = Tensor(uninitialized: [rows, hiddenSize]), up = Tensor(uninitialized: [rows, hiddenSize])
         gateProj.forward(x.pointer, rows: rows, into: gate.pointer)
@@ -57,6 +63,14 @@ public final class SwiGLU: ParameterContainer {
 
     /// Adds every parameter gradient for output cotangent `dy` `[..., dim]`; returns `dx`.
     public func backward(_ dy: Tensor, cache: Cache) -> Tensor {
+        if case .cuda(let gpu) = dy.device {
+            let dh = downProj.backward(dy, input: cache.hidden)
+            let dUp = DeviceOps.swiGLUBackward(dh, gate: cache.gate, up: cache.up, on: gpu)  // dh becomes d(gate)
+            let dx = Tensor(uninitialized: cache.input.shape, like: dy)
+            gateProj.backward(dh, input: cache.input, inputGradient: dx)
+            upProj.backward(dUp, input: cache.input, inputGradient: dx, accumulate: true)
+            return dx
+        }
         let rows = cache.input.rows, hiddenSize = gateProj.outputs
         let dh = Tensor(uninitialized: [rows, hiddenSize])
         downProj.backward(dy.pointer, input: cache.hidden.pointer, rows: rows, inputGradient: dh.pointer)

@@ -1,3 +1,4 @@
+import PhalanxCUDA
 import PhalanxLayers
 import PhalanxRuntime
 
@@ -32,6 +33,9 @@ public struct Dropout: Sendable, Hashable {
         let threshold = UInt64((Double(rate) * Double(1 << 24)).rounded())
         let stream = mix(seed ^ mix(UInt64(step) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(microBatch) << 48
                                      ^ UInt64(block) << 8 ^ UInt64(branch)))
+        if case .cuda(let gpu) = t.device {
+            return DeviceOps.dropout(t, stream: stream, threshold: threshold, keepScale: keepScale, on: gpu)
+        }
         let count = t.count, p = t.pointer
         let parts = min(pool.threadCount, max(count / 65536, 1))
         pool.run(parts) { part in

@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxCUDA
 import PhalanxLayers
 import SWR
 import PhalanxRuntime
@@ -87,8 +88,7 @@ final class Block: ParameterContainer {
     /// along the residual); `d` unchanged without dropout.
     private func masked(_ d: Tensor, _ cache: Cache, branch: Int) -> Tensor {
         guard let dropout = cache.dropout else { return d }
-        let copy = Tensor(uninitialized: d.shape)
-        copy.pointer.update(from: d.pointer, count: d.count)
+        let copy = d.copy()
         dropout.apply(to: copy, block: cache.index, branch: branch)
         return copy
     }
@@ -179,6 +179,9 @@ public final class LanguageModel: ParameterContainer {
     public func loss(_ cache: Cache, targets: [Int32], gradientScale: Float = 1) -> Float {
         let rows = cache.batch * cache.length, V = configuration.vocabulary
         require(targets.count == rows, "LanguageModel.loss: \(targets.count) targets for \(rows) positions")
+        if case .cuda(let gpu) = cache.logits.device {
+            return DeviceOps.crossEntropy(cache.logits, targets: targets, gradientScale: gradientScale, on: gpu)
+        }
         let z = cache.logits.pointer
         let parts = min(pool.threadCount, max(rows / 16, 1))
         var partial = [Double](repeating: 0, count: parts)
@@ -223,23 +226,32 @@ public final class LanguageModel: ParameterContainer {
     public func tokenLosses(_ cache: Cache, targets: [Int32]) -> [Double] {
         let rows = cache.batch * cache.length, V = configuration.vocabulary
         require(targets.count == rows, "LanguageModel.tokenLosses: \(targets.count) targets for \(rows) positions")
-        let z = cache.logits.pointer
+        let logits = cache.logits.array
         return (0..<rows).map { r in
-            let row = z + r * V
+            let row = logits[(r * V)...]
             var maxLogit = -Double.infinity
-            for j in 0..<V { maxLogit = max(maxLogit, Double(row[j])) }
+            for j in 0..<V { maxLogit = max(maxLogit, Double(row[r * V + j])) }
             var total = 0.0
-            for j in 0..<V { total += Foundation.exp(Double(row[j]) - maxLogit) }
-            return Foundation.log(total) + maxLogit - Double(row[Int(targets[r])])
+            for j in 0..<V { total += Foundation.exp(Double(row[r * V + j]) - maxLogit) }
+            return Foundation.log(total) + maxLogit - Double(row[r * V + Int(targets[r])])
         }
     }
 
     /// Adds every parameter gradient, from the logits' gradient that `loss` left in the cache.
     public func backward(_ cache: Cache) {
         let rows = cache.batch * cache.length, V = configuration.vocabulary, dim = configuration.dim
-        let dNormalized = Tensor(uninitialized: [cache.batch, cache.length, dim])
+        let dNormalized = Tensor(uninitialized: [cache.batch, cache.length, dim], like: cache.normalized)
         if let head {
-            head.backward(cache.logits.pointer, input: cache.normalized.pointer, rows: rows, inputGradient: dNormalized.pointer)
+            head.backward(cache.logits, input: cache.normalized, inputGradient: dNormalized)
+        } else if case .cuda(let gpu) = cache.logits.device {
+            // Tied head: dE += dz^T h (float32), dh = dz E.
+            let table = embedding.weight
+            gpu.perform {
+                try DeviceMatrix.multiply(on: gpu, DeviceMatrix.of(cache.logits), transposeA: true, DeviceMatrix.of(cache.normalized, rows: rows, columns: dim),
+                                          into: DeviceMatrix.of(table.gradient), beta: 1)
+                try DeviceMatrix.multiply(on: gpu, DeviceMatrix.of(cache.logits), DeviceMatrix.of(table.value.compute),
+                                          into: DeviceMatrix.of(dNormalized, rows: rows, columns: dim))
+            }
         } else {
             Gemm.multiply(m: V, n: dim, k: rows, cache.logits.pointer, transposeA: true, cache.normalized.pointer,
                           into: embedding.weight.gradient.pointer, beta: 1, pool: pool)
@@ -291,9 +303,14 @@ public final class LanguageModel: ParameterContainer {
 
     private func logits(_ normalized: Tensor, rows: Int) -> Tensor {
         let V = configuration.vocabulary, dim = configuration.dim
-        let logits = Tensor(uninitialized: [rows, V])
+        let logits = Tensor(uninitialized: [rows, V], like: normalized)
         if let head {
-            head.forward(normalized.pointer, rows: rows, into: logits.pointer)
+            head.forward(normalized, into: logits)
+        } else if case .cuda(let gpu) = normalized.device {
+            gpu.perform {
+                try DeviceMatrix.multiply(on: gpu, DeviceMatrix.of(normalized, rows: rows, columns: dim), DeviceMatrix.of(embedding.weight.value.compute),
+                                          transposeB: true, into: DeviceMatrix.of(logits))
+            }
         } else {
             Gemm.multiply(m: rows, n: V, k: dim, normalized.pointer, embedding.weight.value.pointer, transposeB: true,
                           into: logits.pointer, pool: pool)

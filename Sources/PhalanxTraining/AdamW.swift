@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxCUDA
 import PhalanxLayers
 import PhalanxRuntime
 
@@ -46,6 +47,11 @@ public final class AdamW {
         self.pool = pool
     }
 
+    /// Moves the moments to `device` (where the parameters are).
+    public func move(to device: Device) {
+        for moment in firstMoments + secondMoments { moment.move(to: device) }
+    }
+
     /// Applies one update with learning rate `lr` from the current gradients.
     public func update(learningRate lr: Float) {
         step += 1
@@ -53,6 +59,12 @@ public final class AdamW {
         let correction1 = 1 - pow(h.beta1, Float(step)), correction2 = 1 - pow(h.beta2, Float(step))
         for (i, p) in parameters.enumerated() {
             let decay = (p.decays || h.decayAll) ? h.weightDecay : 0
+            if case .cuda(let gpu) = p.value.device {
+                DeviceOps.adamW(p, firstMoment: firstMoments[i], secondMoment: secondMoments[i], learningRate: lr,
+                                beta1: h.beta1, beta2: h.beta2, epsilon: h.epsilon, weightDecay: decay,
+                                correction1: correction1, correction2: correction2, on: gpu)
+                continue
+            }
             let w = p.value.pointer, g = p.gradient.pointer
             let m = firstMoments[i].pointer, v = secondMoments[i].pointer
             let n = p.value.count
@@ -75,6 +87,9 @@ public final class AdamW {
 /// before clipping (reported in the progress line).
 @discardableResult
 public func clipGradients(_ parameters: [Parameter], maxNorm: Float) -> Float {
+    if case .cuda(let gpu) = parameters.first?.gradient.device {
+        return DeviceOps.clipGradients(parameters.map(\.gradient), maxNorm: maxNorm, on: gpu)
+    }
     var sum = 0.0
     for p in parameters {
         let g = p.gradient.pointer
@@ -123,4 +138,13 @@ public struct LearningRateSchedule: Codable, Hashable, Sendable {
         let progress = min(Float(step - warmupSteps) / Float(span), 1)
         return peak * (finalFraction + (1 - finalFraction) * (1 + cos(Float.pi * progress)) / 2)
     }
+}
+
+/// Whether every parameter's value is finite (after an update: a step that produced NaN or
+/// infinity is never saved). On a GPU, one pass over the values on the device.
+public func parametersAreFinite(_ parameters: [Parameter]) -> Bool {
+    if case .cuda(let gpu) = parameters.first?.value.device {
+        return DeviceOps.allFinite(parameters.map(\.value), on: gpu)
+    }
+    return parameters.allSatisfy { $0.value.readOnly.allSatisfy(\.isFinite) }
 }

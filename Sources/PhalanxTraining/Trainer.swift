@@ -53,6 +53,8 @@ public final class Trainer {
         case diverged(step: Int, loss: Float, checkpointStep: Int?)
     }
 
+    /// Where the model trains (and evaluates): the CPU, or a GPU in bfloat16 or float32.
+    public let placement: Placement
     /// The step of the run folder's checkpoint: the one this trainer resumed from, then each one
     /// it writes; nil while the run has none.
     public private(set) var checkpointStep: Int?
@@ -66,10 +68,14 @@ public final class Trainer {
     ///   memory, the token file's vocabulary exceeds the model's, or the training split is too short
     ///   for one window.
     public init(model: LanguageModel, optimizer: AdamW, state: TrainingState, data: TokenFile, runFolder: URL,
-                checkpointStep: Int? = nil) throws {
+                checkpointStep: Int? = nil, placement: Placement = .cpu) throws {
         try state.configuration.validate()
         let c = state.configuration
-        try c.checkMemory(for: model.configuration)
+        if let gpu = placement.device.cuda {
+            try c.checkDeviceMemory(for: model.configuration, compute: placement.compute, device: gpu)
+        } else {
+            try c.checkMemory(for: model.configuration)
+        }
         guard data.vocabularySize <= model.configuration.vocabulary else {
             throw TrainingError("the token file's vocabulary (\(data.vocabularySize)) exceeds the model's (\(model.configuration.vocabulary))")
         }
@@ -82,7 +88,12 @@ public final class Trainer {
         self.data = data
         self.runFolder = runFolder
         self.checkpointStep = checkpointStep
+        self.placement = placement
+        model.move(to: placement.device, compute: placement.compute)
+        optimizer.move(to: placement.device)
+        if let gpu = placement.device.cuda { try gpu.checkFailure() }
     }
+
 
     /// Runs until the configured step count, a stop request, or divergence.
     ///
@@ -117,9 +128,10 @@ public final class Trainer {
             let norm = clipGradients(parameters, maxNorm: c.gradientClip)
             let learningRate = schedule(state.step)
             optimizer.update(learningRate: learningRate)
-            guard parameters.allSatisfy({ $0.value.readOnly.allSatisfy(\.isFinite) }) else {
+            guard parametersAreFinite(parameters) else {
                 return .diverged(step: state.step + 1, loss: loss, checkpointStep: checkpointStep)
             }
+            if let gpu = placement.device.cuda { try gpu.checkFailure() }
             state.step += 1
             state.tokensSeen += c.tokensPerStep
             tokensThisRun += c.tokensPerStep

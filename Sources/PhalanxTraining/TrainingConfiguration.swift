@@ -1,3 +1,4 @@
+import PhalanxCUDA
 import PhalanxModels
 import PhalanxRuntime
 
@@ -111,6 +112,25 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
         let bytes = model.trainingBytes(batch: batchSize, length: contextLength)
         guard MemoryBudget.fits(bytes) else {
             throw TrainingError("batchSize \(batchSize) x contextLength \(contextLength) needs about \(MemoryBudget.describe(bytes)) per step with this model, more than this machine's \(MemoryBudget.describe(MemoryBudget.physicalBytes))", field: "batchSize")
+        }
+    }
+
+    /// Checks that a step of this run fits in `device`'s memory with `model` when activations are
+    /// stored in `compute`: float32 weights, gradients and moments (16 bytes per parameter), a
+    /// bfloat16 copy of the weights in mixed precision, and the activations kept for backward
+    /// (per token: the logits and their gradient, and about 12 dim + 3 mlpHidden numbers per
+    /// block, as `ModelConfiguration.trainingBytes` counts them) at `compute`'s width, against 90%
+    /// of the device's memory (the rest: cuBLAS workspaces, kernels, the allocation cache's slack).
+    ///
+    /// - Throws: `TrainingError` naming `batchSize`, with the bytes needed and the device's.
+    public func checkDeviceMemory(for model: ModelConfiguration, compute: NumberFormat, device: CUDADevice) throws {
+        typealias M = MemoryBudget
+        let perToken = M.sum(M.product(2, model.vocabulary), M.product(model.depth, M.sum(M.product(12, model.dim), M.product(3, model.mlpHidden)) ?? -1))
+        let bytes = M.sum(model.parameterCount.flatMap { M.product(16 + (compute == .bfloat16 ? 2 : 0), $0) },
+                          perToken.flatMap { M.product(compute.byteCount, batchSize, contextLength, $0) })
+        let available = device.context.totalMemory / 10 * 9
+        guard let bytes, bytes <= available else {
+            throw TrainingError("batchSize \(batchSize) x contextLength \(contextLength) needs about \(M.describe(bytes)) of device memory per step with this model in \(compute), more than 90% of \(device)'s \(M.describe(device.context.totalMemory)); lower batchSize (and raise accumulation)", field: "batchSize")
         }
     }
 }

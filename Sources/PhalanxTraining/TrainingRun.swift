@@ -1,6 +1,7 @@
 import Checkpoint
 import Foundation
 import PhalanxData
+import PhalanxLayers
 import PhalanxModels
 import PhalanxRuntime
 
@@ -97,7 +98,8 @@ public enum TrainingRun {
     /// already holds a checkpoint and `plan.overwrite` is not set, or when the corpus is too
     /// small for the context. With `overwrite`, the old checkpoint and plot are removed once the
     /// new run is ready. `log` receives progress lines (tokenizer training).
-    public static func start(_ plan: Plan, in folder: URL, log: (String) -> Void = { _ in }) throws -> Trainer {
+    public static func start(_ plan: Plan, in folder: URL, placement: Placement = .cpu,
+                             log: (String) -> Void = { _ in }) throws -> Trainer {
         try plan.validate()
         let checkpoint = checkpointURL(in: folder)
         if FileManager.default.fileExists(atPath: checkpoint.path) && !plan.overwrite {
@@ -135,7 +137,8 @@ public enum TrainingRun {
                                       modelSeed: plan.seed)
             let trainer = try Trainer(model: languageModel,
                                       optimizer: AdamW(languageModel.parameters, hyperparameters: plan.training.optimizer),
-                                      state: state, data: try TokenFile(contentsOf: staging), runFolder: folder)
+                                      state: state, data: try TokenFile(contentsOf: staging), runFolder: folder,
+                                      placement: placement)
             if plan.overwrite {
                 for old in [checkpoint, trainer.plotURL] where FileManager.default.fileExists(atPath: old.path) {
                     try FileManager.default.removeItem(at: old)
@@ -157,7 +160,8 @@ public enum TrainingRun {
     /// - Parameter steps: a new total step count: larger than the run's extends it (the
     ///   learning-rate schedule is stretched to the new length from here on), equal changes
     ///   nothing, below the checkpoint's step is refused. Nil keeps the run's.
-    public static func resume(in folder: URL, steps: Int? = nil, log: (String) -> Void = { _ in }) throws -> Trainer {
+    public static func resume(in folder: URL, steps: Int? = nil, placement: Placement = .cpu,
+                              log: (String) -> Void = { _ in }) throws -> Trainer {
         let url = checkpointURL(in: folder)
         guard FileManager.default.fileExists(atPath: url.path) else {
             throw TrainingError("no checkpoint to resume at \(url.path)", field: "resume")
@@ -176,7 +180,7 @@ public enum TrainingRun {
             ? "the run has already finished all \(state.step) steps; give a larger step count to extend it"
             : "resuming at step \(state.step) of \(state.configuration.steps)")
         return try Trainer(model: model, optimizer: optimizer, state: state, data: tokens, runFolder: folder,
-                           checkpointStep: state.step)
+                           checkpointStep: state.step, placement: placement)
     }
 }
 

@@ -25,6 +25,9 @@ public struct JaggedWindow: Hashable, Sendable {
     public static let standardBlockLength = 16
     /// The paper's window, `k = 2` (a position sees its own block and the previous one).
     public static let standardBlocksSeen = 2
+    /// Channels per head of the Phalanx layer and of the GPU kernels, 16: one head fills one
+    /// 16-lane vector on the CPU, and the GPU kernels assign lanes per head by it.
+    public static let standardHeadDim = 16
 
     /// Positions per block, `l` (16 on the reference GPU kernel).
     public let blockLength: Int

@@ -1,7 +1,9 @@
 import ArgumentParser
 import Checkpoint
 import Foundation
+import PhalanxCUDA
 import PhalanxData
+import PhalanxLayers
 import PhalanxModels
 import PhalanxRuntime
 import PhalanxTraining
@@ -68,6 +70,10 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Validation batches per evaluation.") var evalBatches = defaults.evaluationBatches
     @Option(help: "Steps between checkpoints (0: only at the end and on Ctrl-C).") var checkpointEvery = defaults.checkpointInterval
     @Option(help: "Seed for initialisation and data order.") var seed: UInt64 = 1
+    @Option(help: "Where to train: cpu, or cuda (GPU 0; the driver, NVRTC and cuBLAS are loaded at run time). A checkpoint from either resumes on either.")
+    var device = "cpu"
+    @Option(help: "With --device cuda: bf16 (mixed precision: bfloat16 activations and matrix products, float32 master weights, moments and sums; default) or f32 (exact mode, for checks).")
+    var precision = "bf16"
 
     @Flag(help: "Continue the run in --run from its checkpoint (its configuration wins; --steps may extend it).")
     var resume = false
@@ -154,6 +160,15 @@ struct TrainCommand: ParsableCommand {
         }
     }
 
+    /// Where --device and --precision put the model.
+    private func placement() throws -> Placement {
+        guard device == "cuda" else { return .cpu }
+        switch CUDADevice.shared {
+        case .success(let gpu): return Placement(.cuda(gpu), compute: NumberFormat(name: precision)!)
+        case .failure(let error): throw ValidationError("--device cuda: \(error)")
+        }
+    }
+
     /// The plan, its step count measured from --minutes when given.
     private func sizedPlan() throws -> TrainingRun.Plan {
         var plan = try plan()
@@ -168,6 +183,8 @@ struct TrainCommand: ParsableCommand {
     func validate() throws {
         guard ["byte", "bpe"].contains(tokenizer) else { throw ValidationError("--tokenizer must be byte or bpe; got \(tokenizer).") }
         guard sample >= 0 else { throw ValidationError("--sample must be at least 0; got \(sample).") }
+        guard ["cpu", "cuda"].contains(device) else { throw ValidationError("--device must be cpu or cuda; got \(device).") }
+        guard NumberFormat(name: precision) != nil else { throw ValidationError("--precision must be bf16 or f32; got \(precision).") }
         guard !(resume && overwrite) else { throw ValidationError("--resume continues a run and --overwrite replaces it: give one.") }
         if let minutes {
             guard steps == nil else { throw ValidationError("--minutes sizes the run by time and --steps by count: give one.") }
@@ -213,8 +230,9 @@ struct TrainCommand: ParsableCommand {
 
         let trainer: Trainer
         do {
-            trainer = resume ? try TrainingRun.resume(in: folder, steps: steps, log: { print($0) })
-                             : try TrainingRun.start(try sizedPlan(), in: folder, log: { print($0) })
+            let placement = try self.placement()
+            trainer = resume ? try TrainingRun.resume(in: folder, steps: steps, placement: placement, log: { print($0) })
+                             : try TrainingRun.start(try sizedPlan(), in: folder, placement: placement, log: { print($0) })
         } catch let error as TrainingError {
             throw flagError(error)
         }
@@ -222,7 +240,7 @@ struct TrainCommand: ParsableCommand {
         print("model: \(model.configuration.pattern) tiled over \(model.configuration.depth) blocks (\(model.mixerKinds.map { String($0.rawValue) }.joined())), dim \(model.configuration.dim), \(formatCount(model.parameterCount)) parameters")
         let c = trainer.state.configuration
         print("data: \(formatCount(trainer.data.train.count)) train / \(formatCount(trainer.data.validation.count)) validation tokens; \(c.steps) steps of \(formatCount(c.tokensPerStep)) tokens")
-        print("run folder: \(folder.path) (Ctrl-C saves a checkpoint and stops)")
+        print("run folder: \(folder.path) (Ctrl-C saves a checkpoint and stops); training on \(trainer.placement)")
 
         trainingStarted.store(true, ordering: .relaxed)
         var lastLine = Date.distantPast
@@ -254,6 +272,7 @@ struct TrainCommand: ParsableCommand {
             throw ValidationError("training diverged at step \(step) (loss \(loss); the loss or the updated weights are not finite); it stopped and \(kept). Try a lower --learning-rate.")
         }
         if sample > 0 {
+            model.move(to: .cpu)  // decoding runs on the CPU
             print("\nsample:")
             var sampler = TokenSampler(temperature: 0.8, topK: 40, topP: 1, seed: seed)
             let prompt = trainer.data.tokenizer.encode("\n")

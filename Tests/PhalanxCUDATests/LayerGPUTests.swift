@@ -14,7 +14,7 @@ struct LayerGPUTests {
     @Test("layer output, dx and every parameter gradient: ragged lengths, extreme gates, kv groups, f32 and bf16",
           arguments: CUDAPhalanxLayerCheck.standardCases)
     func layerMatchesCPU(_ testCase: CUDAPhalanxLayerCheck.Case) throws {
-        let outcome = try CUDAPhalanxLayerCheck.run(testCase, context: try CUDAContext.shared.get())
+        let outcome = try CUDAPhalanxLayerCheck.run(testCase, device: try CUDADevice.shared.get())
         #expect(outcome.passed, "\(outcome)")
     }
 

@@ -70,7 +70,7 @@ struct PlanningTests {
         let nvrtc = try NVRTC.shared.get()
         let base = try KernelSources.source(named: "jagged_window"), options = KernelSources.compileOptions(architecture: "sm_90")
         let layer = try KernelSources.source(named: "phalanx_layer"), exact = try KernelSources.source(named: "exact_recurrence")
-        let builds = CUDAPhalanxLayer.blockLengths.map { ("phalanx_layer.cu", layer, $0) }
+        let builds = CUDAPhalanxKernels.blockLengths.map { ("phalanx_layer.cu", layer, $0) }
             + [("exact_recurrence.cu", exact, CUDAExactRecurrence.blockLength)]
         for (name, source, blockLength) in builds {
             let compiled = try nvrtc.compile(source: base + "\n" + source, name: name,
