@@ -31,7 +31,7 @@ public final class RotaryEmbedding: Sendable {
     }
     private let table = Mutex(Table())
     /// The same tables on each GPU that asked for them.
-    private let deviceTables = Mutex([ObjectIdentifier: (Tensor, Tensor)]())
+    private let deviceTables = Mutex([ObjectIdentifier: CUDALayerKernels.RotaryTable]())
 
     /// A rotation for heads of `headDim` channels (even, at least 2) and frequency `base` (above 1).
     public init(headDim: Int, base: Float = 10000) {
@@ -64,9 +64,8 @@ public final class RotaryEmbedding: Sendable {
                 "RotaryEmbedding: \(perPosition) channels per position do not split into heads of \(headDim) (shape \(x.shape))")
         if case .cuda(let gpu) = x.device {
             require(startPosition >= 0, "RotaryEmbedding: startPosition must be non-negative, got \(startPosition)")
-            let (cosines, sines) = deviceAngles(upTo: startPosition + length, on: gpu)
-            return DeviceOps.rotate(x, heads: perPosition / headDim, headDim: headDim, cosines: cosines, sines: sines,
-                                    startPosition: startPosition, inverse: inverse, on: gpu)
+            guard let table = deviceTable(upTo: startPosition + length, on: gpu) else { return }
+            return DeviceOps.rotate(x, heads: perPosition / headDim, table: table, startPosition: startPosition, inverse: inverse, on: gpu)
         }
         rotate(x.pointer, batch: batch, length: length, heads: perPosition / headDim,
                startPosition: startPosition, inverse: inverse, pool: pool)
@@ -101,17 +100,17 @@ public final class RotaryEmbedding: Sendable {
         }
     }
 
-    /// The cos and sin tables on `gpu` `[positions, headDim/2]` float32, covering at least
-    /// `positions` positions: uploaded once per device and table size.
-    private func deviceAngles(upTo positions: Int, on gpu: CUDADevice) -> (Tensor, Tensor) {
-        let (cosines, sines) = angles(upTo: positions)
-        return deviceTables.withLock { tables in
+    /// The cos and sin tables on `gpu`, the same numbers as the host's, covering at least
+    /// `positions` positions (grown as the host's: to at least twice the last size); nil after
+    /// a device failure.
+    private func deviceTable(upTo positions: Int, on gpu: CUDADevice) -> CUDALayerKernels.RotaryTable? {
+        deviceTables.withLock { tables in
             let key = ObjectIdentifier(gpu)
-            if let cached = tables[key], cached.0.count == cosines.count { return cached }
-            let shape = [cosines.count / (headDim / 2), headDim / 2]
-            let uploaded = (Tensor(cosines, shape: shape, on: .cuda(gpu)), Tensor(sines, shape: shape, on: .cuda(gpu)))
-            tables[key] = uploaded
-            return uploaded
+            if let cached = tables[key], cached.positions >= positions { return cached }
+            let size = max(positions, 2 * (tables[key]?.positions ?? 0), 256)
+            guard let table = DeviceOps.rotaryTable(headDim: headDim, base: base, positions: size, on: gpu) else { return nil }
+            tables[key] = table
+            return table
         }
     }
 

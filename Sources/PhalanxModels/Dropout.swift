@@ -28,14 +28,14 @@ public struct Dropout: Sendable, Hashable {
 
     /// Multiplies `t` in place by the mask of `branch` (0 mixer, 1 MLP) of block `block`.
     public func apply(to t: Tensor, block: Int, branch: Int, pool: WorkerPool = .shared) {
+        if case .cuda(let gpu) = t.device {
+            return DeviceOps.dropout(t, rate: rate, seed: seed, step: step, microBatch: microBatch, block: block, branch: branch, on: gpu)
+        }
         let keepScale = 1 / (1 - rate)
         // Keep when the hash's top 24 bits, as a fraction of 2^24, are at least `rate`.
         let threshold = UInt64((Double(rate) * Double(1 << 24)).rounded())
         let stream = mix(seed ^ mix(UInt64(step) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(microBatch) << 48
                                      ^ UInt64(block) << 8 ^ UInt64(branch)))
-        if case .cuda(let gpu) = t.device {
-            return DeviceOps.dropout(t, stream: stream, threshold: threshold, keepScale: keepScale, on: gpu)
-        }
         let count = t.count, p = t.pointer
         let parts = min(pool.threadCount, max(count / 65536, 1))
         pool.run(parts) { part in

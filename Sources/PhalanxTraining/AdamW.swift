@@ -50,6 +50,34 @@ public final class AdamW {
     /// Moves the moments to `device` (where the parameters are).
     public func move(to device: Device) {
         for moment in firstMoments + secondMoments { moment.move(to: device) }
+        deviceClipState = nil
+    }
+
+    /// On a GPU, the gradients are not scaled in place: `clipGradients` leaves the norm, the scale
+    /// and a non-finite flag here, and the update kernel scales as it reads (and changes nothing
+    /// when the flag is set). Reset to "scale 1" after every update.
+    private var deviceClipState: DeviceBuffer?
+    private var clipStateIsFresh = false
+
+    /// The clip state for this update: the one `clipGradients` left, else one computed with no clipping.
+    private func clipState(on gpu: CUDADevice) -> DeviceBuffer {
+        if !clipStateIsFresh { _ = clipGradients(maxNorm: 0) }
+        return deviceClipState!
+    }
+
+    /// Scales the gradients so that their global L2 norm is at most `maxNorm` (0: no clipping) and
+    /// returns the norm before clipping: `clipGradients(parameters, maxNorm:)` on the CPU; on a GPU
+    /// the scale is applied by the next `update` (see `deviceClipState`).
+    public func clipGradients(maxNorm: Float) -> Float {
+        guard case .cuda(let gpu) = parameters.first?.gradient.device else {
+            return PhalanxTraining.clipGradients(parameters, maxNorm: maxNorm)
+        }
+        if deviceClipState == nil {
+            deviceClipState = gpu.value { try DeviceBuffer(context: gpu.context, byteCount: CUDALayerKernels.clipStateBytes) }
+        }
+        guard let state = deviceClipState else { return .nan }
+        clipStateIsFresh = true
+        return DeviceOps.clipState(parameters.map(\.gradient), maxNorm: maxNorm, into: state, on: gpu)
     }
 
     /// Applies one update with learning rate `lr` from the current gradients.
@@ -60,9 +88,9 @@ public final class AdamW {
         for (i, p) in parameters.enumerated() {
             let decay = (p.decays || h.decayAll) ? h.weightDecay : 0
             if case .cuda(let gpu) = p.value.device {
-                DeviceOps.adamW(p, firstMoment: firstMoments[i], secondMoment: secondMoments[i], learningRate: lr,
-                                beta1: h.beta1, beta2: h.beta2, epsilon: h.epsilon, weightDecay: decay,
-                                correction1: correction1, correction2: correction2, on: gpu)
+                let state = clipState(on: gpu)
+                DeviceOps.adamW(p, firstMoment: firstMoments[i], secondMoment: secondMoments[i], clipState: state,
+                                learningRate: lr, step: step, beta1: h.beta1, beta2: h.beta2, epsilon: h.epsilon, decay: decay, on: gpu)
                 continue
             }
             let w = p.value.pointer, g = p.gradient.pointer
@@ -80,6 +108,7 @@ public final class AdamW {
                 }
             }
         }
+        clipStateIsFresh = false
     }
 }
 
@@ -87,9 +116,8 @@ public final class AdamW {
 /// before clipping (reported in the progress line).
 @discardableResult
 public func clipGradients(_ parameters: [Parameter], maxNorm: Float) -> Float {
-    if case .cuda(let gpu) = parameters.first?.gradient.device {
-        return DeviceOps.clipGradients(parameters.map(\.gradient), maxNorm: maxNorm, on: gpu)
-    }
+    require(parameters.allSatisfy { $0.gradient.device.isSame(as: .cpu) },
+            "clipGradients: gradients on a GPU are clipped by their optimizer (AdamW.clipGradients)")
     var sum = 0.0
     for p in parameters {
         let g = p.gradient.pointer

@@ -125,7 +125,10 @@ public final class Trainer {
                 model.backward(cache)
             }
             guard loss.isFinite else { return .diverged(step: state.step + 1, loss: loss, checkpointStep: checkpointStep) }
-            let norm = clipGradients(parameters, maxNorm: c.gradientClip)
+            let norm = optimizer.clipGradients(maxNorm: c.gradientClip)
+            // A NaN or infinite gradient: the CPU would write it into the weights (caught below), a
+            // GPU update skips it; either way the step is not taken.
+            guard norm.isFinite else { return .diverged(step: state.step + 1, loss: loss, checkpointStep: checkpointStep) }
             let learningRate = schedule(state.step)
             optimizer.update(learningRate: learningRate)
             guard parametersAreFinite(parameters) else {
