@@ -37,7 +37,10 @@ let package = Package(
         .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
         // The GPU-against-CPU comparisons, shared by the tests and `phalanx bench cuda --check`.
-        .target(name: "PhalanxCUDAChecks", dependencies: ["PhalanxCUDA", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
+        .target(
+            name: "PhalanxCUDAChecks",
+            dependencies: ["PhalanxCUDA", "SWR", "PhalanxLayers", "PhalanxModels", "PhalanxTraining", "PhalanxRuntime"],
+            swiftSettings: cpuFlags),
         .target(
             name: "PhalanxLayers",
             dependencies: [

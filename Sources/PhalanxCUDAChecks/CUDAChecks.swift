@@ -4,8 +4,8 @@ import PhalanxCUDA
 /// Every GPU-against-CPU comparison of this package, as `phalanx bench cuda --check` runs them on
 /// a GPU machine without a Swift toolchain (the tests run the same cases one by one).
 public enum CUDAChecks {
-    /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence), one
-    /// PASS/FAIL line each; returns the number of failures.
+    /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence, training
+    /// layers), one PASS/FAIL line each; returns the number of failures.
     public static func runAll(device: CUDADevice) throws -> (passed: Int, failed: Int) {
         let context = device.context
         var failures = 0, total = 0
@@ -35,6 +35,9 @@ public enum CUDAChecks {
                 let outcome = try CUDAExactRecurrenceCheck.run($0, context: context)
                 return ("\(outcome)", outcome.passed)
             }
+        }
+        try report("the GPU training layers (RMSNorm, RoPE, SwiGLU, embedding, dropout, cross-entropy, clip, AdamW) against the CPU") {
+            try CUDALayerKernelsCheck.runAll(context: context).map { ("\($0)", $0.passed) }
         }
         print("\ncheck: \(total - failures) passed, \(failures) failed")
         return (total - failures, failures)
