@@ -4,7 +4,7 @@ import PhalanxCUDA
 /// Every GPU-against-CPU comparison of this package, as `phalanx bench cuda --check` runs them on
 /// a GPU machine without a Swift toolchain (the tests run the same cases one by one).
 public enum CUDAChecks {
-    /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence), one
+    /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence, attention), one
     /// PASS/FAIL line each; returns the number of failures.
     public static func runAll(context: CUDAContext) throws -> (passed: Int, failed: Int) {
         var failures = 0, total = 0
@@ -34,6 +34,18 @@ public enum CUDAChecks {
             try CUDAExactRecurrenceCheck.standardCases.map {
                 let outcome = try CUDAExactRecurrenceCheck.run($0, context: context)
                 return ("\(outcome)", outcome.passed)
+            }
+        }
+        try report("the GPU attention against the CPU AttentionKernel (output, lse, dq, dk, dv)") {
+            try CUDAAttentionCheck.standardCases.map {
+                let outcome = try CUDAAttentionCheck.run($0, context: context)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
+        try report("the GPU attention is deterministic (two runs bit-identical)") {
+            try CUDAAttentionCheck.determinismCases.map {
+                let same = try CUDAAttentionCheck.isDeterministic($0, context: context)
+                return ("\(same ? "PASS" : "FAIL") \($0): \(same ? "bit-identical" : "outputs differ between runs")", same)
             }
         }
         print("\ncheck: \(total - failures) passed, \(failures) failed")
