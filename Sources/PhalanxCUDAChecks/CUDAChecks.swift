@@ -5,7 +5,7 @@ import PhalanxCUDA
 /// a GPU machine without a Swift toolchain (the tests run the same cases one by one).
 public enum CUDAChecks {
     /// Every case of the tests against the CPU (jagged operator, layer, exact recurrence, training
-    /// layers), one PASS/FAIL line each; returns the number of failures.
+    /// layers, attention), one PASS/FAIL line each; returns the number of failures.
     public static func runAll(device: CUDADevice) throws -> (passed: Int, failed: Int) {
         let context = device.context
         var failures = 0, total = 0
@@ -38,6 +38,18 @@ public enum CUDAChecks {
         }
         try report("the GPU training layers (RMSNorm, RoPE, SwiGLU, embedding, dropout, cross-entropy, clip, AdamW) against the CPU") {
             try CUDALayerKernelsCheck.runAll(context: context).map { ("\($0)", $0.passed) }
+        }
+        try report("the GPU attention against the CPU AttentionKernel (output, lse, dq, dk, dv)") {
+            try CUDAAttentionCheck.standardCases.map {
+                let outcome = try CUDAAttentionCheck.run($0, context: context)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
+        try report("the GPU attention is deterministic (two runs bit-identical)") {
+            try CUDAAttentionCheck.determinismCases.map {
+                let same = try CUDAAttentionCheck.isDeterministic($0, context: context)
+                return ("\(same ? "PASS" : "FAIL") \($0): \(same ? "bit-identical" : "outputs differ between runs")", same)
+            }
         }
         print("\ncheck: \(total - failures) passed, \(failures) failed")
         return (total - failures, failures)

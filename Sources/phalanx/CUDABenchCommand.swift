@@ -17,8 +17,11 @@ struct BenchCUDA: ParsableCommand {
         (its GEMM floor) and the cuBLAS bf16 rate of an 8192^3 product; with --attention, the JSON \
         written by scripts/cuda-attention-baseline.py is shown beside it. The exact part times the \
         exact recurrence (hierarchical decomposition). --check first compares every case of the \
-        tests (operator, layer, exact recurrence) with the CPU and prints PASS/FAIL per case (exit \
-        status 1 if any fails). Needs the PhalanxCUDA resource bundle beside the executable, \
+        tests (operator, layer, exact recurrence, attention) with the CPU and prints PASS/FAIL per case \
+        (exit status 1 if any fails). --attention-kernels times the GPU attention instead (bf16, \
+        causal and windowed, forward and forward+backward in TFLOP/s: forward 4*B*H*D*pairs, \
+        forward+backward 3.5 times that), beside scripts/torch-cuda-attention.py's JSON \
+        (--torch-attention). Needs the PhalanxCUDA resource bundle beside the executable, \
         libcuda.so.1, NVRTC (PHALANX_NVRTC to point at it) and, for the layer, cuBLAS. Ends with one \
         JSON line.
         """)
@@ -35,6 +38,15 @@ struct BenchCUDA: ParsableCommand {
     var layerShapes = CUDABenchmark.Settings().layerShapes
     @Option(help: "Key/value heads of the Phalanx layer (default: as many as heads).") var kvHeads: Int?
     @Option(help: "JSON file of scripts/cuda-attention-baseline.py to compare the layer with.") var attention: String?
+    @Flag(help: "Time the GPU attention kernels instead (bf16 forward and forward+backward in TFLOP/s at 32K tokens per call); with --check, compare them with the CPU first.")
+    var attentionKernels = false
+    @Option(parsing: .upToNextOption, help: "Head dims of --attention-kernels (heads = 2048 / head dim).")
+    var attentionHeadDims = CUDAAttentionBenchmark.Settings().headDims
+    @Option(parsing: .upToNextOption, help: "Sequence lengths of --attention-kernels (batch = 32768 / length).")
+    var attentionLengths = CUDAAttentionBenchmark.Settings().lengths
+    @Option(parsing: .upToNextOption, help: "Windows of --attention-kernels (0: full causal).")
+    var attentionWindows = CUDAAttentionBenchmark.Settings().windows
+    @Option(help: "JSON line of scripts/torch-cuda-attention.py to show beside --attention-kernels.") var torchAttention: String?
     @Option(help: "Launches per timed sample.") var launches = 20
     @Option(help: "Timed samples per figure (the median is reported).") var repeats = 7
 
@@ -45,9 +57,19 @@ struct BenchCUDA: ParsableCommand {
         return s
     }
 
-    func validate() throws { try validating(settings.validate) }
+    var attentionSettings: CUDAAttentionBenchmark.Settings {
+        var s = CUDAAttentionBenchmark.Settings()
+        (s.check, s.headDims, s.lengths, s.windows, s.torch) = (check, attentionHeadDims, attentionLengths, attentionWindows, torchAttention)
+        return s
+    }
+
+    func validate() throws {
+        try validating(settings.validate)
+        if attentionKernels { try validating(attentionSettings.validate) }
+    }
 
     func run() throws {
-        if try CUDABenchmark(settings).run() > 0 { throw ExitCode.failure }
+        let failures = attentionKernels ? try CUDAAttentionBenchmark(attentionSettings).run() : try CUDABenchmark(settings).run()
+        if failures > 0 { throw ExitCode.failure }
     }
 }

@@ -1,0 +1,244 @@
+import PhalanxRuntime
+
+/// Causal softmax attention, full or in a sliding window, with grouped key/value heads, forward and
+/// backward on a CUDA device: the semantics of the CPU `AttentionKernel` (PhalanxLayers) with its
+/// default scale, tiled with an online softmax so that no `L x L` matrix ever exists
+/// (FlashAttention-2).
+///
+/// For query `i`, head `h` (key/value head `h / (heads / kvHeads)`), over the visible keys
+/// `j <= i` (and `j > i - window` with a window):
+///
+///     s_ij  = scale * q_i . k_j,   scale = 1 / sqrt(headDim)
+///     lse_i = log sum_j exp(s_ij)
+///     o_i   = sum_j exp(s_ij - lse_i) v_j
+///
+/// Backward, from the output gradient `dO` (probabilities recomputed from the saved `lse`):
+///
+///     D_i  = dO_i . O_i,   P_ij = exp(s_ij - lse_i),   dP_ij = dO_i . v_j,   dS_ij = P_ij (dP_ij - D_i)
+///     dq_i = scale * sum_j dS_ij k_j,   dk_j = scale * sum_i dS_ij q_i,   dv_j = sum_i P_ij dO_i
+///
+/// (dk and dv summed over every query head of the group.) Every output is overwritten.
+///
+/// Layout (row-major, channels contiguous): queries, outputs and their gradients
+/// `[batch, length, heads, headDim]`; keys, values and their gradients `[batch, length, kvHeads,
+/// headDim]`; the log-sum-exp `[batch, heads, length]`, always float32. Storage of every other
+/// buffer is float32 or bfloat16; arithmetic and accumulation are float32 either way.
+///
+/// Kernels (`Kernels/attention.cu`, the head dim compiled in as `-DATTN_HEAD_DIM`):
+/// - bfloat16: tensor cores (`mma.sync` m16n8k16, operands through `ldmatrix`, tiles staged by
+///   `cp.async`). Forward: one block of 4 warps per query tile of 64, a warp per 16 rows, key and
+///   value tiles of 64, online softmax in registers. Backward: a row-dot kernel for `D`, then one
+///   kernel per key tile of 64 (dk, dv; looping over the group's query heads and the query tiles
+///   that see it) and one per query tile of 64 (dq; looping over the visible key tiles).
+/// - float32: SIMT, one warp per row (the exact mode for checks).
+///
+/// Determinism: every output element is accumulated by one thread in a fixed order (no atomics,
+/// no split reductions), so the same inputs give bit-identical outputs on every run. The price is
+/// that backward recomputes `S` and `dP` in both its kernels: 7 tile products instead of the 5 of
+/// FlashAttention-2 with float atomics for dq.
+///
+/// Work: forward `4 * visiblePairs * headDim` FLOPs (`Shape.forwardFlops`), backward 2.5 times
+/// that in the usual count (this backward does 3.5 times: the two recomputed products). Memory
+/// beyond the operands: `D`, `[batch, heads, length]` float32, allocated by `backward` from the
+/// context's cache (or passed in as `rowDots`).
+///
+/// References: Dao et al., "FlashAttention" (2022) and "FlashAttention-2" (2023).
+public struct CUDAAttention: Sendable {
+    /// The sizes of one call: a uniform batch of sequences of equal length.
+    public struct Shape: Hashable, Sendable, CustomStringConvertible {
+        /// Sequences in the call.
+        public let batch: Int
+        /// Positions per sequence.
+        public let length: Int
+        /// Query heads.
+        public let heads: Int
+        /// Key/value heads; divides `heads`.
+        public let kvHeads: Int
+        /// Channels per head.
+        public let headDim: Int
+
+        /// `batch`, `length` non-negative; `heads`, `kvHeads`, `headDim` at least 1; `kvHeads`
+        /// dividing `heads`.
+        public init(batch: Int, length: Int, heads: Int, kvHeads: Int, headDim: Int) {
+            require(batch >= 0 && length >= 0, "CUDAAttention.Shape: batch and length must be non-negative, got \(batch), \(length)")
+            require(heads >= 1 && headDim >= 1, "CUDAAttention.Shape: heads and headDim must be positive, got \(heads), \(headDim)")
+            require(kvHeads >= 1 && heads % kvHeads == 0,
+                    "CUDAAttention.Shape: \(heads) query heads are not divisible into \(kvHeads) key/value heads")
+            (self.batch, self.length, self.heads, self.kvHeads, self.headDim) = (batch, length, heads, kvHeads, headDim)
+        }
+
+        /// Elements of the queries (and outputs, and their gradients).
+        public var queryCount: Int { batch * length * heads * headDim }
+        /// Elements of the keys (and values, and their gradients).
+        public var keyCount: Int { batch * length * kvHeads * headDim }
+        /// Rows of the log-sum-exp (and of `D`).
+        public var rowCount: Int { batch * heads * length }
+
+        /// Query-key pairs that take part (`j <= i`, and `j > i - window` with a window), over
+        /// every sequence and head. Full causal: `batch * heads * L (L + 1) / 2`.
+        public func visiblePairs(window: Int?) -> Int {
+            let w = min(window ?? length, length)
+            return batch * heads * (w * (w + 1) / 2 + (length - w) * w)
+        }
+
+        /// Forward FLOPs: the two matrix products over the visible pairs, `4 * pairs * headDim`.
+        public func forwardFlops(window: Int?) -> Double { 4 * Double(visiblePairs(window: window)) * Double(headDim) }
+
+        /// The five sizes, for messages.
+        public var description: String {
+            "[batch \(batch), length \(length), heads \(heads) (kv \(kvHeads)), headDim \(headDim)]"
+        }
+    }
+
+    /// The head dims the checks and benchmarks use; the kernels take any multiple of 16 up to 256.
+    public static let headDims = [16, 32, 64, 128]
+
+    /// The GPU every call runs on, on its stream.
+    public let context: CUDAContext
+    /// How queries, keys, values, outputs and gradients are stored (the log-sum-exp is float32).
+    public let storage: NumberFormat
+    /// Channels per head, compiled into the kernels.
+    public let headDim: Int
+    /// Keys a query sees, itself included (`i - window < j <= i`); nil for full causal.
+    public let window: Int?
+
+    private let forwardKernel, dotKernel, keyKernel, queryKernel: CUDAContext.Function
+
+    /// Query rows (key rows) per thread block of the forward and dq (dk/dv) kernels.
+    private var rowsPerBlock: Int { storage == .bfloat16 ? 64 : 4 }
+
+    /// Compiles (once per context and head dim, then from its cache) and loads the kernels.
+    ///
+    /// - Parameters:
+    ///   - headDim: a multiple of 16 up to 256.
+    ///   - window: at least 1, or nil for full causal attention.
+    /// - Throws: `CUDAUnavailable` without NVRTC or the kernel sources, `NVRTCError`, `CUDAError`.
+    public init(context: CUDAContext, storage: NumberFormat, headDim: Int, window: Int? = nil) throws {
+        require(headDim >= 16 && headDim <= 256 && headDim % 16 == 0,
+                "CUDAAttention: the kernels take head dims that are multiples of 16 up to 256, got \(headDim)")
+        if let window {
+            require(window >= 1 && window <= Int(Int32.max), "CUDAAttention: window must be at least 1 (the query itself), got \(window)")
+        }
+        (self.context, self.storage, self.headDim, self.window) = (context, storage, headDim, window)
+        let names = ["attn_forward", "attn_dot", "attn_dkdv", "attn_dq"].map { "\($0)_\(storage)" }
+        let functions = try context.functions(names, source: try KernelSources.source(named: "attention"),
+                                              sourceName: "attention.cu", options: ["-DATTN_HEAD_DIM=\(headDim)"])
+        (forwardKernel, dotKernel, keyKernel, queryKernel) = (functions[0], functions[1], functions[2], functions[3])
+    }
+
+    /// The logit scale, `1 / sqrt(headDim)`.
+    public var scale: Float { 1 / Float(headDim).squareRoot() }
+
+    /// `output` and `logsumexp` of attention over `query`, `key`, `value`, queued on the context's
+    /// stream.
+    ///
+    /// - Parameters:
+    ///   - query: `[batch, length, heads, headDim]` in `storage`.
+    ///   - key, value: `[batch, length, kvHeads, headDim]` in `storage`.
+    ///   - output: `[batch, length, heads, headDim]` in `storage`, overwritten; may not overlap the inputs.
+    ///   - logsumexp: `[batch, heads, length]` float32, overwritten.
+    public func forward(query: DeviceBuffer, key: DeviceBuffer, value: DeviceBuffer, output: DeviceBuffer,
+                        logsumexp: DeviceBuffer, shape: Shape) throws {
+        check(shape, "forward", [("query", query, shape.queryCount, storage), ("key", key, shape.keyCount, storage),
+                                 ("value", value, shape.keyCount, storage), ("output", output, shape.queryCount, storage),
+                                 ("logsumexp", logsumexp, shape.rowCount, .float32)])
+        guard shape.batch > 0 && shape.length > 0 else { return }
+        try context.launch(forwardKernel, grid: (blocks(shape.length), shape.heads, shape.batch), block: (128, 1, 1), arguments: [
+            .buffer(query), .buffer(key), .buffer(value), .buffer(output), .buffer(logsumexp),
+        ] + sizes(shape))
+    }
+
+    /// The gradients of the queries, keys and values for the output gradient, queued on the
+    /// context's stream; all three are overwritten (not accumulated).
+    ///
+    /// - Parameters:
+    ///   - query, key, value: as given to `forward`.
+    ///   - output, logsumexp: as `forward` wrote them.
+    ///   - outputGradient: `dO`, `[batch, length, heads, headDim]` in `storage`.
+    ///   - queryGradient: `[batch, length, heads, headDim]` in `storage`.
+    ///   - keyGradient, valueGradient: `[batch, length, kvHeads, headDim]` in `storage`.
+    ///   - rowDots: scratch for `D`, `[batch, heads, length]` float32; nil to allocate it here
+    ///     (from the context's memory cache, returned when the call has been queued: the stream
+    ///     orders its reuse).
+    public func backward(query: DeviceBuffer, key: DeviceBuffer, value: DeviceBuffer, output: DeviceBuffer,
+                         logsumexp: DeviceBuffer, outputGradient: DeviceBuffer, queryGradient: DeviceBuffer,
+                         keyGradient: DeviceBuffer, valueGradient: DeviceBuffer, shape: Shape,
+                         rowDots: DeviceBuffer? = nil) throws {
+        check(shape, "backward", [
+            ("query", query, shape.queryCount, storage), ("key", key, shape.keyCount, storage),
+            ("value", value, shape.keyCount, storage), ("output", output, shape.queryCount, storage),
+            ("logsumexp", logsumexp, shape.rowCount, .float32), ("outputGradient", outputGradient, shape.queryCount, storage),
+            ("queryGradient", queryGradient, shape.queryCount, storage), ("keyGradient", keyGradient, shape.keyCount, storage),
+            ("valueGradient", valueGradient, shape.keyCount, storage),
+        ] + (rowDots.map { [("rowDots", $0, shape.rowCount, NumberFormat.float32)] } ?? []))
+        guard shape.batch > 0 && shape.length > 0 else { return }
+        let dots = try rowDots ?? DeviceBuffer(context: context, byteCount: shape.rowCount * 4)
+        let rows = shape.batch * shape.length * shape.heads
+        try context.launch(dotKernel, grid: ((rows + 3) / 4, 1, 1), block: (128, 1, 1), arguments: [
+            .buffer(output), .buffer(outputGradient), .buffer(dots), .int32(Int32(shape.length)), .int32(Int32(shape.heads)),
+            .int64(Int64(rows)),
+        ])
+        try context.launch(keyKernel, grid: (blocks(shape.length), shape.kvHeads, shape.batch), block: (128, 1, 1), arguments: [
+            .buffer(query), .buffer(key), .buffer(value), .buffer(outputGradient), .buffer(logsumexp), .buffer(dots),
+            .buffer(keyGradient), .buffer(valueGradient),
+        ] + sizes(shape))
+        try context.launch(queryKernel, grid: (blocks(shape.length), shape.heads, shape.batch), block: (128, 1, 1), arguments: [
+            .buffer(query), .buffer(key), .buffer(value), .buffer(outputGradient), .buffer(logsumexp), .buffer(dots),
+            .buffer(queryGradient),
+        ] + sizes(shape))
+        withExtendedLifetime(dots) {}
+    }
+
+    /// Thread blocks along the length.
+    private func blocks(_ length: Int) -> Int { (length + rowsPerBlock - 1) / rowsPerBlock }
+
+    /// The kernels' trailing arguments: length, heads, kv heads, window (0: none), scale.
+    private func sizes(_ shape: Shape) -> [CUDAContext.Argument] {
+        [.int32(Int32(shape.length)), .int32(Int32(shape.heads)), .int32(Int32(shape.kvHeads)),
+         .int32(Int32(window ?? 0)), .float32(scale)]
+    }
+
+    /// Stops with a message naming `function` on a shape or buffer the kernels cannot take.
+    private func check(_ shape: Shape, _ function: String, _ buffers: [(String, DeviceBuffer, Int, NumberFormat)]) {
+        let name = "CUDAAttention.\(function)"
+        require(shape.headDim == headDim, "\(name): the kernels were compiled for head dim \(headDim), the shape is \(shape)")
+        require(shape.length <= Int(Int32.max) && shape.heads <= 65535 && shape.batch <= 65535
+                    && shape.batch * shape.length * shape.heads <= Int(Int32.max) * 4,
+                "\(name): length must fit 32 bits and heads and batch 65535 (the launch grid), got \(shape)")
+        for (label, buffer, count, format) in buffers {
+            require(buffer.context === context, "\(name): \(label) belongs to another CUDAContext")
+            require(buffer.byteCount >= count * format.byteCount,
+                    "\(name): \(label) holds \(buffer.byteCount) bytes, expected \(count) \(format) numbers (\(count * format.byteCount) bytes) for \(shape)")
+        }
+    }
+
+    // MARK: Host arrays
+
+    /// `forward` on host arrays (float32, rounded to bfloat16 on upload when `storage` is):
+    /// returns the output (as stored, widened to float32) and the log-sum-exp.
+    public func forward(query: [Float], key: [Float], value: [Float], shape: Shape) throws -> (output: [Float], logsumexp: [Float]) {
+        let q = try storage.upload(query, context: context), k = try storage.upload(key, context: context)
+        let v = try storage.upload(value, context: context)
+        let o = try DeviceBuffer(context: context, byteCount: max(shape.queryCount, 1) * storage.byteCount)
+        let lse = try DeviceBuffer(context: context, byteCount: max(shape.rowCount, 1) * 4)
+        try forward(query: q, key: k, value: v, output: o, logsumexp: lse, shape: shape)
+        return (try storage.download(o, count: shape.queryCount), try lse.floats(count: shape.rowCount))
+    }
+
+    /// `backward` on host arrays (see the host `forward`); `output` and `logsumexp` as the host
+    /// `forward` returned them.
+    public func backward(query: [Float], key: [Float], value: [Float], output: [Float], logsumexp: [Float],
+                         outputGradient: [Float], shape: Shape) throws
+        -> (queryGradient: [Float], keyGradient: [Float], valueGradient: [Float]) {
+        let q = try storage.upload(query, context: context), k = try storage.upload(key, context: context)
+        let v = try storage.upload(value, context: context), o = try storage.upload(output, context: context)
+        let lse = try DeviceBuffer(context: context, floats: logsumexp), dO = try storage.upload(outputGradient, context: context)
+        let dq = try DeviceBuffer(context: context, byteCount: max(shape.queryCount, 1) * storage.byteCount)
+        let dk = try DeviceBuffer(context: context, byteCount: max(shape.keyCount, 1) * storage.byteCount)
+        let dv = try DeviceBuffer(context: context, byteCount: max(shape.keyCount, 1) * storage.byteCount)
+        try backward(query: q, key: k, value: v, output: o, logsumexp: lse, outputGradient: dO, queryGradient: dq,
+                     keyGradient: dk, valueGradient: dv, shape: shape)
+        return (try storage.download(dq, count: shape.queryCount), try storage.download(dk, count: shape.keyCount),
+                try storage.download(dv, count: shape.keyCount))
+    }
+}
