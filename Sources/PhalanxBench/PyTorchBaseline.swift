@@ -16,16 +16,17 @@ public struct PyTorchBaseline: Sendable {
         self.python = python ?? ProcessInfo.processInfo.environment["PHALANX_PYTHON"] ?? "python3"
     }
 
-    /// The script's `results` for `arguments` (its mode and flags; `--threads` is added), or nil
-    /// after printing why there are none (no interpreter, no torch, a failed run).
-    func results(_ arguments: [String]) -> (version: String, results: [[String: Any]])? {
+    /// The script's `results` for `arguments` (its mode and flags; `--threads` is added when
+    /// `threads`, for the CPU scripts), or nil after printing why there are none (no interpreter,
+    /// no torch, a failed run).
+    func results(_ arguments: [String], threads: Bool = true) -> (version: String, results: [[String: Any]])? {
         guard FileManager.default.fileExists(atPath: script) else {
             print("  PyTorch baseline: \(script) not found (run from the package root, or pass its path)")
             return nil
         }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = [python, script] + arguments + ["--threads", "\(WorkerPool.shared.threadCount)"]
+        process.arguments = [python, script] + arguments + (threads ? ["--threads", "\(WorkerPool.shared.threadCount)"] : [])
         let output = Pipe()
         process.standardOutput = output
         do { try process.run() } catch {

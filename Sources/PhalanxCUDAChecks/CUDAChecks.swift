@@ -51,6 +51,12 @@ public enum CUDAChecks {
                 return ("\(same ? "PASS" : "FAIL") \($0): \(same ? "bit-identical" : "outputs differ between runs")", same)
             }
         }
+        try report("the whole model on the GPU against the CPU (loss, every gradient, every weight after AdamW)") {
+            try CUDAModelCheck.standardCases.map {
+                let outcome = try CUDAModelCheck.run($0, device: device)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
         print("\ncheck: \(total - failures) passed, \(failures) failed")
         return (total - failures, failures)
     }

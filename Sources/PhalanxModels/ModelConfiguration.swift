@@ -256,6 +256,11 @@ extension ModelConfiguration {
     ///   head: about 3.2M parameters.
     /// - tiny: dim 128, depth 4, 2 heads of 64, SwiGLU 344: about 0.8M parameters.
     ///
+    /// GPU sizes (the shapes of the paper's and PyTorch's GPU comparisons; SwiGLU near 8/3 dim,
+    /// rounded to a multiple of 64):
+    /// - medium: dim 1024, depth 12, 8 attention heads of 128, SwiGLU 2752: about 152M parameters.
+    /// - large: dim 2048, depth 8, 16 heads of 128, SwiGLU 5440: about 402M parameters.
+    ///
     /// - Throws: `ConfigurationError` listing `presetNames` when `name` is not one of them.
     public static func preset(_ name: String) throws -> ModelConfiguration {
         let parts = name.split(separator: "-")
@@ -271,12 +276,17 @@ extension ModelConfiguration {
         switch size {
         case "tiny": return ModelConfiguration(dim: 128, depth: 4, pattern: pattern, attentionHeads: 2, mlpHidden: 344)
         case "small": return ModelConfiguration(dim: 256, depth: 4, pattern: pattern, attentionHeads: 4, mlpHidden: 688)
+        case "medium": return ModelConfiguration(dim: 1024, depth: 12, pattern: pattern, attentionHeads: 8, mlpHidden: 2752)
+        case "large": return ModelConfiguration(dim: 2048, depth: 8, pattern: pattern, attentionHeads: 16, mlpHidden: 5440)
         default: throw unknownPreset(name)
         }
     }
 
-    /// The names `preset(_:)` accepts: each family with `-tiny` and `-small`.
-    public static let presetNames = ["transformer", "swa-hybrid", "phalanx-hybrid"].flatMap { f in ["tiny", "small"].map { "\(f)-\($0)" } }
+    /// The names `preset(_:)` accepts: each family with `-tiny`, `-small` (CPU sizes), `-medium`
+    /// and `-large` (GPU sizes).
+    public static let presetNames = ["transformer", "swa-hybrid", "phalanx-hybrid"].flatMap { f in
+        ["tiny", "small", "medium", "large"].map { "\(f)-\($0)" }
+    }
 
     private static func unknownPreset(_ name: String) -> ConfigurationError {
         ConfigurationError("unknown preset '\(name)'; choose one of \(presetNames.joined(separator: ", "))")

@@ -1,5 +1,6 @@
 import ArgumentParser
 import PhalanxBench
+import PhalanxCUDA
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -113,22 +114,56 @@ struct BenchTraining: ParsableCommand {
         Batch 1, random byte tokens. Reports tokens/s, model-FLOPs utilisation (model FLOPs per \
         second over the sgemm rate measured in the same run, and over the FMA peak) and each \
         preset's speed-up over the first preset; with --pytorch, also over the same models in \
-        PyTorch measured in the same run. Ends with one JSON line.
+        PyTorch measured in the same run. Ends with one JSON line. With --device cuda: \
+        --tokens-per-step tokens per step, clipping included, MFU over cuBLAS's bf16 rate measured \
+        in the same run, and --pytorch runs scripts/torch-cuda-train.py (the same models with \
+        SDPA and flex attention, bf16 autocast, fused AdamW).
         """)
 
     @OptionGroup var options: ModelBenchmarkOptions
-    @Option(parsing: .upToNextOption, help: "Context lengths.") var contexts = [2048, 8192, 32768]
+    @Option(parsing: .upToNextOption, help: "Context lengths (default 2048 8192 32768; with --device cuda 4096 8192 16384 32768).")
+    var contexts: [Int] = []
     @Option(help: "Timed steps per figure (the median is reported).") var steps = 3
     @OptionGroup var pytorch: PyTorchOptions
+    @Option(help: "cpu (batch 1) or cuda (GPU 0, --tokens-per-step per step; presets default to the -large ones).")
+    var device = "cpu"
+    @Option(help: "With --device cuda: tokens per step (batch = tokens / context).") var tokensPerStep = 65536
+    @Option(help: "With --device cuda: bf16 (mixed precision) or f32.") var precision = "bf16"
+
+    var onGPU: Bool { device == "cuda" }
 
     var settings: ModelBenchmarkSettings {
-        var s = options.settings(contexts: contexts, steps: steps)
+        var s = options.settings(contexts: contexts.isEmpty ? (onGPU ? [4096, 8192, 16384, 32768] : [2048, 8192, 32768]) : contexts,
+                                 steps: steps)
+        if onGPU && options.presets == ModelBenchmarkSettings(contexts: [], steps: 1).presets {
+            s.presets = ["transformer-large", "swa-hybrid-large", "phalanx-hybrid-large"]
+        }
         s.pytorch = pytorch.baseline
         return s
     }
 
-    func validate() throws { try validating { try settings.validate(minimumContext: 16) } }
-    func run() throws { try failingOnCeilingErrors(TrainingBenchmark.report(settings)) }
+    var gpuSettings: CUDATrainingBenchmark.Settings {
+        var s = CUDATrainingBenchmark.Settings(models: settings)
+        s.tokensPerStep = tokensPerStep
+        s.compute = NumberFormat(name: precision) ?? .bfloat16
+        s.pytorch = pytorch.pytorch ? PyTorchBaseline(script: pytorch.pytorchScript == PyTorchBaseline().script
+                                                        ? "scripts/torch-cuda-train.py" : pytorch.pytorchScript) : nil
+        return s
+    }
+
+    func validate() throws {
+        guard ["cpu", "cuda"].contains(device) else { throw ValidationError("--device must be cpu or cuda; got \(device).") }
+        guard NumberFormat(name: precision) != nil else { throw ValidationError("--precision must be bf16 or f32; got \(precision).") }
+        try validating { onGPU ? try gpuSettings.validate() : try settings.validate(minimumContext: 16) }
+    }
+
+    func run() throws {
+        if onGPU {
+            try CUDATrainingBenchmark.report(gpuSettings)
+        } else {
+            try failingOnCeilingErrors(TrainingBenchmark.report(settings))
+        }
+    }
 }
 
 struct BenchDecode: ParsableCommand {

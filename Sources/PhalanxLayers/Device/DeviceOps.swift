@@ -101,6 +101,13 @@ public enum DeviceOps {
         }
     }
 
+    /// The attention kernels for `storage`, head width and window on `gpu` (compiled once per device).
+    private static func attention(_ storage: NumberFormat, headDim: Int, window: Int?, on gpu: CUDADevice) throws -> CUDAAttention {
+        try gpu.kernels("attention/\(storage)/d\(headDim)/w\(window ?? 0)") {
+            try CUDAAttention(context: gpu.context, storage: storage, headDim: headDim, window: window)
+        }
+    }
+
     /// The attention kernel's shape for `layout`.
     private static func shape(_ layout: AttentionLayout) -> CUDAAttention.Shape {
         .init(batch: layout.batch, length: layout.length, heads: layout.heads, kvHeads: layout.kvHeads, headDim: layout.headDim)
@@ -110,7 +117,7 @@ public enum DeviceOps {
     static func attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logsumexp: Tensor, layout: AttentionLayout,
                           window: Int?, on gpu: CUDADevice) {
         gpu.perform {
-            try CUDAAttention(context: gpu.context, storage: query.format, headDim: layout.headDim, window: window)
+            try attention(query.format, headDim: layout.headDim, window: window, on: gpu)
                 .forward(query: query.deviceBuffer, key: key.deviceBuffer, value: value.deviceBuffer, output: output.deviceBuffer,
                          logsumexp: logsumexp.deviceBuffer, shape: shape(layout))
         }
@@ -121,7 +128,7 @@ public enum DeviceOps {
                                   outputGradient: Tensor, queryGradient: Tensor, keyGradient: Tensor, valueGradient: Tensor,
                                   layout: AttentionLayout, window: Int?, on gpu: CUDADevice) {
         gpu.perform {
-            try CUDAAttention(context: gpu.context, storage: query.format, headDim: layout.headDim, window: window)
+            try attention(query.format, headDim: layout.headDim, window: window, on: gpu)
                 .backward(query: query.deviceBuffer, key: key.deviceBuffer, value: value.deviceBuffer, output: output.deviceBuffer,
                           logsumexp: logsumexp.deviceBuffer, outputGradient: outputGradient.deviceBuffer,
                           queryGradient: queryGradient.deviceBuffer, keyGradient: keyGradient.deviceBuffer,

@@ -1,0 +1,168 @@
+import Foundation
+import PhalanxCUDA
+import PhalanxLayers
+import PhalanxModels
+import PhalanxRuntime
+import PhalanxTraining
+
+/// `phalanx bench train --device cuda`: training-step speed of the presets on a GPU at a fixed
+/// number of tokens per step (batch = tokens / context), the way GPU training runs: forward,
+/// loss, backward, gradient clipping and AdamW, in bfloat16 mixed precision (or float32).
+///
+/// The ceiling is measured in the same run: cuBLAS's rate on a bfloat16 8192^3 product (float32
+/// accumulation). Model-FLOPs utilisation is the model's FLOPs per second
+/// (`TrainingBenchmark.modelFlops`) over it. With `pytorch`, `scripts/torch-cuda-train.py` times
+/// the same models in PyTorch (eager, bfloat16 autocast, fused AdamW; SDPA for attention,
+/// flex attention for the window) in the same run.
+public enum CUDATrainingBenchmark {
+    /// What to measure.
+    public struct Settings: Sendable {
+        /// Presets, contexts, timed steps, window (`ModelBenchmarkSettings`).
+        public var models: ModelBenchmarkSettings
+        /// Tokens per step: batch = tokensPerStep / context.
+        public var tokensPerStep = 65536
+        /// The compute format.
+        public var compute = NumberFormat.bfloat16
+        /// `scripts/torch-cuda-train.py` with this interpreter, or nil for no PyTorch figures.
+        public var pytorch: PyTorchBaseline?
+
+        /// `models` at 64K tokens per step in bfloat16.
+        public init(models: ModelBenchmarkSettings) { self.models = models }
+
+        /// Throws when a context does not divide the tokens per step, or the models' settings are out of range.
+        public func validate() throws {
+            try models.validate(minimumContext: 16)
+            guard tokensPerStep >= 1, models.contexts.allSatisfy({ tokensPerStep % $0 == 0 }) else {
+                throw BenchmarkSettingError("tokens per step (\(tokensPerStep)) must be a multiple of every context (\(models.contexts)).")
+            }
+        }
+    }
+
+    /// One preset at one context.
+    public struct Result: Sendable {
+        /// Median seconds per step, tokens per step, model FLOPs per step, parameters.
+        public let secondsPerStep: Double, tokensPerStep: Int, modelFlopsPerStep: Double, parameters: Int
+        /// Tokens per second.
+        public var tokensPerSecond: Double { Double(tokensPerStep) / secondsPerStep }
+    }
+
+    /// Times `settings.models.steps` steps (after two warm-up steps) of `preset` at `context` on `device`.
+    public static func measure(preset: String, context: Int, settings: Settings, device: CUDADevice) throws -> Result {
+        var configuration = try ModelConfiguration.preset(preset)
+        configuration.window = settings.models.window
+        let model = try LanguageModel(configuration, seed: 1)
+        let placement = Placement(.cuda(device), compute: settings.compute)
+        model.move(to: placement.device, compute: placement.compute)
+        let optimizer = AdamW(model.parameters)
+        optimizer.move(to: placement.device)
+        let batch = settings.tokensPerStep / context
+        var rng = SeededGenerator(seed: 2)
+        let tokens = (0..<(batch * (context + 1))).map { _ in Int32.random(in: 0..<Int32(configuration.vocabulary), using: &rng) }
+        var inputs: [Int32] = [], targets: [Int32] = []
+        for b in 0..<batch {
+            let row = tokens[(b * (context + 1))..<((b + 1) * (context + 1))]
+            inputs += row.dropLast()
+            targets += row.dropFirst()
+        }
+        func step() {
+            model.zeroGradients()
+            let cache = model.forward(tokens: inputs, batch: batch, length: context)
+            _ = model.loss(cache, targets: targets)
+            model.backward(cache)
+            _ = optimizer.clipGradients(maxNorm: 1)
+            optimizer.update(learningRate: 1e-4)
+            try? device.checkFailure()  // waits for the step; a failure is thrown below
+        }
+        let seconds = Timing.median(repeats: settings.models.steps, warmUp: 2, step)
+        try device.checkFailure()
+        let result = Result(secondsPerStep: seconds, tokensPerStep: batch * context,
+                            modelFlopsPerStep: TrainingBenchmark.modelFlops(model, tokens: batch * context, context: context),
+                            parameters: model.parameterCount)
+        try device.context.releaseCachedMemory()  // the next model starts from an empty device
+        return result
+    }
+
+    /// Runs the comparison and prints it; returns the JSON object of its last line.
+    @discardableResult
+    public static func report(_ settings: Settings) throws -> [String: Any] {
+        let device = try CUDADevice.shared.get()
+        let rate = try bfloat16GemmRate(device)
+        let presets = settings.models.presets
+        print("Device: \(device); cuBLAS bf16 GEMM 8192^3 (fp32 accumulation): \(String(format: "%.0f", rate / 1e12)) TFLOP/s (the MFU ceiling)")
+        print("\nTraining step on the GPU, \(settings.tokensPerStep) tokens per step, \(settings.compute), median of \(settings.models.steps) (window \(settings.models.window) for S layers)")
+        print("  preset                    context  batch   ms/step     tokens/s    MFU    vs \(presets[0])")
+        var rows: [[String: Any]] = []
+        for context in settings.models.contexts {
+            var baseline: Double?
+            for preset in presets {
+                let r = try measure(preset: preset, context: context, settings: settings, device: device)
+                let speedup = r.tokensPerSecond / (baseline ?? r.tokensPerSecond)
+                if baseline == nil { baseline = r.tokensPerSecond }
+                let mfu = r.modelFlopsPerStep / r.secondsPerStep / rate
+                print(String(format: "  %@ %7d %6d %9.1f %12.0f  %5.1f%%   %6.2fx", padded(preset, 25), context, r.tokensPerStep / context,
+                             r.secondsPerStep * 1e3, r.tokensPerSecond, 100 * mfu, speedup))
+                rows.append(["preset": preset, "context": context, "batch": r.tokensPerStep / context, "parameters": r.parameters,
+                             "tokens_per_second": r.tokensPerSecond, "ms_per_step": r.secondsPerStep * 1e3, "mfu": mfu,
+                             "speedup_vs_first": speedup])
+            }
+        }
+        if let pytorch = settings.pytorch { compare(&rows, with: pytorch, settings) }
+        let json: [String: Any] = ["benchmark": "training-step-cuda", "device": device.context.deviceName,
+                                   "bf16_gemm_tflops": rate / 1e12, "tokens_per_step": settings.tokensPerStep,
+                                   "compute": "\(settings.compute)", "results": rows]
+        if let data = try? JSONSerialization.data(withJSONObject: json, options: [.sortedKeys]) {
+            print(String(decoding: data, as: UTF8.self))
+        }
+        return json
+    }
+
+    /// Adds PyTorch's tokens/s and our ratio to each row it measured, printing the comparison.
+    static func compare(_ rows: inout [[String: Any]], with pytorch: PyTorchBaseline, _ settings: Settings) {
+        print("\nThe same models in PyTorch (\(pytorch.script), eager, bf16 autocast, fused AdamW, same run)")
+        guard let (version, results) = pytorch.results(
+            ["--presets"] + settings.models.presets.filter { !$0.hasPrefix("phalanx") }
+                + ["--contexts"] + settings.models.contexts.map(String.init)
+                + ["--tokens-per-step", "\(settings.tokensPerStep)", "--steps", "\(settings.models.steps)",
+                   "--window", "\(settings.models.window)"], threads: false)
+        else { return }
+        print("  torch \(version)")
+        print("  preset                    context   PyTorch tok/s   ours tok/s   ours / PyTorch")
+        for (i, row) in rows.enumerated() {
+            guard let preset = row["preset"] as? String, let context = row["context"] as? Int,
+                  let ours = row["tokens_per_second"] as? Double,
+                  let theirs = results.first(where: { $0["preset"] as? String == preset && $0["context"] as? Int == context })?["tokens_per_second"] as? Double
+            else { continue }
+            print(String(format: "  %@ %7d %15.0f %12.0f   %6.2fx", padded(preset, 25), context, theirs, ours, ours / theirs))
+            rows[i]["pytorch_tokens_per_second"] = theirs
+            rows[i]["speedup_vs_pytorch"] = ours / theirs
+        }
+        // Every preset against PyTorch's transformer and sliding-window hybrid of its size.
+        for (i, row) in rows.enumerated() {
+            guard let preset = row["preset"] as? String, let context = row["context"] as? Int,
+                  let ours = row["tokens_per_second"] as? Double, let size = preset.split(separator: "-").last else { continue }
+            for family in ["transformer", "swa-hybrid"] {
+                if let theirs = results.first(where: { $0["preset"] as? String == "\(family)-\(size)" && $0["context"] as? Int == context })?["tokens_per_second"] as? Double {
+                    rows[i]["vs_pytorch_\(family)"] = ours / theirs
+                }
+            }
+        }
+    }
+
+    /// FLOP/s of a bfloat16 8192 x 8192 x 8192 product on `device` (median of 7 x 10 products).
+    public static func bfloat16GemmRate(_ device: CUDADevice) throws -> Double {
+        let n = 8192, context = device.context
+        let a = try DeviceBuffer(context: context, byteCount: n * n * 2), c = try DeviceBuffer(context: context, byteCount: n * n * 2)
+        try a.fill(byte: 0x3c)
+        let matrix = CUBLAS.Matrix(a, .bfloat16, rows: n, columns: n), out = CUBLAS.Matrix(c, .bfloat16, rows: n, columns: n)
+        for _ in 0..<3 { try device.blas.gemm(matrix, matrix, transposeB: true, into: out) }
+        let start = try CUDAEvent(context: context), end = try CUDAEvent(context: context)
+        var samples: [Double] = []
+        for _ in 0..<7 {
+            try start.record()
+            for _ in 0..<10 { try device.blas.gemm(matrix, matrix, transposeB: true, into: out) }
+            try end.record()
+            samples.append(try start.milliseconds(to: end) / 10)
+        }
+        return 2 * Double(n * n) * Double(n) / (samples.sorted()[3] * 1e-3)
+    }
+}
