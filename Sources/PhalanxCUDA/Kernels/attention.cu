@@ -10,12 +10,13 @@
 // Layouts (row-major): q, o, dq [batch, length, heads, HD]; k, v, dk, dv [batch, length, kvHeads,
 // HD]; lse and D (the backward's row dots) [batch, heads, length] float32. Query head h reads kv
 // head h / (heads / kvHeads). Storage float32 (`_f32`) or bfloat16 bits (`_bf16`); all arithmetic
-// and accumulation float32. The head dim HD is compiled in (-DATTN_HEAD_DIM=16, 32, 64, 128, ...:
-// a multiple of 16 up to 256). The window is a launch argument (0: none). No #include: this
-// compiles with NVRTC and no include path.
+// and accumulation float32. The head dim HD is compiled in (-DATTN_HEAD_DIM=16, 32, 48, ..., 128:
+// a multiple of 16; a row's accumulators live in registers). The window is a launch argument
+// (0: none). No #include: this compiles with NVRTC and no include path.
 //
 // bfloat16 kernels (FlashAttention-2 structure, tensor cores through mma.sync m16n8k16 bf16 with
-// float32 accumulators, operands from shared memory through ldmatrix, tiles staged by cp.async):
+// float32 accumulators, operands from shared memory through ldmatrix, tiles staged by cp.async;
+// static shared memory, at most 34 KiB per block):
 //   attn_forward_bf16  one block of 4 warps per (query tile of 64, head, sequence); a warp owns 16
 //                      query rows with their Q fragments in registers; key/value tiles of 64 in
 //                      shared memory (K of the next tile loads while P V runs, V while Q K^T runs);
@@ -40,13 +41,13 @@
 // dot products and lane = channel for the accumulators. Deterministic in the same way.
 
 #ifndef ATTN_HEAD_DIM
-#error "compile with -DATTN_HEAD_DIM=<head dim> (a multiple of 16 up to 256)"
+#error "compile with -DATTN_HEAD_DIM=<head dim> (a multiple of 16 up to 128)"
 #endif
 
 namespace attn {
 
 constexpr int HD = ATTN_HEAD_DIM;
-static_assert(HD % 16 == 0 && HD >= 16 && HD <= 256, "the attention kernels take head dims 16, 32, ..., 256");
+static_assert(HD % 16 == 0 && HD >= 16 && HD <= 128, "the attention kernels take head dims 16, 32, ..., 128");
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
