@@ -55,6 +55,14 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 typedef unsigned short bf16;
 
+// 2^x by the special-function unit alone (ex2.approx.ftz: relative error about 2^-22, results
+// below 2^-126 flushed to 0, 2^-inf = 0), for the bfloat16 kernels' probabilities. exp2f wraps
+// the same instruction in a range fix-up that cost 10% of the forward at head dim 16 on an H200.
+__device__ __forceinline__ float fastExp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ float decode(bf16 b) { return __uint_as_float(((unsigned)b) << 16); }
 __device__ __forceinline__ float decode(float x) { return x; }
 // Round to nearest even; low -> bits 0..15, high -> bits 16..31.
@@ -221,12 +229,12 @@ __device__ __forceinline__ void forwardBF16(const bf16* __restrict__ q, const bf
             mx = quadMax(mx) * sl2;
             const float mNew = fmaxf(mRow[r], mx);
             const float mUse = mNew == -kInf ? 0.f : mNew;
-            const float alpha = exp2f(mRow[r] - mUse);
+            const float alpha = fastExp2(mRow[r] - mUse);
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < kTile / 8; ++n) {
-                s[n][2 * r] = exp2f(s[n][2 * r] * sl2 - mUse);
-                s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] * sl2 - mUse);
+                s[n][2 * r] = fastExp2(s[n][2 * r] * sl2 - mUse);
+                s[n][2 * r + 1] = fastExp2(s[n][2 * r + 1] * sl2 - mUse);
                 sum += s[n][2 * r] + s[n][2 * r + 1];
             }
             lRow[r] = lRow[r] * alpha + sum;
@@ -363,7 +371,7 @@ __device__ __forceinline__ void dkdvBF16(const bf16* __restrict__ q, const bf16*
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int j = key0 + (e >> 1) * 8, i = m0 + n * 8 + t4 * 2 + (e & 1);
-                    float p = exp2f(st[n][e] * sl2 - lseC[n][e & 1]);
+                    float p = fastExp2(st[n][e] * sl2 - lseC[n][e & 1]);
                     if (masked && (j > i || i - j >= w)) p = 0.f;
                     st[n][e] = p;
                     dpt[n][e] = p * (dpt[n][e] - dotC[n][e & 1]);
@@ -486,7 +494,7 @@ __device__ __forceinline__ void dqBF16(const bf16* __restrict__ q, const bf16* _
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = row0 + (e >> 1) * 8, j = n0 + n * 8 + t4 * 2 + (e & 1);
-                float p = exp2f(s[n][e] * sl2 - lseR[e >> 1]);
+                float p = fastExp2(s[n][e] * sl2 - lseR[e >> 1]);
                 if (masked && (j > i || i - j >= w)) p = 0.f;
                 s[n][e] = p * (dp[n][e] - dotR[e >> 1]);  // dS
             }
