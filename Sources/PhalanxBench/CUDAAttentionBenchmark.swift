@@ -42,8 +42,8 @@ public struct CUDAAttentionBenchmark {
 
         /// Throws for a setting out of range, naming it.
         public func validate() throws {
-            for headDim in headDims where !(headDim >= 16 && headDim <= 256 && headDim % 16 == 0) || width % headDim != 0 {
-                throw BenchmarkSettingError("head dims must be multiples of 16 up to 256 dividing the width \(width); got \(headDim).")
+            for headDim in headDims where !(headDim >= 16 && headDim <= 128 && headDim % 16 == 0) || width % headDim != 0 {
+                throw BenchmarkSettingError("head dims must be multiples of 16 up to 128 dividing the width \(width); got \(headDim).")
             }
             for length in lengths where length < 1 || tokens % length != 0 {
                 throw BenchmarkSettingError("lengths must be positive and divide the \(tokens) tokens; got \(length).")
@@ -90,11 +90,17 @@ public struct CUDAAttentionBenchmark {
 
         print("\nbf16, \(settings.tokens) tokens per call, width \(settings.width), median of \(settings.repeats) x \(settings.launches) calls")
         print("  D    L      B   window  fwd ms  TFLOP/s  fwd+bwd ms  TFLOP/s" + (torch.isEmpty ? "" : "  | torch fwd  fwd+bwd TFLOP/s (ours/torch)"))
+        // One set of operands serves every shape: batch * length * heads * headDim is the same.
+        var rng = SeededGenerator(seed: 11)
+        let count = settings.tokens * settings.width
+        let operands = try (0..<4).map { _ in
+            try NumberFormat.bfloat16.upload((0..<count).map { _ in Float.random(in: -2...2, using: &rng) }, context: context)
+        }
         var rows: [[String: Any]] = []
         for headDim in settings.headDims {
             for length in settings.lengths {
                 for window in settings.windows {
-                    var row = try time(context, headDim: headDim, length: length, window: window == 0 ? nil : window)
+                    var row = try time(context, operands, headDim: headDim, length: length, window: window == 0 ? nil : window)
                     var line = String(format: "  %-4d %-6d %-3d ", headDim, length, settings.tokens / length)
                         + padded(window == 0 ? "none" : "\(window)", 7)
                         + String(format: " %7.3f  %7.1f  %10.3f  %7.1f", row["fwd_ms"] as! Double, row["fwd_tflops"] as! Double,
@@ -116,18 +122,15 @@ public struct CUDAAttentionBenchmark {
         return failures
     }
 
-    /// Times one shape: forward, and forward+backward, in bfloat16.
-    private func time(_ context: CUDAContext, headDim: Int, length: Int, window: Int?) throws -> [String: Any] {
+    /// Times one shape: forward, and forward+backward, in bfloat16, over `operands` (q, k, v, dO,
+    /// each of `tokens * width` numbers).
+    private func time(_ context: CUDAContext, _ operands: [DeviceBuffer], headDim: Int, length: Int,
+                      window: Int?) throws -> [String: Any] {
         let heads = settings.width / headDim
         let shape = CUDAAttention.Shape(batch: settings.tokens / length, length: length, heads: heads,
                                         kvHeads: heads / settings.group, headDim: headDim)
         let attention = try CUDAAttention(context: context, storage: .bfloat16, headDim: headDim, window: window)
-        var rng = SeededGenerator(seed: UInt64(length + headDim))
-        func buffer(_ count: Int) throws -> DeviceBuffer {
-            try NumberFormat.bfloat16.upload((0..<count).map { _ in Float.random(in: -2...2, using: &rng) }, context: context)
-        }
-        let q = try buffer(shape.queryCount), k = try buffer(shape.keyCount), v = try buffer(shape.keyCount)
-        let dO = try buffer(shape.queryCount)
+        let (q, k, v, dO) = (operands[0], operands[1], operands[2], operands[3])
         let o = try DeviceBuffer(context: context, byteCount: shape.queryCount * 2)
         let lse = try DeviceBuffer(context: context, byteCount: shape.rowCount * 4)
         let dots = try DeviceBuffer(context: context, byteCount: shape.rowCount * 4)

@@ -26,8 +26,9 @@ import PhalanxRuntime
 ///
 /// Kernels (`Kernels/attention.cu`, the head dim compiled in as `-DATTN_HEAD_DIM`):
 /// - bfloat16: tensor cores (`mma.sync` m16n8k16, operands through `ldmatrix`, tiles staged by
-///   `cp.async`). Forward: one block of 4 warps per query tile of 64, a warp per 16 rows, key and
-///   value tiles of 64, online softmax in registers. Backward: a row-dot kernel for `D`, then one
+///   `cp.async`; at most 34 KiB of static shared memory per block). Forward: one block of 4 warps
+///   per query tile of 64, a warp per 16 rows, key and value tiles of 64 (the next key tile
+///   loading while the current one's P V runs), online softmax in registers. Backward: a row-dot kernel for `D`, then one
 ///   kernel per key tile of 64 (dk, dv; looping over the group's query heads and the query tiles
 ///   that see it) and one per query tile of 64 (dq; looping over the visible key tiles).
 /// - float32: SIMT, one warp per row (the exact mode for checks).
@@ -90,7 +91,7 @@ public struct CUDAAttention: Sendable {
         }
     }
 
-    /// The head dims the checks and benchmarks use; the kernels take any multiple of 16 up to 256.
+    /// The head dims the checks and benchmarks use; the kernels take any multiple of 16 up to 128.
     public static let headDims = [16, 32, 64, 128]
 
     /// The GPU every call runs on, on its stream.
@@ -110,12 +111,12 @@ public struct CUDAAttention: Sendable {
     /// Compiles (once per context and head dim, then from its cache) and loads the kernels.
     ///
     /// - Parameters:
-    ///   - headDim: a multiple of 16 up to 256.
+    ///   - headDim: a multiple of 16 up to 128 (the accumulators of a row live in registers).
     ///   - window: at least 1, or nil for full causal attention.
     /// - Throws: `CUDAUnavailable` without NVRTC or the kernel sources, `NVRTCError`, `CUDAError`.
     public init(context: CUDAContext, storage: NumberFormat, headDim: Int, window: Int? = nil) throws {
-        require(headDim >= 16 && headDim <= 256 && headDim % 16 == 0,
-                "CUDAAttention: the kernels take head dims that are multiples of 16 up to 256, got \(headDim)")
+        require(headDim >= 16 && headDim <= 128 && headDim % 16 == 0,
+                "CUDAAttention: the kernels take head dims that are multiples of 16 up to 128, got \(headDim)")
         if let window {
             require(window >= 1 && window <= Int(Int32.max), "CUDAAttention: window must be at least 1 (the query itself), got \(window)")
         }
