@@ -17,6 +17,9 @@ public enum CUDAChecks {
             failures += failed
             total += results.count
         }
+        try report("the GPU training layers (RMSNorm, RoPE, SwiGLU, embedding, dropout, cross-entropy, clip, AdamW) against the CPU") {
+            try CUDALayerKernelsCheck.runAll(context: context).map { ("\($0)", $0.passed) }
+        }
         try report("the GPU jagged window against the CPU JaggedWindow") {
             try CUDAJaggedWindowCheck.standardCases.map {
                 let outcome = try CUDAJaggedWindowCheck.run($0, context: context)
@@ -35,9 +38,6 @@ public enum CUDAChecks {
                 let outcome = try CUDAExactRecurrenceCheck.run($0, context: context)
                 return ("\(outcome)", outcome.passed)
             }
-        }
-        try report("the GPU training layers (RMSNorm, RoPE, SwiGLU, embedding, dropout, cross-entropy, clip, AdamW) against the CPU") {
-            try CUDALayerKernelsCheck.runAll(context: context).map { ("\($0)", $0.passed) }
         }
         print("\ncheck: \(total - failures) passed, \(failures) failed")
         return (total - failures, failures)
