@@ -61,7 +61,7 @@ public struct CUDALayerKernels: Sendable {
     /// - Parameters:
     ///   - x: `[rows, dim]` in `storage`, from element `xOffset`.
     ///   - weight: `w` `[dim]` float32.
-    ///   - output: `y` `[rows, dim]` in `storage`, from element `outputOffset`; may be `x` itself.
+    ///   - output: `y` `[rows, dim]` in `storage`, from element `outputOffset`; must not overlap `x`.
     ///   - dim: at most 32768 (a group of up to 1024 threads per row, 32 numbers each in registers).
     ///
     /// One group of threads per row reads the row once into registers and writes it once.
@@ -84,7 +84,7 @@ public struct CUDALayerKernels: Sendable {
     ///     dx = r * (g - xhat * mean(g * xhat)),   dw += sum over rows of dy * xhat
     ///
     /// - Parameters:
-    ///   - inputGradient: `dx` `[rows, dim]` in `storage` (overwritten; may be `outputGradient`).
+    ///   - inputGradient: `dx` `[rows, dim]` in `storage` (overwritten; must not overlap `x` or `outputGradient`).
     ///   - weightGradient: `dw` `[dim]` float32, added into.
     ///
     /// `dw` is deterministic: each thread block sums its rows in order into one partial row

@@ -18,6 +18,9 @@ public enum CUDAChecks {
             failures += failed
             total += results.count
         }
+        try report("the GPU training layers (RMSNorm, RoPE, SwiGLU, embedding, dropout, cross-entropy, clip, AdamW) against the CPU") {
+            try CUDALayerKernelsCheck.runAll(context: context).map { ("\($0)", $0.passed) }
+        }
         try report("the GPU jagged window against the CPU JaggedWindow") {
             try CUDAJaggedWindowCheck.standardCases.map {
                 let outcome = try CUDAJaggedWindowCheck.run($0, context: context)
@@ -36,9 +39,6 @@ public enum CUDAChecks {
                 return ("\(outcome)", outcome.passed)
             }
         }
-        try report("the GPU training layers (RMSNorm, RoPE, SwiGLU, embedding, dropout, cross-entropy, clip, AdamW) against the CPU") {
-            try CUDALayerKernelsCheck.runAll(context: context).map { ("\($0)", $0.passed) }
-        }
         try report("the GPU attention against the CPU AttentionKernel (output, lse, dq, dk, dv)") {
             try CUDAAttentionCheck.standardCases.map {
                 let outcome = try CUDAAttentionCheck.run($0, context: context)
@@ -51,7 +51,7 @@ public enum CUDAChecks {
                 return ("\(same ? "PASS" : "FAIL") \($0): \(same ? "bit-identical" : "outputs differ between runs")", same)
             }
         }
-        try report("the whole model on the GPU against the CPU (loss, every gradient, every weight after AdamW)") {
+        try report("the whole model on the GPU against the CPU (loss, every gradient, the AdamW update)") {
             try CUDAModelCheck.standardCases.map {
                 let outcome = try CUDAModelCheck.run($0, device: device)
                 return ("\(outcome)", outcome.passed)

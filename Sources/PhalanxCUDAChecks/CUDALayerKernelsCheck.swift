@@ -52,6 +52,9 @@ public enum CUDALayerKernelsCheck {
             for rows in [1, 7, 33, 1000] {
                 for dim in [16, 48, 1000] { outcomes.append(try rmsNorm(kernels, rows: rows, dim: dim)) }
             }
+            // Rows wider than 1024 take groups of 64-1024 threads (several warps per row; one
+            // group per block from 256 threads on): dims 2048 (the small presets), 5000, 9000.
+            for (rows, dim) in [(33, 2048), (7, 5000), (5, 9000)] { outcomes.append(try rmsNorm(kernels, rows: rows, dim: dim)) }
             for (batch, length, heads, headDim, start) in [(1, 1, 1, 16, 0), (2, 7, 3, 48, 0), (3, 33, 2, 16, 5), (1, 1000, 2, 64, 0),
                                                           (2, 9, 1, 6, 3)] {
                 outcomes.append(try rotary(kernels, batch: batch, length: length, heads: heads, headDim: headDim, start: start))

@@ -145,7 +145,7 @@ struct Softmax {
         if (z > m) {
             s = (m == negativeInfinity() ? 0.0f : s * expf(m - z)) + 1.0f;
             m = z;
-        } else {
+        } else if (z != negativeInfinity()) {  // exp(-inf) adds 0 (and -inf - -inf would be NaN); NaN propagates
             s += expf(z - m);
         }
     }
@@ -219,7 +219,7 @@ __device__ __forceinline__ void rmsnormBackward(const typename S::E* __restrict_
                                                 float* __restrict__ partial, int rows, int dim, float eps, int T) {
     constexpr int C = 32 / N;
     __shared__ float2 scratch[32];
-    __shared__ float tile[8192];  // groups x dim partial sums when a block holds several groups
+    __shared__ __align__(16) float tile[8192];  // groups x dim partial sums when a block holds several groups
     const int groups = blockDim.x / T, g = threadIdx.x / T, t = threadIdx.x % T;
     const int units = dim / N;
     float dw[C][N];
@@ -418,7 +418,19 @@ __device__ __forceinline__ void embeddingBackward(const int* __restrict__ tokens
     const long long token = tokens[blockIdx.x];
     float acc[K];
     load<F32, K>(dw + token * dim + c, acc);
-    for (int q = offsets[blockIdx.x]; q < offsets[blockIdx.x + 1]; ++q) {
+    const int end = offsets[blockIdx.x + 1];
+    int q = offsets[blockIdx.x];
+    // Four rows in flight at a time, added in order.
+    for (; q + 4 <= end; q += 4) {
+        float g[4][K];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) load<S, K>(dy + (long long)positions[q + u] * dim + c, g[u]);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+            for (int k = 0; k < K; ++k) acc[k] = __fadd_rn(acc[k], g[u][k]);
+    }
+    for (; q < end; ++q) {
         float g[K];
         load<S, K>(dy + (long long)positions[q] * dim + c, g);
 #pragma unroll
@@ -563,6 +575,10 @@ __device__ __forceinline__ void crossEntropy(typename S::E* __restrict__ logits,
         const long long r = base + g;
         const bool active = r < rows;
         typename S::E* row = logits + (active ? r : 0) * V;
+        // The target's logit is read before any thread of the group writes the row.
+        const int target = active ? targets[r] : -1;
+        const bool valid = target >= 0 && target < V;
+        const float targetLogit = valid && t == 0 ? S::get(row + target) : 0.0f;
         Softmax stats = {negativeInfinity(), 0.0f};
         if (active) {
             forRow<S>(row, V, t, T, Gather{&stats});
@@ -576,10 +592,9 @@ __device__ __forceinline__ void crossEntropy(typename S::E* __restrict__ logits,
             stats = {scratch[first].x, scratch[first].y};
             for (int k = 1; k < T / 32; ++k) stats = Softmax::combine(stats, {scratch[first + k].x, scratch[first + k].y});
         }
+        __syncwarp();
         if (!active) continue;
-        const int target = targets[r];
-        const bool valid = target >= 0 && target < V;
-        if (t == 0) losses[r] = valid ? logf(stats.s) + stats.m - S::get(row + target) : __int_as_float(0x7fc00000);
+        if (t == 0) losses[r] = valid ? logf(stats.s) + stats.m - targetLogit : __int_as_float(0x7fc00000);
         forRow<S>(row, V, t, T, Gradient{stats.m, scale / stats.s, scale, target});
     }
 }
