@@ -18,13 +18,17 @@ entropy in float32 on the logits, backward, clip_grad_norm_(1.0), fused AdamW (l
 Swift AdamW). Eager mode unless --compile (torch.compile of the whole model). Each measurement
 takes `--tokens-per-step` tokens a step (batch = tokens // context), runs --warmup steps, then
 times --steps steps one by one (torch.cuda.synchronize around each, time.perf_counter) and reports
-the median step, tokens per second, the parameter count and the peak allocated memory. An
+the median step, tokens per second, the parameter count (checked against the Swift formula) and
+the peak allocated memory of the steps (weights, gradients, AdamW's moments, activations). An
 out-of-memory shape is printed and recorded as {"error": "out of memory"}; the run goes on.
 
 Usage:
     torch-cuda-train.py --presets transformer-medium swa-hybrid-medium --contexts 4096 8192 --out torch.json
     torch-cuda-train.py --check      (each preset at a tiny shape on the CPU, float32, a couple of
-                                      steps; attention and RoPE against their definitions)
+                                      steps; RoPE, SDPA and flex_attention against their definitions)
+    torch-cuda-train.py --device cpu --presets transformer-tiny --contexts 256 --tokens-per-step 512
+                                     (the benchmark path on the CPU, bfloat16 autocast: a smoke test;
+                                      flex_attention has no backward on the CPU: SDPA with a mask there)
 
 Prints one line per measurement, then one JSON line (also written to --out):
     {"torch": version, "device": name, "results": [{"preset", "context", "batch",
@@ -230,7 +234,8 @@ def make_optimizer(model, fused):
 
 
 def is_out_of_memory(error):
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, out_of_memory) or "out of memory" in str(error).lower()
 
 
 BACKENDS = {}
@@ -286,6 +291,9 @@ def measure(name, context, arguments, device, backend, flex):
         forward = torch.compile(model) if arguments.compile else model
         shape = Shape(context, c, device, backend)
         tokens = torch.randint(0, VOCABULARY, (batch, context + 1), device=device)
+        if cuda:  # the peak from here: weights, AdamW's moments, the steps; not create_block_mask's scratch
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
 
         def step():
@@ -312,7 +320,7 @@ def measure(name, context, arguments, device, backend, flex):
         seconds = statistics.median(samples)
         row.update(tokens_per_second=batch * context / seconds, ms_per_step=1e3 * seconds)
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    except (torch.OutOfMemoryError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 (torch.compile may wrap the allocator's error in its own)
         if not is_out_of_memory(error):
             raise
         failure = str(error).splitlines()[0]
@@ -361,11 +369,11 @@ def run(arguments, device):
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
             row, losses = measure(preset_name, context, arguments, device, backend, flex)
             all_losses[(preset_name, context)] = losses
             results.append(row)
-            print(describe(row), flush=True)
+            if row.get("error") != "out of memory":  # measure printed that one, with the allocator's message
+                print(describe(row), flush=True)
     output = {"torch": torch.__version__, "device": name, "compile": arguments.compile, "window": arguments.window,
               "window_attention": backend, "tokens_per_step": arguments.tokens_per_step, "results": results}
     if skipped:
