@@ -18,12 +18,16 @@ public final class CUDADevice: @unchecked Sendable, CustomStringConvertible {
     private var firstFailure: Error?
     private var kernelSets: [String: Any] = [:]
 
-    /// The device of `context`, with a cuBLAS handle of its own.
+    /// The device of `context`, with a cuBLAS handle of its own that takes cuBLASLt's first-choice
+    /// algorithm for each shape (`CUBLAS.searchAlgorithms` off): a timed search can choose
+    /// differently from one process to the next, and a resumed run must compute what the
+    /// uninterrupted one did, bit for bit.
     ///
     /// - Throws: `CUDAUnavailable` without cuBLAS; `CUBLASError`.
     public init(context: CUDAContext) throws {
         self.context = context
         blas = try CUBLAS(context: context)
+        blas.searchAlgorithms = false
     }
 
     /// The device of GPU 0, made once (`try CUDADevice.shared.get()` throws why there is none).

@@ -11,12 +11,13 @@ private let D = JaggedWindow.standardHeadDim
 ///     forward:  mixed = phalanx_forward(z + bias)     a = gateScale * sigmoid(z_a), b = sigmoid(z_b),
 ///                                                       c = z_c, v = z_v, s = SWR_jagged(a, b * v)
 ///                                                       (block l, k = 2), mixed = s * c + v
-///     backward: dz = phalanx_backward(z, dmixed);  dbias += 1^T dz   (+ a group sum when KVH < H)
+///     backward: dz = phalanx_backward(z, dmixed)  (+ a group sum when KVH < H);  dbias += 1^T dz
 ///
 /// The kernels recompute gates, `b * v` and `s` from `z` instead of storing them, so forward keeps
 /// only `z`, `mixed` and each block's carrier (1/l of a row per head) for backward (see
-/// `Kernels/phalanx_layer.cu`). The bias gradient is summed inside the backward kernel with
-/// float32 atomics, so its last bits vary from run to run.
+/// `Kernels/phalanx_layer.cu`). The bias gradient is a matrix product with a column of ones
+/// (cuBLAS, a fixed order of additions) rather than atomics in the kernel: every result is the
+/// same bits from run to run.
 ///
 /// Layouts (row-major; rows = batch * length, sequence by sequence): `z` and `dz` `[rows, stride]`
 /// with columns `b [KVH*16] | c [KVH*16] | v [H*16] | a [H]` then padding (`Shape`); `mixed` and
@@ -101,6 +102,7 @@ public final class CUDAPhalanxKernels: @unchecked Sendable {
         }
     }
     private let kernels: [String: CUDAContext.Function]
+    private var onesBuffer: DeviceBuffer?
 
     /// Compiles (once per context) and loads every variant for `storage` and `blockLength`.
     ///
@@ -145,10 +147,12 @@ public final class CUDAPhalanxKernels: @unchecked Sendable {
             .buffer(z), .buffer(bias), .buffer(mixed), .buffer(carriers)] + arguments(batch: batch, length: length, shape, plan))
     }
 
-    /// `dz` `[rows, stride]` for `dmixed` `[rows, H*16]` (and the group sums when KVH < H),
-    /// adding into `biasGradient` `[width]` float32; queued. `dz`'s padding columns are not written.
+    /// `dz` `[rows, stride]` for `dmixed` `[rows, H*16]` (and the group sums when KVH < H), then
+    /// `biasGradient[j] += sum over rows of dz[:, j]` (float32 `[width]`) for the `b`, `c` and `a`
+    /// columns with `blas`; queued. `dz`'s padding columns are not written.
     public func backward(z: DeviceBuffer, bias: DeviceBuffer, dMixed: DeviceBuffer, carriers: DeviceBuffer,
-                         dz: DeviceBuffer, biasGradient: DeviceBuffer, batch: Int, length: Int, shape: Shape) throws {
+                         dz: DeviceBuffer, biasGradient: DeviceBuffer, batch: Int, length: Int, shape: Shape,
+                         blas: CUBLAS) throws {
         let H = shape.heads, KVH = shape.kvHeads, rows = batch * length, width = H * D
         check(z, rows * shape.stride, storage, "backward: z")
         check(dz, rows * shape.stride, storage, "backward: dz")
@@ -165,7 +169,7 @@ public final class CUDAPhalanxKernels: @unchecked Sendable {
         let plan = try self.plan(kernel, channels: 4, batch: batch, length: length, heads: H)
         try context.launch(kernel, grid: (plan.gridBlocks, 1, 1), block: (threadsPerBlock, 1, 1), arguments: [
             .buffer(z), .buffer(bias), .buffer(dMixed), .buffer(carriers), .buffer(dz)] + headTargets
-            + [.buffer(biasGradient)] + arguments(batch: batch, length: length, shape, plan))
+            + arguments(batch: batch, length: length, shape, plan))
         if let scratch {
             let sums = rows * KVH * D
             for (source, column) in [(scratch.b, shape.b), (scratch.c, shape.c)] {
@@ -176,6 +180,22 @@ public final class CUDAPhalanxKernels: @unchecked Sendable {
                                    ])
             }
         }
+        // 1^T dz over the columns with a bias: b and c (contiguous), then a.
+        let ones = try self.ones(rows)
+        for (first, end) in [(shape.b, shape.v), (shape.a, shape.width)] {
+            try blas.gemm(.init(ones, storage, rows: 1, columns: rows),
+                          .init(dz, storage, rows: rows, columns: end - first, stride: shape.stride, offset: first),
+                          into: .init(biasGradient, .float32, rows: 1, columns: end - first, offset: first), beta: 1)
+        }
+    }
+
+    /// `count` ones in `storage` (a buffer kept and grown as needed; uploaded when it grows).
+    private func ones(_ count: Int) throws -> DeviceBuffer {
+        if let ones = onesBuffer, ones.byteCount >= count * storage.byteCount { return ones }
+        let values = [Float](repeating: 1, count: max(count, 2 * (onesBuffer?.byteCount ?? 0) / storage.byteCount))
+        let ones = try storage.upload(values, context: context)
+        onesBuffer = ones
+        return ones
     }
 
     /// The chunk length in blocks that the forward (or backward) kernel uses for this shape.

@@ -115,7 +115,8 @@ struct BenchTraining: ParsableCommand {
         second over the sgemm rate measured in the same run, and over the FMA peak) and each \
         preset's speed-up over the first preset; with --pytorch, also over the same models in \
         PyTorch measured in the same run. Ends with one JSON line. With --device cuda: \
-        --tokens-per-step tokens per step, clipping included, MFU over cuBLAS's bf16 rate measured \
+        --tokens-per-step tokens per step, the -large presets unless --presets says otherwise, \
+        clipping included, MFU over cuBLAS's bf16 rate measured \
         in the same run, and --pytorch runs scripts/torch-cuda-train.py (the same models with \
         SDPA and flex attention, bf16 autocast, fused AdamW).
         """)
@@ -125,12 +126,10 @@ struct BenchTraining: ParsableCommand {
     var contexts: [Int] = []
     @Option(help: "Timed steps per figure (the median is reported).") var steps = 3
     @OptionGroup var pytorch: PyTorchOptions
-    @Option(help: "cpu (batch 1) or cuda (GPU 0, --tokens-per-step per step; presets default to the -large ones).")
-    var device = "cpu"
-    @Option(help: "With --device cuda: tokens per step (batch = tokens / context).") var tokensPerStep = 65536
-    @Option(help: "With --device cuda: bf16 (mixed precision) or f32.") var precision = "bf16"
+    @OptionGroup var device: DeviceOptions
+    @Option(help: "With --device cuda: tokens per step (batch = tokens / context; on the CPU, batch 1).") var tokensPerStep = 65536
 
-    var onGPU: Bool { device == "cuda" }
+    var onGPU: Bool { device.onGPU }
 
     var settings: ModelBenchmarkSettings {
         var s = options.settings(contexts: contexts.isEmpty ? (onGPU ? [4096, 8192, 16384, 32768] : [2048, 8192, 32768]) : contexts,
@@ -145,15 +144,13 @@ struct BenchTraining: ParsableCommand {
     var gpuSettings: CUDATrainingBenchmark.Settings {
         var s = CUDATrainingBenchmark.Settings(models: settings)
         s.tokensPerStep = tokensPerStep
-        s.compute = NumberFormat(name: precision) ?? .bfloat16
+        s.compute = device.compute
         s.pytorch = pytorch.pytorch ? PyTorchBaseline(script: pytorch.pytorchScript == PyTorchBaseline().script
                                                         ? "scripts/torch-cuda-train.py" : pytorch.pytorchScript) : nil
         return s
     }
 
     func validate() throws {
-        guard ["cpu", "cuda"].contains(device) else { throw ValidationError("--device must be cpu or cuda; got \(device).") }
-        guard NumberFormat(name: precision) != nil else { throw ValidationError("--precision must be bf16 or f32; got \(precision).") }
         try validating { onGPU ? try gpuSettings.validate() : try settings.validate(minimumContext: 16) }
     }
 

@@ -17,6 +17,7 @@ struct EvalCommand: ParsableCommand {
     @Option(parsing: .upToNextOption,
             help: "Also the loss by position within the window, in bands cut after these positions (64 512: positions 1-64, 65-512, 513 to the context).")
     var positionBands: [Int] = []
+    @OptionGroup var device: DeviceOptions
 
     func validate() throws {
         guard !contexts.isEmpty, contexts.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--contexts must be at least 1 each; got \(contexts).") }
@@ -43,6 +44,8 @@ struct EvalCommand: ParsableCommand {
                 throw ValidationError("--batch-size \(batchSize) x --contexts \(context): \(error)")
             }
         }
+        let placement = try device.placement()
+        model.move(to: placement.device, compute: placement.compute)
         print("checkpoint: step \(state.step), \(model.configuration.pattern) x \(model.configuration.depth), \(split.count) tokens to score")
         print("  context   windows   loss (nats/token)   perplexity   bits/byte")
         var byPosition: [(context: Int, losses: [Double])] = []

@@ -70,10 +70,7 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Validation batches per evaluation.") var evalBatches = defaults.evaluationBatches
     @Option(help: "Steps between checkpoints (0: only at the end and on Ctrl-C).") var checkpointEvery = defaults.checkpointInterval
     @Option(help: "Seed for initialisation and data order.") var seed: UInt64 = 1
-    @Option(help: "Where to train: cpu, or cuda (GPU 0; the driver, NVRTC and cuBLAS are loaded at run time). A checkpoint from either resumes on either.")
-    var device = "cpu"
-    @Option(help: "With --device cuda: bf16 (mixed precision: bfloat16 activations and matrix products, float32 master weights, moments and sums; default) or f32 (exact mode, for checks).")
-    var precision = "bf16"
+    @OptionGroup var device: DeviceOptions
 
     @Flag(help: "Continue the run in --run from its checkpoint (its configuration wins; --steps may extend it).")
     var resume = false
@@ -160,15 +157,6 @@ struct TrainCommand: ParsableCommand {
         }
     }
 
-    /// Where --device and --precision put the model.
-    private func placement() throws -> Placement {
-        guard device == "cuda" else { return .cpu }
-        switch CUDADevice.shared {
-        case .success(let gpu): return Placement(.cuda(gpu), compute: NumberFormat(name: precision)!)
-        case .failure(let error): throw ValidationError("--device cuda: \(error)")
-        }
-    }
-
     /// The plan, its step count measured from --minutes when given.
     private func sizedPlan() throws -> TrainingRun.Plan {
         var plan = try plan()
@@ -183,8 +171,6 @@ struct TrainCommand: ParsableCommand {
     func validate() throws {
         guard ["byte", "bpe"].contains(tokenizer) else { throw ValidationError("--tokenizer must be byte or bpe; got \(tokenizer).") }
         guard sample >= 0 else { throw ValidationError("--sample must be at least 0; got \(sample).") }
-        guard ["cpu", "cuda"].contains(device) else { throw ValidationError("--device must be cpu or cuda; got \(device).") }
-        guard NumberFormat(name: precision) != nil else { throw ValidationError("--precision must be bf16 or f32; got \(precision).") }
         guard !(resume && overwrite) else { throw ValidationError("--resume continues a run and --overwrite replaces it: give one.") }
         if let minutes {
             guard steps == nil else { throw ValidationError("--minutes sizes the run by time and --steps by count: give one.") }
@@ -230,7 +216,7 @@ struct TrainCommand: ParsableCommand {
 
         let trainer: Trainer
         do {
-            let placement = try self.placement()
+            let placement = try device.placement()
             trainer = resume ? try TrainingRun.resume(in: folder, steps: steps, placement: placement, log: { print($0) })
                              : try TrainingRun.start(try sizedPlan(), in: folder, placement: placement, log: { print($0) })
         } catch let error as TrainingError {

@@ -25,8 +25,8 @@
 // Backward, given dmixed (SWR.md section 5 for the recurrence, with dy = ds = dmixed * c):
 //   dz_v = dmixed + du * b;  dz_b = sum_group du * v * b (1 - b);  dz_c = sum_group dmixed * s
 //   dz_a = da * a * (1 - a / scale)
-//   dbias += the sums over rows of dz_b, dz_c, dz_a (float32 atomics, one per thread and column:
-//            the order of those few additions varies from run to run)
+// The bias gradient (the sums over rows of dz_b, dz_c, dz_a) is not formed here: the host adds it
+// with a matrix product (ones^T dz), whose order of additions is fixed, so runs give the same bits.
 // Each head's dz_b and dz_c terms are written at dbHeads + dbOffset and dcHeads + dcOffset with row
 // stride headStride: with H = KVH the group sums are single terms, so these are dz's own b and c
 // columns; otherwise two scratch [rows, H*16], and phalanx_group_sum adds each group into dz.
@@ -231,14 +231,13 @@ __device__ __forceinline__ void forward(const typename S::Element* __restrict__ 
 
 // ---- backward -----------------------------------------------------------------------------------
 
-// Where backward writes, and the running sums of the bias gradients of one thread.
+// Where backward writes.
 template <class S, int V>
 struct Gradients {
     typename S::Element* dz;
     typename S::Element* dbHeads;
     typename S::Element* dcHeads;
     long long headStride;
-    float db[V], dc[V], da;
 };
 
 // One row i of the reverse sweep, its raw b, v, c and dmixed in slot j of `rows`: its gate a_i,
@@ -264,15 +263,12 @@ __device__ __forceinline__ void sweepRow(const RowGroup<S, V, R>& rows, int j, l
         dv[k] = fmaf(lw[k], b, dm);
         db[k] = lw[k] * S::channel(rows.v[j], k) * b * (1.0f - b);
         dc[k] = dm * fmaf(g, p[k], w[k]);
-        out.db[k] += db[k];
-        out.dc[k] += dc[k];
     }
     typename S::Element* dzr = out.dz + r * shape.stride;
     store<S, V>(dzr + lane.vIndex, dv);
     store<S, V>(out.dbHeads + r * out.headStride + lane.head * kHeadDim + lane.channel, db);
     store<S, V>(out.dcHeads + r * out.headStride + lane.head * kHeadDim + lane.channel, dc);
     const float da = swr::headSum<V>(terms) * a * (1.0f - a / shape.scale);
-    out.da += da;
     if (lane.groupLane == 0) S::storeGate(dzr + lane.aIndex, da);
 }
 
@@ -349,14 +345,11 @@ template <class S, int V, int R>
 __device__ __forceinline__ void backward(const typename S::Element* __restrict__ z, const float* __restrict__ biases,
                                          const typename S::Element* __restrict__ dmixed,
                                          const float* __restrict__ carriers, Gradients<S, V> out,
-                                         float* __restrict__ biasGradient, const Shape& shape, long long tid) {
+                                         const Shape& shape, long long tid) {
     const Lane lane = Lane::locate<V>(shape, tid);
     if (!lane.valid) return;
     Bias<V> bias;
     bias.load(biases, lane);
-#pragma unroll
-    for (int k = 0; k < V; ++k) { out.db[k] = 0.0f; out.dc[k] = 0.0f; }
-    out.da = 0.0f;
 
     // dp of the block after the chunk (zero at the sequence's end): sum of g_j * dmixed_j * c_j.
     float carry[V];
@@ -395,12 +388,6 @@ __device__ __forceinline__ void backward(const typename S::Element* __restrict__
         if (n == kBlock) backwardBlock<S, V, R, true>(z, dmixed, out, shape, lane, bias, row, n, p, carry, scan);
         else backwardBlock<S, V, R, false>(z, dmixed, out, shape, lane, bias, row, n, p, carry, scan);
     }
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-        atomicAdd(biasGradient + lane.bIndex + k, out.db[k]);
-        atomicAdd(biasGradient + lane.cIndex + k, out.dc[k]);
-    }
-    if (lane.groupLane == 0) atomicAdd(biasGradient + lane.aIndex, out.da);
 }
 
 // dz[r, column0 + kv*16 + k] = sum over the group's heads h of heads[r, h*16 + k].
@@ -447,11 +434,11 @@ __device__ __forceinline__ void groupSum(const typename S::Element* __restrict__
         const swr::STORAGE::Element* z, const float* bias, const swr::STORAGE::Element* dmixed,    \
         const float* carriers, swr::STORAGE::Element* dz, swr::STORAGE::Element* dbHeads,          \
         long long dbOffset, swr::STORAGE::Element* dcHeads, long long dcOffset,                    \
-        long long headStride, float* biasGradient, int batch, int length, int heads, int kvHeads,  \
+        long long headStride, int batch, int length, int heads, int kvHeads,                       \
         long long stride, float scale, int chunkBlocks) {                                          \
         PHALANX_SHAPE;                                                                             \
         phalanx::Gradients<swr::STORAGE, V> out{dz, dbHeads + dbOffset, dcHeads + dcOffset, headStride}; \
-        phalanx::backward<swr::STORAGE, V, R>(z, bias, dmixed, carriers, out, biasGradient, shape,  \
+        phalanx::backward<swr::STORAGE, V, R>(z, bias, dmixed, carriers, out, shape,                \
                                               SWR_THREAD_INDEX);                                   \
     }
 

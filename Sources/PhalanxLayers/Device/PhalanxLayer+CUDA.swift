@@ -10,7 +10,8 @@ import SWR
 ///     y     = mixed W_out^T                 [rows, dim]     cuBLAS
 ///
 ///     dmixed = dy W_out;  dW_out += dy^T mixed                cuBLAS
-///     dz     = phalanx_backward(z, dmixed); dbias += 1^T dz   one kernel (+ group sums when KVH < H)
+///     dz     = phalanx_backward(z, dmixed)                   one kernel (+ group sums when KVH < H)
+///     dbias += 1^T dz                                          cuBLAS (a fixed order: no atomics)
 ///     dW_in += dz^T x;    dx = dz W_in                        cuBLAS
 ///
 /// Activations are in the input's format; the products read the weights' compute copies
@@ -62,7 +63,8 @@ extension PhalanxLayer {
             let kernels = try CUDAPhalanxKernels.on(gpu, storage: dMixed.format, blockLength: configuration.blockLength)
             try kernels.backward(z: cache.projections.deviceBuffer, bias: inputBias.value.deviceBuffer,
                                  dMixed: dMixed.deviceBuffer, carriers: carriers.deviceBuffer, dz: dz.deviceBuffer,
-                                 biasGradient: inputBias.gradient.deviceBuffer, batch: batch, length: length, shape: kernelShape)
+                                 biasGradient: inputBias.gradient.deviceBuffer, batch: batch, length: length, shape: kernelShape,
+                                 blas: gpu.blas)
         }
         return dz
     }
