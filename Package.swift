@@ -84,7 +84,7 @@ let package = Package(
             name: "PhalanxModelsTests",
             dependencies: [
                 "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxLayers", "PhalanxRuntime", "Checkpoint",
-                "PhalanxTestSupport",
+                "PhalanxTestSupport", "PhalanxCUDA",
             ],
             swiftSettings: cpuFlags),
         .testTarget(

@@ -1,5 +1,6 @@
 import Checkpoint
 import Foundation
+import PhalanxCUDA
 import PhalanxTraining
 import Testing
 
@@ -49,7 +50,7 @@ struct CommandLineSafetyTests {
     @Test("refused train flags name the flag and its range and leave no run folder", arguments: [
         ["--batch-size", "100000000"], ["--dropout=-0.1"], ["--steps", "0"], ["--learning-rate", "nan"], ["--window", "0"],
         ["--clip", "inf"], ["--eval-batches", "0"], ["--gate-scale", "2"], ["--context", "9223372036854775807"],
-        ["--minutes", "1"],
+        ["--minutes", "1"], ["--device", "gpu"], ["--precision", "fp8"],
     ])
     func refusedFlags(flags: [String]) throws {
         let folder = try folderWithCorpus()
@@ -58,6 +59,17 @@ struct CommandLineSafetyTests {
         let (status, output) = try phalanx(quickRun(folder, flags))
         #expect(status != 0)
         #expect(output.contains("Error: \(flag)"), "\(output)")
+        #expect(!FileManager.default.fileExists(atPath: folder.appendingPathComponent("run").path))
+    }
+
+    @Test("--device cuda where there is no GPU says why, and leaves no run folder",
+          .enabled(if: !CUDAContext.isAvailable, "this machine has a CUDA device"))
+    func cudaWithoutGPU() throws {
+        let folder = try folderWithCorpus()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let (status, output) = try phalanx(quickRun(folder, ["--device", "cuda"]))
+        #expect(status != 0)
+        #expect(output.contains("--device cuda: CUDA unavailable"), "\(output)")
         #expect(!FileManager.default.fileExists(atPath: folder.appendingPathComponent("run").path))
     }
 
