@@ -14,27 +14,11 @@ written to --out when given).
 """
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-
-def timed(fn, launches, repeats):
-    """Median milliseconds per call of fn, over `repeats` samples of `launches` calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(launches):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / launches)
-    return statistics.median(samples)
+from cuda_timing import timed
 
 
 class AttentionLayer(torch.nn.Module):

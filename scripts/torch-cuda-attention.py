@@ -17,27 +17,11 @@ visible query-key pairs: L(L+1)/2 full causal, w(w+1)/2 + (L-w)w in a window), f
 """
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-
-def timed(fn, launches, repeats):
-    """Median milliseconds per call of fn, over `repeats` samples of `launches` calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(launches):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / launches)
-    return statistics.median(samples)
+from cuda_timing import timed
 
 
 def pairs(length, window):

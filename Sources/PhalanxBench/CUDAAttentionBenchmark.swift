@@ -127,7 +127,7 @@ public struct CUDAAttentionBenchmark {
     private func time(_ context: CUDAContext, _ operands: [DeviceBuffer], headDim: Int, length: Int,
                       window: Int?) throws -> [String: Any] {
         let heads = settings.width / headDim
-        let shape = CUDAAttention.Shape(batch: settings.tokens / length, length: length, heads: heads,
+        let shape = AttentionLayout(batch: settings.tokens / length, length: length, heads: heads,
                                         kvHeads: heads / settings.group, headDim: headDim)
         let attention = try CUDAAttention(context: context, storage: .bfloat16, headDim: headDim, window: window)
         let (q, k, v, dO) = (operands[0], operands[1], operands[2], operands[3])

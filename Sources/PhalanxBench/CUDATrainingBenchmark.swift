@@ -126,25 +126,19 @@ public enum CUDATrainingBenchmark {
                    "--window", "\(settings.models.window)"], threads: false)
         else { return }
         print("  torch \(version)")
-        print("  preset                    context   PyTorch tok/s   ours tok/s   ours / PyTorch")
-        for (i, row) in rows.enumerated() {
-            guard let preset = row["preset"] as? String, let context = row["context"] as? Int,
-                  let ours = row["tokens_per_second"] as? Double,
-                  let theirs = results.first(where: { $0["preset"] as? String == preset && $0["context"] as? Int == context })?["tokens_per_second"] as? Double
-            else { continue }
-            print(String(format: "  %@ %7d %15.0f %12.0f   %6.2fx", padded(preset, 25), context, theirs, ours, ours / theirs))
-            rows[i]["pytorch_tokens_per_second"] = theirs
-            rows[i]["speedup_vs_pytorch"] = ours / theirs
-        }
+        TrainingBenchmark.addPyTorch(results, to: &rows, width: 25)
         // Every preset against PyTorch's transformer and sliding-window hybrid of its size.
+        print("  preset                    context   / PyTorch transformer   / PyTorch swa-hybrid")
         for (i, row) in rows.enumerated() {
             guard let preset = row["preset"] as? String, let context = row["context"] as? Int,
                   let ours = row["tokens_per_second"] as? Double, let size = preset.split(separator: "-").last else { continue }
+            var line = "  " + padded(preset, 25) + String(format: " %7d", context)
             for family in ["transformer", "swa-hybrid"] {
-                if let theirs = results.first(where: { $0["preset"] as? String == "\(family)-\(size)" && $0["context"] as? Int == context })?["tokens_per_second"] as? Double {
-                    rows[i]["vs_pytorch_\(family)"] = ours / theirs
-                }
+                guard let theirs = TrainingBenchmark.pyTorchRate(results, preset: "\(family)-\(size)", context: context) else { continue }
+                rows[i]["vs_pytorch_\(family)"] = ours / theirs
+                line += String(format: "   %20.2fx", ours / theirs)
             }
+            print(line)
         }
     }
 

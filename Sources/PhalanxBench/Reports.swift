@@ -263,16 +263,27 @@ extension TrainingBenchmark {
                 + ["--contexts"] + settings.contexts.map(String.init) + ["--steps", "\(settings.steps)", "--window", "\(settings.window)"])
         else { return }
         print("  torch \(version)")
-        print("  preset                 context   PyTorch tok/s   ours tok/s   ours / PyTorch")
+        addPyTorch(results, to: &rows, width: 22)
+    }
+
+    /// Prints each row's tokens/s beside PyTorch's for the same preset and context, and adds
+    /// `pytorch_tokens_per_second` and `speedup_vs_pytorch` to it.
+    static func addPyTorch(_ results: [[String: Any]], to rows: inout [[String: Any]], width: Int) {
+        print("  " + padded("preset", width) + " context   PyTorch tok/s   ours tok/s   ours / PyTorch")
         for (i, row) in rows.enumerated() {
             guard let preset = row["preset"] as? String, let context = row["context"] as? Int,
                   let ours = row["tokens_per_second"] as? Double,
-                  let theirs = results.first(where: { $0["preset"] as? String == preset && $0["context"] as? Int == context })?["tokens_per_second"] as? Double
+                  let theirs = pyTorchRate(results, preset: preset, context: context)
             else { continue }
-            print(String(format: "  %@ %7d %15.0f %12.0f   %6.2fx", padded(preset), context, theirs, ours, ours / theirs))
+            print(String(format: "  %@ %7d %15.0f %12.0f   %6.2fx", padded(preset, width), context, theirs, ours, ours / theirs))
             rows[i]["pytorch_tokens_per_second"] = theirs
             rows[i]["speedup_vs_pytorch"] = ours / theirs
         }
+    }
+
+    /// PyTorch's tokens/s for `preset` at `context` in `results`, if it measured them.
+    static func pyTorchRate(_ results: [[String: Any]], preset: String, context: Int) -> Double? {
+        results.first(where: { $0["preset"] as? String == preset && $0["context"] as? Int == context })?["tokens_per_second"] as? Double
     }
 }
 

@@ -38,59 +38,13 @@ import PhalanxRuntime
 /// that backward recomputes `S` and `dP` in both its kernels: 7 tile products instead of the 5 of
 /// FlashAttention-2 with float atomics for dq.
 ///
-/// Work: forward `4 * visiblePairs * headDim` FLOPs (`Shape.forwardFlops`), backward 2.5 times
+/// Work: forward `4 * visiblePairs * headDim` FLOPs (`AttentionLayout.forwardFlops`), backward 2.5 times
 /// that in the usual count (this backward does 3.5 times: the two recomputed products). Memory
 /// beyond the operands: `D`, `[batch, heads, length]` float32, allocated by `backward` from the
 /// context's cache (or passed in as `rowDots`).
 ///
 /// References: Dao et al., "FlashAttention" (2022) and "FlashAttention-2" (2023).
 public struct CUDAAttention: Sendable {
-    /// The sizes of one call: a uniform batch of sequences of equal length.
-    public struct Shape: Hashable, Sendable, CustomStringConvertible {
-        /// Sequences in the call.
-        public let batch: Int
-        /// Positions per sequence.
-        public let length: Int
-        /// Query heads.
-        public let heads: Int
-        /// Key/value heads; divides `heads`.
-        public let kvHeads: Int
-        /// Channels per head.
-        public let headDim: Int
-
-        /// `batch`, `length` non-negative; `heads`, `kvHeads`, `headDim` at least 1; `kvHeads`
-        /// dividing `heads`.
-        public init(batch: Int, length: Int, heads: Int, kvHeads: Int, headDim: Int) {
-            require(batch >= 0 && length >= 0, "CUDAAttention.Shape: batch and length must be non-negative, got \(batch), \(length)")
-            require(heads >= 1 && headDim >= 1, "CUDAAttention.Shape: heads and headDim must be positive, got \(heads), \(headDim)")
-            require(kvHeads >= 1 && heads % kvHeads == 0,
-                    "CUDAAttention.Shape: \(heads) query heads are not divisible into \(kvHeads) key/value heads")
-            (self.batch, self.length, self.heads, self.kvHeads, self.headDim) = (batch, length, heads, kvHeads, headDim)
-        }
-
-        /// Elements of the queries (and outputs, and their gradients).
-        public var queryCount: Int { batch * length * heads * headDim }
-        /// Elements of the keys (and values, and their gradients).
-        public var keyCount: Int { batch * length * kvHeads * headDim }
-        /// Rows of the log-sum-exp (and of `D`).
-        public var rowCount: Int { batch * heads * length }
-
-        /// Query-key pairs that take part (`j <= i`, and `j > i - window` with a window), over
-        /// every sequence and head. Full causal: `batch * heads * L (L + 1) / 2`.
-        public func visiblePairs(window: Int?) -> Int {
-            let w = min(window ?? length, length)
-            return batch * heads * (w * (w + 1) / 2 + (length - w) * w)
-        }
-
-        /// Forward FLOPs: the two matrix products over the visible pairs, `4 * pairs * headDim`.
-        public func forwardFlops(window: Int?) -> Double { 4 * Double(visiblePairs(window: window)) * Double(headDim) }
-
-        /// The five sizes, for messages.
-        public var description: String {
-            "[batch \(batch), length \(length), heads \(heads) (kv \(kvHeads)), headDim \(headDim)]"
-        }
-    }
-
     /// The head dims the checks and benchmarks use; the kernels take any multiple of 16 up to 128.
     public static let headDims = [16, 32, 64, 128]
 
@@ -139,7 +93,7 @@ public struct CUDAAttention: Sendable {
     ///   - output: `[batch, length, heads, headDim]` in `storage`, overwritten; may not overlap the inputs.
     ///   - logsumexp: `[batch, heads, length]` float32, overwritten.
     public func forward(query: DeviceBuffer, key: DeviceBuffer, value: DeviceBuffer, output: DeviceBuffer,
-                        logsumexp: DeviceBuffer, shape: Shape) throws {
+                        logsumexp: DeviceBuffer, shape: AttentionLayout) throws {
         check(shape, "forward", [("query", query, shape.queryCount, storage), ("key", key, shape.keyCount, storage),
                                  ("value", value, shape.keyCount, storage), ("output", output, shape.queryCount, storage),
                                  ("logsumexp", logsumexp, shape.rowCount, .float32)])
@@ -163,7 +117,7 @@ public struct CUDAAttention: Sendable {
     ///     orders its reuse).
     public func backward(query: DeviceBuffer, key: DeviceBuffer, value: DeviceBuffer, output: DeviceBuffer,
                          logsumexp: DeviceBuffer, outputGradient: DeviceBuffer, queryGradient: DeviceBuffer,
-                         keyGradient: DeviceBuffer, valueGradient: DeviceBuffer, shape: Shape,
+                         keyGradient: DeviceBuffer, valueGradient: DeviceBuffer, shape: AttentionLayout,
                          rowDots: DeviceBuffer? = nil) throws {
         check(shape, "backward", [
             ("query", query, shape.queryCount, storage), ("key", key, shape.keyCount, storage),
@@ -194,13 +148,13 @@ public struct CUDAAttention: Sendable {
     private func blocks(_ length: Int) -> Int { (length + rowsPerBlock - 1) / rowsPerBlock }
 
     /// The kernels' trailing arguments: length, heads, kv heads, window (0: none), scale.
-    private func sizes(_ shape: Shape) -> [CUDAContext.Argument] {
+    private func sizes(_ shape: AttentionLayout) -> [CUDAContext.Argument] {
         [.int32(Int32(shape.length)), .int32(Int32(shape.heads)), .int32(Int32(shape.kvHeads)),
          .int32(Int32(window ?? 0)), .float32(scale)]
     }
 
     /// Stops with a message naming `function` on a shape or buffer the kernels cannot take.
-    private func check(_ shape: Shape, _ function: String, _ buffers: [(String, DeviceBuffer, Int, NumberFormat)]) {
+    private func check(_ shape: AttentionLayout, _ function: String, _ buffers: [(String, DeviceBuffer, Int, NumberFormat)]) {
         let name = "CUDAAttention.\(function)"
         require(shape.headDim == headDim, "\(name): the kernels were compiled for head dim \(headDim), the shape is \(shape)")
         require(shape.length <= Int(Int32.max) && shape.heads <= 65535 && shape.batch <= 65535
@@ -217,7 +171,7 @@ public struct CUDAAttention: Sendable {
 
     /// `forward` on host arrays (float32, rounded to bfloat16 on upload when `storage` is):
     /// returns the output (as stored, widened to float32) and the log-sum-exp.
-    public func forward(query: [Float], key: [Float], value: [Float], shape: Shape) throws -> (output: [Float], logsumexp: [Float]) {
+    public func forward(query: [Float], key: [Float], value: [Float], shape: AttentionLayout) throws -> (output: [Float], logsumexp: [Float]) {
         let q = try storage.upload(query, context: context), k = try storage.upload(key, context: context)
         let v = try storage.upload(value, context: context)
         let o = try DeviceBuffer(context: context, byteCount: max(shape.queryCount, 1) * storage.byteCount)
@@ -229,7 +183,7 @@ public struct CUDAAttention: Sendable {
     /// `backward` on host arrays (see the host `forward`); `output` and `logsumexp` as the host
     /// `forward` returned them.
     public func backward(query: [Float], key: [Float], value: [Float], output: [Float], logsumexp: [Float],
-                         outputGradient: [Float], shape: Shape) throws
+                         outputGradient: [Float], shape: AttentionLayout) throws
         -> (queryGradient: [Float], keyGradient: [Float], valueGradient: [Float]) {
         let q = try storage.upload(query, context: context), k = try storage.upload(key, context: context)
         let v = try storage.upload(value, context: context), o = try storage.upload(output, context: context)

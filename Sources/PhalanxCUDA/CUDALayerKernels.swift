@@ -137,34 +137,26 @@ public struct CUDALayerKernels: Sendable {
     // MARK: Rotary embedding
 
     /// The cos and sin of every angle of a rotary embedding, `[positions, headDim/2]` float32
-    /// each, computed on the host exactly as `PhalanxLayers.RotaryEmbedding` computes its table
-    /// (in double precision, then rounded), so the rotations round as the CPU's.
+    /// each, on the device: the host's table (`PhalanxLayers.RotaryEmbedding.angles`, computed in
+    /// double precision, then rounded), so the rotations round as the CPU's.
     public struct RotaryTable: Sendable {
-        /// Channels per head, and the frequency base.
-        public let headDim: Int, base: Float
+        /// Channels per head.
+        public let headDim: Int
         /// Positions covered: `0..<positions`.
         public let positions: Int
         /// `cos(p * base^(-2i/headDim))`, `sin(...)`, `[positions, headDim/2]`.
         public let cosines: DeviceBuffer, sines: DeviceBuffer
     }
 
-    /// Uploads the rotary table for heads of `headDim` (even) and `base` (above 1), covering
-    /// positions `0..<positions` (decoding at position `p` needs `p + 1`). Waits for the stream.
-    public func rotaryTable(headDim: Int, base: Float = 10000, positions: Int) throws -> RotaryTable {
+    /// Uploads a rotary table for heads of `headDim` (even): `cosines` and `sines` `[positions,
+    /// headDim/2]`, covering positions `0..<positions` (decoding at position `p` needs `p + 1`).
+    /// Waits for the stream.
+    public func rotaryTable(headDim: Int, cosines: [Float], sines: [Float]) throws -> RotaryTable {
         require(headDim >= 2 && headDim % 2 == 0, "CUDALayerKernels.rotaryTable: headDim must be even, got \(headDim)")
-        require(base > 1, "CUDALayerKernels.rotaryTable: base must exceed 1, got \(base)")
-        require(positions >= 0 && positions <= Int(Int32.max), "CUDALayerKernels.rotaryTable: positions \(positions) out of range")
-        let half = headDim / 2
-        var cosines = [Float](repeating: 0, count: positions * half), sines = cosines
-        for i in 0..<half {
-            let frequency = pow(Double(base), -2 * Double(i) / Double(headDim))
-            for p in 0..<positions {
-                let angle = Double(p) * frequency
-                cosines[p * half + i] = Float(cos(angle))
-                sines[p * half + i] = Float(sin(angle))
-            }
-        }
-        return RotaryTable(headDim: headDim, base: base, positions: positions,
+        let half = headDim / 2, positions = cosines.count / half
+        require(cosines.count == sines.count && cosines.count == positions * half && positions <= Int(Int32.max),
+                "CUDALayerKernels.rotaryTable: \(cosines.count) cosines and \(sines.count) sines are not [positions, \(half)]")
+        return RotaryTable(headDim: headDim, positions: positions,
                            cosines: try DeviceBuffer(context: context, floats: cosines),
                            sines: try DeviceBuffer(context: context, floats: sines))
     }

@@ -32,8 +32,8 @@ public enum CUDAAttentionCheck {
         }
 
         /// The call's shape.
-        public var shape: CUDAAttention.Shape {
-            CUDAAttention.Shape(batch: batch, length: length, heads: heads, kvHeads: kvHeads, headDim: headDim)
+        public var shape: AttentionLayout {
+            AttentionLayout(batch: batch, length: length, heads: heads, kvHeads: kvHeads, headDim: headDim)
         }
 
         /// `attention`, storage, shape and window, for the report.

@@ -100,22 +100,22 @@ public final class RotaryEmbedding: Sendable {
         }
     }
 
-    /// The cos and sin tables on `gpu`, the same numbers as the host's, covering at least
-    /// `positions` positions (grown as the host's: to at least twice the last size); nil after
-    /// a device failure.
+    /// The host's cos and sin tables on `gpu`, covering at least `positions` positions (uploaded
+    /// again only when the host's table grows); nil after a device failure.
     private func deviceTable(upTo positions: Int, on gpu: CUDADevice) -> CUDALayerKernels.RotaryTable? {
         deviceTables.withLock { tables in
             let key = ObjectIdentifier(gpu)
             if let cached = tables[key], cached.positions >= positions { return cached }
-            let size = max(positions, 2 * (tables[key]?.positions ?? 0), 256)
-            guard let table = DeviceOps.rotaryTable(headDim: headDim, base: base, positions: size, on: gpu) else { return nil }
+            let (cosines, sines) = angles(upTo: positions)
+            guard let table = DeviceOps.rotaryTable(headDim: headDim, cosines: cosines, sines: sines, on: gpu) else { return nil }
             tables[key] = table
             return table
         }
     }
 
-    /// The cos and sin tables, covering at least `positions` positions.
-    private func angles(upTo positions: Int) -> ([Float], [Float]) {
+    /// The cos and sin tables `[n, headDim/2]`, covering `n >= positions` positions (the table
+    /// grows to at least twice its last size, and 256).
+    public func angles(upTo positions: Int) -> ([Float], [Float]) {
         table.withLock { table in
             if table.positions < positions {
                 let count = max(positions, 2 * table.positions, 256), half = headDim / 2

@@ -87,9 +87,9 @@ public enum DeviceOps {
         }
     }
 
-    /// The rotary table of `headDim` and `base` on `gpu`, covering `positions` positions.
-    static func rotaryTable(headDim: Int, base: Float, positions: Int, on gpu: CUDADevice) -> CUDALayerKernels.RotaryTable? {
-        gpu.value { try kernels(.float32, on: gpu).rotaryTable(headDim: headDim, base: base, positions: positions) }
+    /// The host's rotary table (`[positions, headDim/2]` cosines and sines) on `gpu`.
+    static func rotaryTable(headDim: Int, cosines: [Float], sines: [Float], on gpu: CUDADevice) -> CUDALayerKernels.RotaryTable? {
+        gpu.value { try kernels(.float32, on: gpu).rotaryTable(headDim: headDim, cosines: cosines, sines: sines) }
     }
 
     /// Rotates `x` `[batch, length, heads, headDim]` in place by `table`'s angles.
@@ -108,18 +108,13 @@ public enum DeviceOps {
         }
     }
 
-    /// The attention kernel's shape for `layout`.
-    private static func shape(_ layout: AttentionLayout) -> CUDAAttention.Shape {
-        .init(batch: layout.batch, length: layout.length, heads: layout.heads, kvHeads: layout.kvHeads, headDim: layout.headDim)
-    }
-
     /// Causal attention (with `window`) of `query`, `key`, `value` into `output` and `logsumexp`.
     static func attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logsumexp: Tensor, layout: AttentionLayout,
                           window: Int?, on gpu: CUDADevice) {
         gpu.perform {
             try attention(query.format, headDim: layout.headDim, window: window, on: gpu)
                 .forward(query: query.deviceBuffer, key: key.deviceBuffer, value: value.deviceBuffer, output: output.deviceBuffer,
-                         logsumexp: logsumexp.deviceBuffer, shape: shape(layout))
+                         logsumexp: logsumexp.deviceBuffer, shape: layout)
         }
     }
 
@@ -132,7 +127,7 @@ public enum DeviceOps {
                 .backward(query: query.deviceBuffer, key: key.deviceBuffer, value: value.deviceBuffer, output: output.deviceBuffer,
                           logsumexp: logsumexp.deviceBuffer, outputGradient: outputGradient.deviceBuffer,
                           queryGradient: queryGradient.deviceBuffer, keyGradient: keyGradient.deviceBuffer,
-                          valueGradient: valueGradient.deviceBuffer, shape: shape(layout))
+                          valueGradient: valueGradient.deviceBuffer, shape: layout)
         }
     }
 
