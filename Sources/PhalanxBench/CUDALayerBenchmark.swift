@@ -16,7 +16,7 @@ extension CUDABenchmark {
         let context = device.context, blas = device.blas
         let dim = PhalanxLayer.headDim * heads, kv = kvHeads ?? heads
         print("\nPhalanx layer, bf16, dim \(dim) (\(heads) heads x \(PhalanxLayer.headDim), \(kv) kv heads); cuBLAS \(blas.version) at \(blas.path)")
-        let rate = try gemmRate(blas)
+        let rate = try blas.measureRate(format: .bfloat16)
         print(String(format: "  cuBLAS bf16 GEMM 8192^3 (fp32 accumulation): %.0f TFLOP/s", rate / 1e12))
         var json: [String: Any] = ["dim": dim, "kv_heads": kv, "gemm_8192_tflops": rate / 1e12]
 
@@ -83,17 +83,6 @@ extension CUDABenchmark {
         print("\nLayer summary")
         for line in summary { print(line) }
         return json
-    }
-
-    /// FLOP/s of a bfloat16 8192 x 8192 x 8192 product.
-    private func gemmRate(_ blas: CUBLAS) throws -> Double {
-        let n = 8192
-        let a = try DeviceBuffer(context: blas.context, byteCount: n * n * 2)
-        let c = try DeviceBuffer(context: blas.context, byteCount: n * n * 2)
-        try a.fill(byte: 0x3c)
-        let matrix = CUBLAS.Matrix(a, .bfloat16, rows: n, columns: n), out = CUBLAS.Matrix(c, .bfloat16, rows: n, columns: n)
-        let ms = try measure(blas.context) { try blas.gemm(matrix, matrix, transposeB: true, into: out) }
-        return 2 * Double(n) * Double(n) * Double(n) / (ms * 1e-3)
     }
 
     /// Each step of the layer alone for one shape: its matrix products (summed into the GEMM floor

@@ -9,9 +9,9 @@ import PhalanxTraining
 /// number of tokens per step (batch = tokens / context), the way GPU training runs: forward,
 /// loss, backward, gradient clipping and AdamW, in bfloat16 mixed precision (or float32).
 ///
-/// The ceiling is measured in the same run: cuBLAS's rate on a bfloat16 8192^3 product (float32
-/// accumulation). Model-FLOPs utilisation is the model's FLOPs per second
-/// (`TrainingBenchmark.modelFlops`) over it. With `pytorch`, `scripts/torch-cuda-train.py` times
+/// The ceiling is measured in the same run: cuBLAS's rate on an 8192^3 product in the compute
+/// format (float32 accumulation; `CUBLAS.measureRate`). Model-FLOPs utilisation is the model's FLOPs per second
+/// (`LanguageModel.trainingFlops`) over it. With `pytorch`, `scripts/torch-cuda-train.py` times
 /// the same models in PyTorch (eager, bfloat16 autocast, fused AdamW; SDPA for attention,
 /// flex attention for the window) in the same run.
 public enum CUDATrainingBenchmark {
@@ -76,7 +76,7 @@ public enum CUDATrainingBenchmark {
         let seconds = Timing.median(repeats: settings.models.steps, warmUp: 2, step)
         try device.checkFailure()
         let result = Result(secondsPerStep: seconds, tokensPerStep: batch * context,
-                            modelFlopsPerStep: TrainingBenchmark.modelFlops(model, tokens: batch * context, context: context),
+                            modelFlopsPerStep: model.trainingFlops(tokens: batch * context, context: context),
                             parameters: model.parameterCount)
         try device.context.releaseCachedMemory()  // the next model starts from an empty device
         return result
@@ -86,9 +86,9 @@ public enum CUDATrainingBenchmark {
     @discardableResult
     public static func report(_ settings: Settings) throws -> [String: Any] {
         let device = try CUDADevice.shared.get()
-        let rate = try bfloat16GemmRate(device)
+        let rate = try device.blas.measureRate(format: settings.compute)
         let presets = settings.models.presets
-        print("Device: \(device); cuBLAS bf16 GEMM 8192^3 (fp32 accumulation): \(String(format: "%.0f", rate / 1e12)) TFLOP/s (the MFU ceiling)")
+        print("Device: \(device); cuBLAS \(settings.compute) GEMM 8192^3 (fp32 accumulation): \(String(format: "%.0f", rate / 1e12)) TFLOP/s (the MFU ceiling)")
         print("\nTraining step on the GPU, \(settings.tokensPerStep) tokens per step, \(settings.compute), median of \(settings.models.steps) (window \(settings.models.window) for S layers)")
         print("  preset                    context  batch   ms/step     tokens/s    MFU    vs \(presets[0])")
         var rows: [[String: Any]] = []
@@ -108,7 +108,7 @@ public enum CUDATrainingBenchmark {
         }
         if let pytorch = settings.pytorch { compare(&rows, with: pytorch, settings) }
         let json: [String: Any] = ["benchmark": "training-step-cuda", "device": device.context.deviceName,
-                                   "bf16_gemm_tflops": rate / 1e12, "tokens_per_step": settings.tokensPerStep,
+                                   "gemm_tflops": rate / 1e12, "tokens_per_step": settings.tokensPerStep,
                                    "compute": "\(settings.compute)", "results": rows]
         if let data = try? JSONSerialization.data(withJSONObject: json, options: [.sortedKeys]) {
             print(String(decoding: data, as: UTF8.self))
@@ -142,21 +142,4 @@ public enum CUDATrainingBenchmark {
         }
     }
 
-    /// FLOP/s of a bfloat16 8192 x 8192 x 8192 product on `device` (median of 7 x 10 products).
-    public static func bfloat16GemmRate(_ device: CUDADevice) throws -> Double {
-        let n = 8192, context = device.context
-        let a = try DeviceBuffer(context: context, byteCount: n * n * 2), c = try DeviceBuffer(context: context, byteCount: n * n * 2)
-        try a.fill(byte: 0x3c)
-        let matrix = CUBLAS.Matrix(a, .bfloat16, rows: n, columns: n), out = CUBLAS.Matrix(c, .bfloat16, rows: n, columns: n)
-        for _ in 0..<3 { try device.blas.gemm(matrix, matrix, transposeB: true, into: out) }
-        let start = try CUDAEvent(context: context), end = try CUDAEvent(context: context)
-        var samples: [Double] = []
-        for _ in 0..<7 {
-            try start.record()
-            for _ in 0..<10 { try device.blas.gemm(matrix, matrix, transposeB: true, into: out) }
-            try end.record()
-            samples.append(try start.milliseconds(to: end) / 10)
-        }
-        return 2 * Double(n * n) * Double(n) / (samples.sorted()[3] * 1e-3)
-    }
 }

@@ -16,37 +16,12 @@ public enum TrainingBenchmark {
         public let secondsPerStep: Double
         /// Tokens trained on per step.
         public let tokensPerStep: Int
-        /// FLOPs of one step by `modelFlops`.
+        /// FLOPs of one step by `LanguageModel.trainingFlops`.
         public let modelFlopsPerStep: Double
         /// Tokens trained on per second: `tokensPerStep / secondsPerStep`.
         public var tokensPerSecond: Double { Double(tokensPerStep) / secondsPerStep }
         /// Model FLOPs per second over the sgemm rate.
         public func utilisation(sgemmRate: Double) -> Double { modelFlopsPerStep / secondsPerStep / sgemmRate }
-    }
-
-    /// Model FLOPs of one training step over `tokens` tokens of context `context`:
-    ///
-    ///     6 * N * T   (every weight: a multiply-add forward, two backward; N includes the tied head)
-    ///   + 6 * 2 * T * span * d_attn per attention layer   (scores and values; span = L/2 causal,
-    ///                                                      min(w, L) - w^2/2L sliding window)
-    public static func modelFlops(_ model: LanguageModel, tokens: Int, context: Int) -> Double {
-        let c = model.configuration
-        let n = Double(model.parameterCount)
-        var flops = 6 * n * Double(tokens)
-        let width = Double(c.attentionHeads * c.attentionHeadDim)
-        for kind in model.mixerKinds {
-            let L = Double(context)
-            let span: Double
-            switch kind {
-            case .phalanx: continue
-            case .attention: span = L / 2
-            case .slidingWindow:
-                let w = min(Double(c.window), L)
-                span = w - w * w / (2 * L)
-            }
-            flops += 6 * 2 * Double(tokens) * span * width
-        }
-        return flops
     }
 
     /// Times training steps of a freshly initialised model on one sequence of `context` random tokens:
@@ -70,6 +45,6 @@ public enum TrainingBenchmark {
             optimizer.update(learningRate: 1e-4)
         }
         return Result(preset: preset, context: context, secondsPerStep: seconds, tokensPerStep: context,
-                      modelFlopsPerStep: modelFlops(model, tokens: context, context: context))
+                      modelFlopsPerStep: model.trainingFlops(tokens: context, context: context))
     }
 }

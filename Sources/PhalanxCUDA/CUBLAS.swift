@@ -173,6 +173,26 @@ public final class CUBLAS: @unchecked Sendable {
         try run(plan, a, b, c, output: c.address, alpha: alpha, beta: beta)
     }
 
+    /// FLOP/s of an `n x n x n` product `A B^T` in `format` (float32 accumulation; no TF32 for
+    /// float32): the median of 7 samples of 10 products, after 3 warm-up products. The ceiling of
+    /// model-FLOPs utilisation on this device.
+    public func measureRate(format: NumberFormat = .bfloat16, n: Int = 8192) throws -> Double {
+        let a = try DeviceBuffer(context: context, byteCount: n * n * format.byteCount)
+        let c = try DeviceBuffer(context: context, byteCount: n * n * format.byteCount)
+        try a.fill(byte: 0x3c)
+        let matrix = Matrix(a, format, rows: n, columns: n), out = Matrix(c, format, rows: n, columns: n)
+        for _ in 0..<3 { try gemm(matrix, matrix, transposeB: true, into: out) }
+        let start = try CUDAEvent(context: context), end = try CUDAEvent(context: context)
+        var samples: [Double] = []
+        for _ in 0..<7 {
+            try start.record()
+            for _ in 0..<10 { try gemm(matrix, matrix, transposeB: true, into: out) }
+            try end.record()
+            samples.append(try start.milliseconds(to: end) / 10)
+        }
+        return 2 * Double(n) * Double(n) * Double(n) / (samples.sorted()[3] * 1e-3)
+    }
+
     /// `D = alpha * op(A) op(B) + beta * C` with `plan`'s algorithm, D at `output` (C's layout).
     private func run(_ plan: Plan, _ a: Matrix, _ b: Matrix, _ c: Matrix, output: UInt64, alpha: Float, beta: Float) throws {
         var alpha = alpha, beta = beta

@@ -339,4 +339,28 @@ public final class LanguageModel: ParameterContainer {
 
     /// The mixer kinds of the blocks, in order.
     public var mixerKinds: [MixerKind] { blocks.map(\.kind) }
+
+    /// Model FLOPs of one training step over `tokens` tokens in sequences of `context`, the
+    /// usual count for model-FLOPs utilisation:
+    ///
+    ///     6 * N * T   (every weight: a multiply-add forward, two backward; N includes the tied head)
+    ///   + 6 * 2 * T * span * d_attn per attention layer   (scores and values; span = L/2 causal,
+    ///                                                      min(w, L) - w^2/2L sliding window)
+    public func trainingFlops(tokens: Int, context: Int) -> Double {
+        let c = configuration
+        var flops = 6 * Double(parameterCount) * Double(tokens)
+        let width = Double(c.attentionHeads * c.attentionHeadDim), L = Double(context)
+        for kind in mixerKinds {
+            let span: Double
+            switch kind {
+            case .phalanx: continue
+            case .attention: span = L / 2
+            case .slidingWindow:
+                let w = min(Double(c.window), L)
+                span = w - w * w / (2 * L)
+            }
+            flops += 6 * 2 * Double(tokens) * span * width
+        }
+        return flops
+    }
 }

@@ -39,6 +39,9 @@ public final class Trainer {
         /// seconds so far, summed over resumes (evaluations excluded); estimated seconds to the
         /// last step at that rate (evaluations not counted).
         public let tokensPerSecond: Double, elapsed: Double, remaining: Double
+        /// Model-FLOPs utilisation at that rate: `LanguageModel.trainingFlops` per second over the
+        /// device's matrix-product rate measured when the trainer started (GPU runs); nil on the CPU.
+        public let utilisation: Double?
     }
 
     /// How `run` ended.
@@ -91,8 +94,14 @@ public final class Trainer {
         self.placement = placement
         model.move(to: placement.device, compute: placement.compute)
         optimizer.move(to: placement.device)
-        if let gpu = placement.device.cuda { try gpu.checkFailure() }
+        if let gpu = placement.device.cuda {
+            try gpu.checkFailure()
+            matrixRate = try gpu.blas.measureRate(format: placement.compute)
+        }
     }
+
+    /// The device's matrix-product rate (FLOP/s) in the compute format, measured at start (GPU runs).
+    public private(set) var matrixRate: Double?
 
 
     /// Runs until the configured step count, a stop request, or divergence.
@@ -112,6 +121,7 @@ public final class Trainer {
         let elapsedBefore = state.elapsedSeconds
         var tokensThisRun = 0
         var sampler = BatchSampler(batchSize: c.batchSize, contextLength: c.contextLength, generator: state.sampler.generator)
+        let flopsPerToken = model.trainingFlops(tokens: 1, context: c.contextLength)
         while state.step < c.steps {
             model.zeroGradients()
             var loss: Float = 0
@@ -144,7 +154,8 @@ public final class Trainer {
             let rate = Double(tokensThisRun) / max(elapsedRun, 1e-9)
             onStep(StepReport(step: state.step, totalSteps: c.steps, loss: loss, learningRate: learningRate,
                               gradientNorm: norm, tokensPerSecond: rate, elapsed: state.elapsedSeconds,
-                              remaining: Double(c.steps - state.step) * Double(c.tokensPerStep) / max(rate, 1e-9)))
+                              remaining: Double(c.steps - state.step) * Double(c.tokensPerStep) / max(rate, 1e-9),
+                              utilisation: matrixRate.map { flopsPerToken * rate / $0 }))
             let last = state.step == c.steps
             if last || (c.evaluationInterval > 0 && state.step % c.evaluationInterval == 0) {
                 let pause = clock.now

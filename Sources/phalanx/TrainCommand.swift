@@ -235,10 +235,11 @@ struct TrainCommand: ParsableCommand {
             onStep: { r in
                 guard Date().timeIntervalSince(lastLine) > 0.25 || r.step == r.totalSteps else { return }
                 lastLine = Date()
-                let line = String(format: "step %d/%d | loss %.4f | lr %.2e | |g| %.2f | %@ tok/s | %@ elapsed | ETA %@",
+                let line = String(format: "step %d/%d | loss %.4f | lr %.2e | |g| %.2f | %@ tok/s%@ | %@ elapsed | ETA %@",
                                   r.step, r.totalSteps, r.loss, r.learningRate, r.gradientNorm,
-                                  formatCount(Int(r.tokensPerSecond)), formatDuration(r.elapsed), formatDuration(r.remaining))
-                print("\r" + line.padding(toLength: 110, withPad: " ", startingAt: 0), terminator: "")
+                                  formatCount(Int(r.tokensPerSecond)), r.utilisation.map { String(format: " (MFU %.1f%%)", 100 * $0) } ?? "",
+                                  formatDuration(r.elapsed), formatDuration(r.remaining))
+                print("\r" + line.padding(toLength: max(line.count, 110), withPad: " ", startingAt: 0), terminator: "")
                 fflush(nil)
             },
             onEvaluation: { e in
