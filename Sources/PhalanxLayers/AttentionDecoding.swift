@@ -8,15 +8,17 @@ import PhalanxRuntime
 /// largest piece a prefill is cut into (so no key a query of the piece needs is overwritten).
 /// Keys are stored after the rotary embedding, at their absolute positions.
 ///
-/// Layout: `[slot, batch, kvHeads, headDim]`; position `p` lives in slot `p` (full) or
-/// `p % capacity` (ring).
+/// Layout: `[slot, batch, kvHeads, headDim]`; position `p` of a sequence lives in slot `p` (full)
+/// or `p % capacity` (ring). Each sequence has its own length (prompts of different lengths
+/// decoded together): a full cache holds as many slots as the longest, and a shorter sequence's
+/// slots beyond its length are never read.
 public struct KeyValueCache: Sendable {
     /// Sequences decoded together, key/value heads, and channels per head.
     public let batch: Int, kvHeads: Int, headDim: Int
     /// Positions kept; nil when every position is kept.
     public let capacity: Int?
-    /// Positions processed so far: the absolute position of the next token.
-    public private(set) var length = 0
+    /// Positions processed so far by each sequence: the absolute position of its next token.
+    public private(set) var lengths: [Int]
     var keys: [Float] = [], values: [Float] = []
 
     /// Largest piece a sliding-window cache takes at once.
@@ -27,6 +29,7 @@ public struct KeyValueCache: Sendable {
         self.kvHeads = kvHeads
         self.headDim = headDim
         capacity = window.map { $0 + Self.chunk }
+        lengths = Array(repeating: 0, count: batch)
         if let capacity {
             keys = [Float](repeating: 0, count: capacity * rowWidth)
             values = keys
@@ -41,30 +44,66 @@ public struct KeyValueCache: Sendable {
 
     func slot(_ position: Int) -> Int { capacity.map { position % $0 } ?? position }
 
-    /// Appends `n` positions of keys and values (`[batch, n, kvHeads, headDim]` each).
+    /// Slots held: the ring's capacity, or the longest sequence's positions.
+    var slotCount: Int { rowWidth == 0 ? 0 : keys.count / rowWidth }
+
+    /// Appends `n` positions of keys and values (`[batch, n, kvHeads, headDim]` each), each
+    /// sequence's after its own last position.
     mutating func append(keys k: UnsafePointer<Float>, values v: UnsafePointer<Float>, count n: Int) {
         let width = kvHeads * headDim
-        if capacity == nil {
+        let missing = (lengths.max() ?? 0) + n - slotCount
+        if capacity == nil && missing > 0 {
             // Appending grows the storage geometrically; `reserveCapacity` here would reallocate
             // (and copy the whole cache) on every decode step.
-            keys.append(contentsOf: repeatElement(0, count: n * rowWidth))
-            values.append(contentsOf: repeatElement(0, count: n * rowWidth))
+            keys.append(contentsOf: repeatElement(0, count: missing * rowWidth))
+            values.append(contentsOf: repeatElement(0, count: missing * rowWidth))
         }
-        let slots = (0..<n).map { slot(length + $0) }
-        let batch = batch
+        let batch = batch, lengths = lengths, capacity = capacity
         keys.withUnsafeMutableBufferPointer { keyStore in
             values.withUnsafeMutableBufferPointer { valueStore in
-                for i in 0..<n {
-                    let s = slots[i]
-                    for b in 0..<batch {
-                        let to = (s * batch + b) * width, from = (b * n + i) * width
+                for b in 0..<batch {
+                    for i in 0..<n {
+                        let position = lengths[b] + i, slot = capacity.map { position % $0 } ?? position
+                        let to = (slot * batch + b) * width, from = (b * n + i) * width
                         (keyStore.baseAddress! + to).update(from: k + from, count: width)
                         (valueStore.baseAddress! + to).update(from: v + from, count: width)
                     }
                 }
             }
         }
-        length += n
+        self.lengths = lengths.map { $0 + n }
+    }
+}
+
+extension KeyValueCache: MixerState {
+    /// The parts' sequences in order, each with its keys, values and length.
+    public static func stacking(_ parts: [KeyValueCache]) -> KeyValueCache {
+        require(!parts.isEmpty, "KeyValueCache.stacking: no caches")
+        let first = parts[0]
+        require(parts.allSatisfy { ($0.kvHeads, $0.headDim, $0.capacity) == (first.kvHeads, first.headDim, first.capacity) },
+                "KeyValueCache.stacking: the caches differ in heads, head width or window")
+        return KeyValueCache(stacking: parts)
+    }
+
+    /// `parts` laid out as one cache (checked alike by `stacking`).
+    private init(stacking parts: [KeyValueCache]) {
+        (kvHeads, headDim, capacity) = (parts[0].kvHeads, parts[0].headDim, parts[0].capacity)
+        batch = parts.reduce(0) { $0 + $1.batch }
+        lengths = parts.flatMap(\.lengths)
+        let slots = capacity ?? (lengths.max() ?? 0), width = kvHeads * headDim
+        keys = [Float](repeating: 0, count: slots * batch * width)
+        values = keys
+        var sequence = 0
+        for part in parts {
+            for s in 0..<min(slots, part.slotCount) {
+                for b in 0..<part.batch {
+                    let to = (s * batch + sequence + b) * width, from = (s * part.batch + b) * width
+                    keys.replaceSubrange(to..<(to + width), with: part.keys[from..<(from + width)])
+                    values.replaceSubrange(to..<(to + width), with: part.values[from..<(from + width)])
+                }
+            }
+            sequence += part.batch
+        }
     }
 }
 
@@ -84,7 +123,7 @@ extension Attention {
         require(x.shape.count == 3 && x.shape[2] == dim && x.shape[0] == state.batch,
                 "Attention.infer: input must be [\(state.batch), length, \(dim)], got \(x.shape)")
         let n = x.shape[1]
-        if state.length == 0 && n > 1 {
+        if state.lengths.allSatisfy({ $0 == 0 }) && n > 1 {
             // A prefill from empty sequences is the parallel forward (the tiled kernel); its
             // keys and values fill the cache (a ring keeps the last ones).
             let (y, cache) = forward(x)
@@ -102,11 +141,11 @@ extension Attention {
             }
             return concatenate(outputs, batch: state.batch)
         }
-        let batch = state.batch, start = state.length
+        let batch = state.batch, starts = state.lengths
         let q = qProj.forward(x), k = kProj.forward(x), v = vProj.forward(x)
         if let rotary {
-            rotary.rotate(q, startPosition: start, inverse: false, pool: pool)
-            rotary.rotate(k, startPosition: start, inverse: false, pool: pool)
+            rotary.rotate(q, startPositions: starts, inverse: false, pool: pool)
+            rotary.rotate(k, startPositions: starts, inverse: false, pool: pool)
         }
         state.append(keys: k.pointer, values: v.pointer, count: n)
         let attended = Tensor(uninitialized: [batch, n, heads * headDim])
@@ -120,7 +159,7 @@ extension Attention {
                 let kp = keys.baseAddress!, vp = values.baseAddress!
                 pool.run(batch * H * n) { index in
                     let i = index % n, h = (index / n) % H, b = index / (n * H)
-                    let position = start + i
+                    let position = starts[b] + i
                     let first = window.map { max(0, position - $0 + 1) } ?? 0
                     let query = qp + ((b * n + i) * H + h) * D
                     let out = op + ((b * n + i) * H + h) * D

@@ -55,28 +55,39 @@ public final class RotaryEmbedding: Sendable {
         return dx
     }
 
-    /// Rotates `x` in place (`inverse`: by the opposite angles, which is backward).
+    /// Rotates `x` in place (`inverse`: by the opposite angles, which is backward), every
+    /// sequence from `startPosition`.
     public func rotate(_ x: Tensor, startPosition: Int = 0, inverse: Bool, pool: WorkerPool = .shared) {
         require(x.shape.count >= 2, "RotaryEmbedding: input must be [batch, length, ...], got \(x.shape)")
+        rotate(x, startPositions: Array(repeating: startPosition, count: x.shape[0]), inverse: inverse, pool: pool)
+    }
+
+    /// Rotates `x` in place, sequence `b` from `startPositions[b]` (sequences decoded together
+    /// at different positions).
+    public func rotate(_ x: Tensor, startPositions: [Int], inverse: Bool, pool: WorkerPool = .shared) {
+        require(x.shape.count >= 2, "RotaryEmbedding: input must be [batch, length, ...], got \(x.shape)")
         let (batch, length) = (x.shape[0], x.shape[1])
+        require(startPositions.count == batch, "RotaryEmbedding: \(startPositions.count) start positions for \(batch) sequences")
         let perPosition = batch * length == 0 ? 0 : x.count / (batch * length)
         require(perPosition % headDim == 0,
                 "RotaryEmbedding: \(perPosition) channels per position do not split into heads of \(headDim) (shape \(x.shape))")
+        require(startPositions.allSatisfy { $0 >= 0 }, "RotaryEmbedding: start positions must be non-negative, got \(startPositions)")
         if case .cuda(let gpu) = x.device {
-            require(startPosition >= 0, "RotaryEmbedding: startPosition must be non-negative, got \(startPosition)")
-            guard let table = deviceTable(upTo: startPosition + length, on: gpu) else { return }
-            return DeviceOps.rotate(x, heads: perPosition / headDim, table: table, startPosition: startPosition, inverse: inverse, on: gpu)
+            let start = startPositions.first ?? 0
+            require(startPositions.allSatisfy { $0 == start }, "RotaryEmbedding: on a GPU every sequence starts at one position")
+            guard let table = deviceTable(upTo: start + length, on: gpu) else { return }
+            return DeviceOps.rotate(x, heads: perPosition / headDim, table: table, startPosition: start, inverse: inverse, on: gpu)
         }
         rotate(x.pointer, batch: batch, length: length, heads: perPosition / headDim,
-               startPosition: startPosition, inverse: inverse, pool: pool)
+               startPositions: startPositions, inverse: inverse, pool: pool)
     }
 
-    /// Raw form: rotates `x` `[batch, length, heads, headDim]` in place.
+    /// Raw form: rotates `x` `[batch, length, heads, headDim]` in place, sequence `b` from
+    /// `startPositions[b]`.
     public func rotate(_ x: UnsafeMutablePointer<Float>, batch: Int, length: Int, heads: Int,
-                       startPosition: Int = 0, inverse: Bool, pool: WorkerPool = .shared) {
-        require(startPosition >= 0, "RotaryEmbedding: startPosition must be non-negative, got \(startPosition)")
+                       startPositions: [Int], inverse: Bool, pool: WorkerPool = .shared) {
         guard batch > 0, length > 0, heads > 0 else { return }
-        let (cosines, sines) = angles(upTo: startPosition + length)
+        let (cosines, sines) = angles(upTo: (startPositions.max() ?? 0) + length)
         let half = headDim / 2, D = headDim, sign: Float = inverse ? -1 : 1
         let rows = batch * length
         let parts = min(pool.threadCount, max(rows / 64, 1))
@@ -84,7 +95,7 @@ public final class RotaryEmbedding: Sendable {
             sines.withUnsafeBufferPointer { sines in
                 pool.run(parts) { part in
                     for row in (part * rows / parts)..<((part + 1) * rows / parts) {
-                        let position = startPosition + row % length
+                        let position = startPositions[row / length] + row % length
                         let cp = cosines.baseAddress! + position * half, sp = sines.baseAddress! + position * half
                         for h in 0..<heads {
                             let first = x + (row * heads + h) * D, second = first + half

@@ -1,3 +1,4 @@
+import PhalanxRuntime
 import SWR
 
 /// A token mixer: a layer `[batch, length, dim] -> [batch, length, dim]` in which positions
@@ -22,18 +23,35 @@ public protocol SequenceMixer: ParameterContainer {
     func infer(_ x: Tensor, state: inout State) -> Tensor
 }
 
-/// A mixer's decode state: anything that can say how much memory it holds.
+/// A mixer's decode state: anything that can say how much memory it holds, and that can join the
+/// states of separately prefilled prompts into one batch decoded together.
 public protocol MixerState {
     /// Bytes held for all sequences of the state.
     var byteCount: Int { get }
+    /// The sequences of `parts`, in order, as one state; each sequence keeps its own position.
+    static func stacking(_ parts: [Self]) -> Self
 }
 
 extension JaggedState: MixerState {
     /// `bytesPerSequence * sequences`: the same at every context length.
     public var byteCount: Int { bytesPerSequence * sequences }
+
+    /// The parts' sequences in order (every array is sequence-major, so the parts concatenate).
+    public static func stacking(_ parts: [JaggedState]) -> JaggedState {
+        require(!parts.isEmpty, "JaggedState.stacking: no states")
+        let first = parts[0]
+        require(parts.allSatisfy { ($0.heads, $0.headDim, $0.blockLength) == (first.heads, first.headDim, first.blockLength) },
+                "JaggedState.stacking: the states differ in heads, head width or block length")
+        var stacked = JaggedState(sequences: parts.reduce(0) { $0 + $1.sequences }, heads: first.heads, headDim: first.headDim,
+                                  blockLength: first.blockLength)
+        stacked.local = parts.flatMap(\.local)
+        stacked.gateProduct = parts.flatMap(\.gateProduct)
+        stacked.carrier = parts.flatMap(\.carrier)
+        stacked.offset = parts.flatMap(\.offset)
+        return stacked
+    }
 }
 
-extension KeyValueCache: MixerState {}
 
 extension PhalanxLayer: SequenceMixer {
     /// `forward(x, state:)` without the cache for backward.

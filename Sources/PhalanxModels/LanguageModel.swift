@@ -12,6 +12,16 @@ struct MixerDecoder<Mixer: SequenceMixer>: MixerStream {
 
     mutating func infer(_ x: Tensor) -> Tensor { mixer.infer(x, state: &state) }
     var byteCount: Int { state.byteCount }
+
+    func stacking(with others: [any MixerStream]) -> any MixerStream {
+        let states = others.map { other -> Mixer.State in
+            guard let same = other as? MixerDecoder<Mixer> else {
+                fatalError("LanguageModel.DecodeState.stacking: the states belong to models with different mixers")
+            }
+            return same.state
+        }
+        return MixerDecoder(mixer: mixer, state: .stacking([state] + states))
+    }
 }
 
 /// One block's decoding: advances its mixer's state by the positions of `x`.
@@ -19,6 +29,8 @@ protocol MixerStream {
     mutating func infer(_ x: Tensor) -> Tensor
     /// Bytes held by the mixer's state.
     var byteCount: Int { get }
+    /// This state's sequences followed by those of `others` (states of the same block's mixer).
+    func stacking(with others: [any MixerStream]) -> any MixerStream
 }
 
 /// `mixer.forward(x)` and the backward pass of that call, its cache captured with its own type.
@@ -273,8 +285,8 @@ public final class LanguageModel: ParameterContainer {
         let kinds: [MixerKind]
         /// Sequences decoded together.
         public let batch: Int
-        /// Positions processed so far.
-        public internal(set) var position = 0
+        /// Positions processed so far by each sequence.
+        public internal(set) var positions: [Int]
 
         /// Bytes held by all mixer states.
         public var byteCount: Int { mixers.reduce(0) { $0 + $1.byteCount } }
@@ -283,11 +295,24 @@ public final class LanguageModel: ParameterContainer {
         public func byteCount(of kind: MixerKind) -> Int {
             zip(kinds, mixers).reduce(0) { total, block in total + (block.0 == kind ? block.1.byteCount : 0) }
         }
+
+        /// The sequences of `parts` (states of one model, for example prompts prefilled one by
+        /// one), in order, as one state decoded together; each sequence keeps its own position.
+        public static func stacking(_ parts: [DecodeState]) -> DecodeState {
+            require(!parts.isEmpty && parts.allSatisfy { $0.kinds == parts[0].kinds },
+                    "LanguageModel.DecodeState.stacking: needs states of one model")
+            let mixers = parts[0].mixers.indices.map { i in
+                parts[0].mixers[i].stacking(with: parts.dropFirst().map { $0.mixers[i] })
+            }
+            return DecodeState(mixers: mixers, kinds: parts[0].kinds, batch: parts.reduce(0) { $0 + $1.batch },
+                               positions: parts.flatMap(\.positions))
+        }
     }
 
     /// The state of `batch` empty sequences.
     public func makeDecodeState(batch: Int) -> DecodeState {
-        DecodeState(mixers: blocks.map { decoder($0.mixer, batch: batch) }, kinds: blocks.map(\.kind), batch: batch)
+        DecodeState(mixers: blocks.map { decoder($0.mixer, batch: batch) }, kinds: blocks.map(\.kind), batch: batch,
+                    positions: Array(repeating: 0, count: batch))
     }
 
     /// Logits `[batch * length, vocabulary]` for the next `length` tokens of each sequence
@@ -297,7 +322,7 @@ public final class LanguageModel: ParameterContainer {
         let batch = state.batch
         var x = embedding.forward(tokens, batch: batch, length: length)
         for (i, block) in blocks.enumerated() { x = block.infer(x, state: &state.mixers[i]) }
-        state.position += length
+        state.positions = state.positions.map { $0 + length }
         return logits(finalNorm.forward(x), rows: batch * length)
     }
 

@@ -78,7 +78,7 @@ struct DecodingTests {
         let decoded = Self.decode(prompt: prompt, total: total, batch: batch, width: V) { range in
             model.infer(tokens: rows(tokens, batch: batch, length: total, width: 1, range), length: range.count, state: &state).array
         }
-        #expect(state.position == total)
+        #expect(state.positions == [Int](repeating: total, count: batch))
         #expect(maxDifference(decoded, full) < 1e-4, "prompt \(prompt)")
     }
 }
