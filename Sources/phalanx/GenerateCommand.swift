@@ -7,11 +7,17 @@ import PhalanxTraining
 struct GenerateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "generate",
-        abstract: "Generate text from a checkpoint, streaming it as it is produced.",
+        abstract: "Generate text from a checkpoint, streaming it as it is produced, or complete a file of prompts.",
         discussion: """
         The prompt is prefilled in chunks, then each token is one decode step: Phalanx layers \
         carry a constant-size recurrence state, attention layers a key/value cache (a fixed ring \
-        for sliding-window attention).
+        for sliding-window attention). With --prompts FILE, every line is a prompt (a plain line, \
+        with \\n for a newline, or a JSON object {"prompt": ..., "max_tokens": ..., "stop": ..., \
+        "seed": ...}); --batch-size prompts of any lengths are decoded together, each stopping on \
+        its own budget or stop string, and each completion is written as a JSON line {"index", \
+        "prompt", "completion", "tokens", "finish": "stop" or "length"} to --out (default: the \
+        standard output). Prompt i samples with seed --seed + i, so its completion is the one it \
+        gets alone.
         """)
 
     @Option(help: "Checkpoint file (a run's checkpoint.safetensors).") var checkpoint: String
@@ -23,6 +29,9 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "Nucleus sampling: keep the most likely tokens up to this probability (1: all).") var topP: Float = 0.95
     @Option(help: "Stop when the generated text contains this string.") var stop: String?
     @Option(help: "Seed of the sampler.") var seed: UInt64 = 0
+    @Option(help: "File of prompts to complete, one per line (or JSON lines); see the discussion.") var prompts: String?
+    @Option(help: "With --prompts: the JSON-lines file to write (default: the standard output).") var out: String?
+    @Option(help: "With --prompts: prompts decoded together.") var batchSize = 16
 
     func validate() throws {
         guard prompt == nil || promptFile == nil else { throw ValidationError("give --prompt or --prompt-file, not both.") }
@@ -30,11 +39,17 @@ struct GenerateCommand: ParsableCommand {
         guard temperature >= 0 && temperature.isFinite else { throw ValidationError("--temperature must be finite and at least 0 (0: greedy); got \(temperature).") }
         guard topK >= 0 else { throw ValidationError("--top-k must not be negative; got \(topK).") }
         guard topP > 0 && topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]; got \(topP).") }
+        guard prompts == nil || (prompt == nil && promptFile == nil) else {
+            throw ValidationError("--prompts completes a file of prompts: give it without --prompt or --prompt-file.")
+        }
+        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1; got \(batchSize).") }
+        guard out == nil || prompts != nil else { throw ValidationError("--out writes the completions of --prompts.") }
     }
 
     func run() throws {
         let (model, _, state) = try TrainingCheckpoint.load(from: URL(fileURLWithPath: checkpoint))
         let tokenizer = try loadTokenizer(from: state.tokenizer, origin: checkpoint)
+        if let prompts { return try complete(prompts, model: model, tokenizer: tokenizer) }
         let text = try promptFile.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? prompt ?? "\n"
         let promptTokens = tokenizer.encode(text)
         do {
@@ -56,5 +71,41 @@ struct GenerateCommand: ParsableCommand {
             return true
         }
         print(decoder.finish())
+    }
+
+    /// `--prompts`: every prompt's completion as a JSON line, written as each batch finishes.
+    private func complete(_ path: String, model: LanguageModel, tokenizer: any Tokenizer) throws {
+        let text: String
+        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+            throw ValidationError("--prompts: cannot read \(path): \(error.localizedDescription)")
+        }
+        let list: [BatchGeneration.Prompt]
+        do { list = try BatchGeneration.prompts(in: text) } catch let error as TrainingError {
+            throw ValidationError("--prompts \(path): \(error)")
+        }
+        let output: FileHandle
+        if let out {
+            guard FileManager.default.createFile(atPath: out, contents: nil) else { throw ValidationError("--out: cannot create \(out)") }
+            output = try FileHandle(forWritingTo: URL(fileURLWithPath: out))
+        } else {
+            output = .standardOutput
+        }
+        let defaults = BatchGeneration.Defaults(maxTokens: maxTokens, stop: stop, temperature: temperature, topK: topK, topP: topP,
+                                                seed: seed)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        var written = 0
+        do {
+            try BatchGeneration.run(list, model: model, tokenizer: tokenizer, defaults: defaults, batchSize: batchSize) { completions in
+                for completion in completions {
+                    guard let line = try? encoder.encode(completion) else { continue }
+                    output.write(line + Data("\n".utf8))
+                }
+                written += completions.count
+                if out != nil { FileHandle.standardError.write(Data("\(written)/\(list.count) prompts completed\n".utf8)) }
+            }
+        } catch let error as ConfigurationError {
+            throw ValidationError("--batch-size \(batchSize) with these prompts and --max-tokens: \(error)")
+        }
     }
 }

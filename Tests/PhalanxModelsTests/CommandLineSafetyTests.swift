@@ -73,6 +73,27 @@ struct CommandLineSafetyTests {
         #expect(!FileManager.default.fileExists(atPath: folder.appendingPathComponent("run").path))
     }
 
+    @Test("generate --prompts writes one JSON line per prompt; a bad prompts line is refused by number")
+    func promptsFile() throws {
+        let folder = try folderWithCorpus()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        #expect(try phalanx(quickRun(folder)).status == 0)
+        let checkpoint = folder.appendingPathComponent("run/checkpoint.safetensors").path
+        let prompts = folder.appendingPathComponent("prompts.txt"), out = folder.appendingPathComponent("out.jsonl")
+        try "one two\n{\"prompt\": \"three\", \"max_tokens\": 2}\nfour\n".write(to: prompts, atomically: true, encoding: .utf8)
+        let (status, output) = try phalanx(["generate", "--checkpoint", checkpoint, "--prompts", prompts.path, "--out", out.path,
+                                            "--batch-size", "2", "--max-tokens", "5"])
+        #expect(status == 0, "\(output)")
+        let lines = try String(contentsOf: out, encoding: .utf8).split(separator: "\n")
+        #expect(lines.count == 3)
+        let objects = lines.compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        #expect(objects.map { $0["index"] as? Int } == [0, 1, 2])
+        #expect(objects.map { $0["tokens"] as? Int } == [5, 2, 5])
+        try "fine\n{\"prompt\": 1}\n".write(to: prompts, atomically: true, encoding: .utf8)
+        let refused = try phalanx(["generate", "--checkpoint", checkpoint, "--prompts", prompts.path])
+        #expect(refused.status != 0 && refused.output.contains("prompts line 2"), "\(refused.output)")
+    }
+
     @Test("horizon answers at the limits of its flags instead of trapping, and quickly", arguments: [
         ["--eps", "5e-324"], ["--block-length", "9223372036854775807"], ["--rho", "0.9999999999999999", "--eps", "1e-300"],
     ])
