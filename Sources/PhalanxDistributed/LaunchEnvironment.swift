@@ -76,7 +76,7 @@ public struct LaunchEnvironment: Equatable, Sendable, CustomStringConvertible {
         self.rank = rank
         self.worldSize = worldSize
         self.localRank = localRank
-        self.masterAddress = worldSize > 1 ? masterAddress : masterAddress.flatMap { $0.isEmpty ? nil : $0 }
+        self.masterAddress = masterAddress.flatMap { $0.isEmpty ? nil : $0 }
         self.masterPort = masterPort
     }
 

@@ -26,7 +26,7 @@ struct WorkerLaunchTests {
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: folder) }
         let environments = WorkerLaunch.environments(gpus: 2, port: 5000, base: ["OUT": folder.path])
-        try WorkerLaunch.run(URL(fileURLWithPath: "/bin/sh"), arguments: ["-c", "echo $RANK/$WORLD_SIZE/$LOCAL_RANK > $OUT/$RANK"],
+        try WorkerLaunch.run("/bin/sh", arguments: ["-c", "echo $RANK/$WORLD_SIZE/$LOCAL_RANK > $OUT/$RANK"],
                              environments: environments)
         for rank in 0..<2 {
             let text = try String(contentsOf: folder.appendingPathComponent("\(rank)"), encoding: .utf8)
@@ -40,7 +40,7 @@ struct WorkerLaunchTests {
         let started = Date()
         #expect {
             // Rank 1 fails; ranks 0 and 2 would wait 30 s at a collective.
-            try WorkerLaunch.run(URL(fileURLWithPath: "/bin/sh"),
+            try WorkerLaunch.run("/bin/sh",
                                  arguments: ["-c", "if [ $RANK = 1 ]; then sleep 0.2; exit 3; fi; exec sleep 30"],
                                  environments: environments)
         } throws: { error in
