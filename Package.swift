@@ -85,8 +85,11 @@ let package = Package(
         .testTarget(name: "PhalanxBenchTests", dependencies: ["PhalanxBench"], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "PhalanxCUDAChecks", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
+        // A C function with ncclCommInitRank's signature, to check the by-value id through CNCCL's types.
+        .target(name: "CNCCLTestDouble", dependencies: ["CNCCL"], path: "Tests/CNCCLTestDouble"),
         .testTarget(
-            name: "PhalanxDistributedTests", dependencies: ["PhalanxDistributed", "PhalanxCUDA", "PhalanxLayers", "PhalanxRuntime"],
+            name: "PhalanxDistributedTests",
+            dependencies: ["PhalanxDistributed", "PhalanxCUDA", "PhalanxLayers", "PhalanxRuntime", "CNCCL", "CNCCLTestDouble"],
             swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime", "PhalanxTestSupport"], swiftSettings: cpuFlags),
         .testTarget(

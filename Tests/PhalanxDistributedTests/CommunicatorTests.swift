@@ -1,3 +1,5 @@
+import CNCCL
+import CNCCLTestDouble
 import Foundation
 import PhalanxCUDA
 import PhalanxDistributed
@@ -142,6 +144,20 @@ struct NCCLTests {
             "/usr/local/lib/python3.10/site-packages/\(wheel)", "/usr/local/lib/python3.10/dist-packages/\(wheel)",
             "/usr/lib/python3/site-packages/\(wheel)", "/usr/lib/python3/dist-packages/\(wheel)",
         ])
+    }
+
+    @Test("ncclCommInitRank's 128-byte id passes by value through the CNCCL function type")
+    func uniqueIdByValue() {
+        let initRank: ncclCommInitRank_fn = test_double_comm_init_rank
+        var id = ncclUniqueId()
+        let bytes = (0..<128).map { UInt8(truncatingIfNeeded: $0 &* 53 &+ 7) }
+        withUnsafeMutableBytes(of: &id) { $0.copyBytes(from: bytes) }
+        var comm: ncclComm_t?
+        #expect(initRank(&comm, 4, id, 3) == 0)
+        var received = [UInt8](repeating: 0, count: 128)
+        var ranks: Int32 = 0, rank: Int32 = 0
+        test_double_last_call(&received, &ranks, &rank)
+        #expect(received == bytes && ranks == 4 && rank == 3)
     }
 
     @Test("a missing NCCL is CUDAUnavailable naming every place tried; NCCL_NVLS_ENABLE is set to 0 when unset")
