@@ -94,8 +94,9 @@ public final class LocalCommunicatorGroup: @unchecked Sendable {
     /// Fails the group naming the ranks that have not deposited at this collective (lock held).
     private func timedOut<Result>(rank: Int, what: String) throws -> Result {
         let missing = contributions.indices.filter { contributions[$0] == nil }
-        let error = CommunicatorError("rank \(rank): \(what) not finished after \(timeout) s; "
-                                      + "rank\(missing.count == 1 ? "" : "s") \(missing.map(String.init).joined(separator: ", ")) did not arrive")
+        let who = missing.isEmpty ? "\(departed) rank(s) did not leave the previous collective"
+            : "rank\(missing.count == 1 ? "" : "s") \(missing.map(String.init).joined(separator: ", ")) did not arrive"
+        let error = CommunicatorError("rank \(rank): \(what) not finished after \(timeout) s; \(who)")
         if failure == nil { failure = error }
         condition.broadcast()
         throw failure!

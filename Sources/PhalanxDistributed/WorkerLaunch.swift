@@ -58,6 +58,7 @@ public enum WorkerLaunch {
         for (rank, environment) in environments.enumerated() {
             do { running[rank] = try spawn(executable, arguments, environment) } catch {
                 stopAll()
+                for pid in running.values { waitpid(pid, nil, 0) }
                 throw error
             }
         }
