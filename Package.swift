@@ -31,11 +31,13 @@ let package = Package(
             name: "CBLAS", path: "Sources/CBLAS", pkgConfig: "openblas",
             providers: [.apt(["libopenblas-dev"])]),
         .target(name: "CPhalanxIntrinsics"),
+        // NCCL's types and entry-point signatures for calls through dlsym'd pointers (nothing linked).
+        .target(name: "CNCCL"),
         .target(name: "PhalanxRuntime", dependencies: ["CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "SWR", dependencies: ["PhalanxRuntime", "CPhalanxIntrinsics"], swiftSettings: cpuFlags),
         .target(name: "Checkpoint", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
         .target(name: "PhalanxData", dependencies: ["PhalanxRuntime"], swiftSettings: cpuFlags),
-        .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxRuntime"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
+        .target(name: "PhalanxCUDA", dependencies: ["SWR", "PhalanxRuntime", "CNCCL"], resources: [.copy("Kernels")], swiftSettings: cpuFlags),
         // The GPU-against-CPU comparisons, shared by the tests and `phalanx bench cuda --check`.
         .target(
             name: "PhalanxCUDAChecks",
@@ -54,6 +56,10 @@ let package = Package(
         .target(
             name: "PhalanxTraining",
             dependencies: ["PhalanxModels", "PhalanxLayers", "PhalanxCUDA", "PhalanxData", "PhalanxRuntime", "Checkpoint"],
+            swiftSettings: cpuFlags),
+        // Data parallelism: launch variables, rendezvous, communicators (NCCL, in-process), bucket plan.
+        .target(
+            name: "PhalanxDistributed", dependencies: ["PhalanxCUDA", "PhalanxLayers", "PhalanxRuntime"],
             swiftSettings: cpuFlags),
         .target(
             name: "PhalanxBench",
@@ -79,6 +85,12 @@ let package = Package(
         .testTarget(name: "PhalanxBenchTests", dependencies: ["PhalanxBench"], swiftSettings: cpuFlags),
         .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "PhalanxRuntime"], swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxCUDATests", dependencies: ["PhalanxCUDA", "PhalanxCUDAChecks", "SWR", "PhalanxLayers", "PhalanxRuntime"], swiftSettings: cpuFlags),
+        // A C function with ncclCommInitRank's signature, to check the by-value id through CNCCL's types.
+        .target(name: "CNCCLTestDouble", dependencies: ["CNCCL"], path: "Tests/CNCCLTestDouble"),
+        .testTarget(
+            name: "PhalanxDistributedTests",
+            dependencies: ["PhalanxDistributed", "PhalanxCUDA", "PhalanxLayers", "PhalanxRuntime", "CNCCL", "CNCCLTestDouble"],
+            swiftSettings: cpuFlags),
         .testTarget(name: "PhalanxDataTests", dependencies: ["PhalanxData", "PhalanxRuntime", "PhalanxTestSupport"], swiftSettings: cpuFlags),
         .testTarget(
             name: "PhalanxModelsTests",

@@ -33,6 +33,8 @@ public final class CUDADriver: @unchecked Sendable {
     let cuStreamCreate: @convention(c) (UnsafeMutablePointer<Handle?>, UInt32) -> Result
     let cuStreamDestroy: @convention(c) (Handle?) -> Result
     let cuStreamSynchronize: @convention(c) (Handle?) -> Result
+    /// `CUDA_SUCCESS` (0) when the stream's work has finished, `CUDA_ERROR_NOT_READY` (600) while it runs.
+    let cuStreamQuery: @convention(c) (Handle?) -> Result
     let cuModuleLoadData: @convention(c) (UnsafeMutablePointer<Handle?>, UnsafeRawPointer) -> Result
     let cuModuleUnload: @convention(c) (Handle?) -> Result
     let cuModuleGetFunction: @convention(c) (UnsafeMutablePointer<Handle?>, Handle?, UnsafePointer<CChar>) -> Result
@@ -84,6 +86,7 @@ public final class CUDADriver: @unchecked Sendable {
         cuStreamCreate = try library.function("cuStreamCreate")
         cuStreamDestroy = try library.function("cuStreamDestroy_v2")
         cuStreamSynchronize = try library.function("cuStreamSynchronize")
+        cuStreamQuery = try library.function("cuStreamQuery")
         cuModuleLoadData = try library.function("cuModuleLoadData")
         cuModuleUnload = try library.function("cuModuleUnload")
         cuModuleGetFunction = try library.function("cuModuleGetFunction")

@@ -62,10 +62,14 @@ public struct BatchSampler: Codable, Sendable, Equatable {
 
     /// The next batch from `split`, which must hold at least `contextLength + 1` tokens.
     public mutating func next(from split: TokenSplit) -> Batch {
+        Batch(split: split, starts: nextStarts(in: split), contextLength: contextLength)
+    }
+
+    /// The starts of the next batch's `batchSize` windows in `split`, in row order.
+    mutating func nextStarts(in split: TokenSplit) -> [Int] {
         require(split.count > contextLength, "BatchSampler: a split of \(split.count) tokens is too short for windows of contextLength + 1 = \(contextLength + 1)")
         let positions = UInt64(split.count - contextLength)
-        let starts = (0..<batchSize).map { _ in Int(uniform(below: positions)) }
-        return Batch(split: split, starts: starts, contextLength: contextLength)
+        return (0..<batchSize).map { _ in Int(uniform(below: positions)) }
     }
 
     /// A uniform draw from `0 ..< n` (Lemire, "Fast Random Integer Generation in an Interval", 2019).
