@@ -3,7 +3,7 @@ import PhalanxRuntime
 
 /// Turns text files into a ``TokenFile``.
 public enum CorpusPreparation {
-    /// What ``prepare(files:tokenizer:output:validationFraction:progress:)`` wrote.
+    /// What ``prepare(files:validationFiles:tokenizer:output:validationFraction:progress:)`` wrote.
     public struct Summary: Sendable, Equatable {
         /// Input files read.
         public var files: Int
@@ -25,23 +25,29 @@ public enum CorpusPreparation {
     /// splits. The train split is the files' train parts in order, then the validation split the
     /// files' validation parts in the same order. A small file may give no validation tokens.
     ///
+    /// With `validationFiles`, validation is held out by document instead: every token of `files`
+    /// trains and every token of `validationFiles` validates (in the order given), so the model is
+    /// scored on documents it never saw (`validationFraction` is then not used).
+    ///
     /// Files are encoded one at a time (whole, so the tokens equal `tokenizer.encode(text)`), and
     /// training tokens are written as they come, so memory holds one file's tokens and the
     /// validation split.
     ///
     /// - Parameters:
     ///   - files: UTF-8 text files; one that is not valid UTF-8 fails with the offset of the first bad byte.
+    ///   - validationFiles: UTF-8 text files held out whole for validation; empty: a fraction of each of `files`.
     ///   - validationFraction: in `0 ..< 1`; 0.1 holds out a tenth of each file.
     ///   - progress: called after each file with (bytes read so far, total bytes).
     /// - Throws: `DataError` naming the file when an input cannot be read or is not UTF-8, or when
     ///   `output` cannot be written; `output` is then left as it was.
     @discardableResult
-    public static func prepare(files: [URL], tokenizer: any Tokenizer, output: URL, validationFraction: Double = 0.1,
-                               progress: ((Int, Int) -> Void)? = nil) throws -> Summary {
+    public static func prepare(files: [URL], validationFiles: [URL] = [], tokenizer: any Tokenizer, output: URL,
+                               validationFraction: Double = 0.1, progress: ((Int, Int) -> Void)? = nil) throws -> Summary {
         require(validationFraction >= 0 && validationFraction < 1, "CorpusPreparation: validationFraction must be in 0..<1, got \(validationFraction)")
         require(!files.isEmpty, "CorpusPreparation: no input files")
+        let inputs = files + validationFiles
         var sizes: [Int] = []
-        for file in files {
+        for file in inputs {
             guard let size = (try? FileManager.default.attributesOfItem(atPath: file.path))?[.size] as? Int else {
                 throw DataError("\(file.path): cannot read the corpus file (does it exist?)")
             }
@@ -50,12 +56,13 @@ public enum CorpusPreparation {
         let totalBytes = sizes.reduce(0, +)
 
         var writer = try TokenFileWriter(url: output, tokenizer: tokenizer)
-        var summary = Summary(files: files.count, bytes: 0, trainTokens: 0, validationTokens: 0)
+        var summary = Summary(files: inputs.count, bytes: 0, trainTokens: 0, validationTokens: 0)
         var validation: [Int32] = []
         do {
-            for (file, size) in zip(files, sizes) {
+            for (index, (file, size)) in zip(inputs, sizes).enumerated() {
                 let tokens = tokenizer.encode(try readText(file))
-                let held = Int(Double(tokens.count) * validationFraction)
+                let fraction = validationFiles.isEmpty ? validationFraction : index < files.count ? 0 : 1
+                let held = Int(Double(tokens.count) * fraction)
                 try writer.appendTrain(Array(tokens[..<(tokens.count - held)]))
                 validation += tokens[(tokens.count - held)...]
                 summary.trainTokens += tokens.count - held

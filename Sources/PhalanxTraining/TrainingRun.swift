@@ -41,6 +41,9 @@ public enum TrainingRun {
         public var training: TrainingConfiguration
         /// UTF-8 text files to train on.
         public var files: [URL]
+        /// UTF-8 text files held out whole for validation (documents never trained on); empty:
+        /// the last 10% of each of `files` (see `CorpusPreparation.prepare`).
+        public var validationFiles: [URL]
         /// The tokenizer to use (trained on `files` for BPE).
         public var tokenizer: TokenizerChoice
         /// Seeds the model's initialisation (the data order is seeded with `seed + 1`).
@@ -54,11 +57,12 @@ public enum TrainingRun {
         public var startingPoint: URL?
 
         /// A plan; see the properties.
-        public init(model: ModelConfiguration, training: TrainingConfiguration, files: [URL],
+        public init(model: ModelConfiguration, training: TrainingConfiguration, files: [URL], validationFiles: [URL] = [],
                     tokenizer: TokenizerChoice = .byte, seed: UInt64, overwrite: Bool = false, startingPoint: URL? = nil) {
             self.model = model
             self.training = training
             self.files = files
+            self.validationFiles = validationFiles
             self.tokenizer = tokenizer
             self.seed = seed
             self.overwrite = overwrite
@@ -83,6 +87,9 @@ public enum TrainingRun {
             guard !files.isEmpty else { throw TrainingError("no text files to train on", field: "data") }
             for file in files where !FileManager.default.isReadableFile(atPath: file.path) {
                 throw TrainingError("cannot read \(file.path)", field: "data")
+            }
+            for file in validationFiles where !FileManager.default.isReadableFile(atPath: file.path) {
+                throw TrainingError("cannot read \(file.path)", field: "validationData")
             }
         }
     }
@@ -122,7 +129,7 @@ public enum TrainingRun {
                 let text = try plan.files.map { try String(contentsOf: $0, encoding: .utf8) }.joined(separator: "\n")
                 tokenizer = BPETokenizer.train(on: text, vocabularySize: vocabulary)
             }
-            try CorpusPreparation.prepare(files: plan.files, tokenizer: tokenizer, output: staging)
+            try CorpusPreparation.prepare(files: plan.files, validationFiles: plan.validationFiles, tokenizer: tokenizer, output: staging)
             var model = plan.model
             model.vocabulary = tokenizer.vocabularySize
             let languageModel = try LanguageModel(model, seed: plan.seed)
@@ -188,13 +195,14 @@ public enum TrainingRun {
 /// window-attention layers replaced by Phalanx layers, then fine-tuned).
 public enum Retrofit {
     /// The plan of a retrofit run: the trained checkpoint's model configuration with `pattern`
-    /// (and `depth`, when given) in place of its own, trained by `training` on `files`, starting
+    /// (and `depth`, when given) in place of its own, trained by `training` on `files` (validated on
+    /// `validationFiles`, as in `TrainingRun.Plan`), starting
     /// from the checkpoint's weights wherever they still fit (`Plan.startingPoint`).
     ///
     /// - Throws: `SafetensorsError` for an unreadable checkpoint; `TrainingError` (field
     ///   `pattern`) when the new pattern equals the old one.
     public static func plan(from checkpoint: URL, pattern: String, depth: Int? = nil, training: TrainingConfiguration,
-                            files: [URL], seed: UInt64, overwrite: Bool = false) throws -> TrainingRun.Plan {
+                            files: [URL], validationFiles: [URL] = [], seed: UInt64, overwrite: Bool = false) throws -> TrainingRun.Plan {
         let (source, _, _) = try TrainingCheckpoint.load(from: checkpoint)
         var model = source.configuration
         guard pattern != model.pattern || (depth ?? model.depth) != model.depth else {
@@ -203,8 +211,8 @@ public enum Retrofit {
         model.pattern = pattern
         if let depth { model.depth = depth }
         let tokenizer: TrainingRun.TokenizerChoice = model.vocabulary == 256 ? .byte : .bpe(vocabulary: model.vocabulary)
-        return TrainingRun.Plan(model: model, training: training, files: files, tokenizer: tokenizer, seed: seed,
-                                overwrite: overwrite, startingPoint: checkpoint)
+        return TrainingRun.Plan(model: model, training: training, files: files, validationFiles: validationFiles,
+                                tokenizer: tokenizer, seed: seed, overwrite: overwrite, startingPoint: checkpoint)
     }
 
     /// `names` grouped by block: `layers.0.mixer (7 tensors), ...`.

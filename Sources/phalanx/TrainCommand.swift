@@ -24,7 +24,8 @@ struct TrainCommand: ParsableCommand {
         discussion: """
         Without --data, trains on the default corpus (data/shakespeare.txt, fetched by \
         scripts/fetch-corpus). The text is tokenized once into a token file beside the run \
-        (90% train, the last 10% of each file validation). Every --checkpoint-every steps, at the \
+        (90% train, the last 10% of each file validation; with --validation-data, all of --data trains \
+        and those files, held out whole, validate). Every --checkpoint-every steps, at the \
         end, and on Ctrl-C, the run folder receives checkpoint.safetensors (weights, optimizer, \
         data position: --resume continues bit for bit) and loss.svg. Every option is checked \
         before the run folder is touched; a folder holding a checkpoint is only continued \
@@ -33,6 +34,9 @@ struct TrainCommand: ParsableCommand {
 
     @Option(help: "Text files to train on (repeat for several). Default: data/shakespeare.txt.")
     var data: [String] = []
+
+    @Option(help: "Text files held out whole for validation (repeat for several): documents never trained on. Default: the last 10% of each --data file.")
+    var validationData: [String] = []
 
     @Option(name: .customLong("run"), help: "Run folder for checkpoints, the token file and the loss plot.")
     var runFolder = "runs/default"
@@ -87,7 +91,7 @@ struct TrainCommand: ParsableCommand {
         "peakLearningRate": "--learning-rate", "warmupSteps": "--warmup", "weightDecay": "--weight-decay",
         "gradientClip": "--clip", "evaluationInterval": "--eval-every", "evaluationBatches": "--eval-batches",
         "checkpointInterval": "--checkpoint-every", "dropout": "--dropout", "vocabulary": "--vocabulary", "data": "--data",
-        "pattern": "--pattern", "depth": "--depth", "window": "--window", "gateScale": "--gate-scale",
+        "validationData": "--validation-data", "pattern": "--pattern", "depth": "--depth", "window": "--window", "gateScale": "--gate-scale",
         "overwrite": "--resume or --overwrite", "resume": "--resume", "minutes": "--minutes",
     ]
 
@@ -107,7 +111,7 @@ struct TrainCommand: ParsableCommand {
         if let gateScale { model.gateScale = gateScale }
         let training = trainingConfiguration()
         let files = try corpusFiles()
-        return TrainingRun.Plan(model: model, training: training, files: files,
+        return TrainingRun.Plan(model: model, training: training, files: files, validationFiles: try validationFiles(),
                                 tokenizer: tokenizer == "bpe" ? .bpe(vocabulary: vocabulary) : .byte, seed: seed,
                                 overwrite: overwrite)
     }
@@ -143,6 +147,14 @@ struct TrainCommand: ParsableCommand {
         return files.map { URL(fileURLWithPath: $0) }
     }
 
+    /// The --validation-data files, checked to exist.
+    private func validationFiles() throws -> [URL] {
+        for file in validationData where !FileManager.default.fileExists(atPath: file) {
+            throw ValidationError("--validation-data: no such file: \(file)")
+        }
+        return validationData.map { URL(fileURLWithPath: $0) }
+    }
+
     /// The retrofit run of `--from`: the checkpoint's model with the new --pattern.
     private func retrofitPlan(_ checkpoint: String) throws -> TrainingRun.Plan {
         guard let pattern else { throw ValidationError("--from needs the new layer --pattern (for example PPPA).") }
@@ -151,7 +163,8 @@ struct TrainCommand: ParsableCommand {
         }
         do {
             return try Retrofit.plan(from: URL(fileURLWithPath: checkpoint), pattern: pattern, depth: depth,
-                                     training: trainingConfiguration(), files: try corpusFiles(), seed: seed, overwrite: overwrite)
+                                     training: trainingConfiguration(), files: try corpusFiles(),
+                                     validationFiles: try validationFiles(), seed: seed, overwrite: overwrite)
         } catch let error as SafetensorsError {
             throw ValidationError("--from: \(error)")
         }

@@ -131,6 +131,24 @@ struct CorpusPreparationTests {
         #expect(try Data(contentsOf: first) == Data(contentsOf: second))
     }
 
+    @Test("validation files are held out whole: every token of the training files trains, every token of theirs validates")
+    func heldOutDocuments() throws {
+        let folder = temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let names = ["a.txt", "b.txt", "c.txt"].map { folder.appendingPathComponent($0) }
+        let texts = [syntheticText(words: 120, seed: 20), syntheticText(words: 80, seed: 21), syntheticText(words: 60, seed: 22)]
+        for (name, text) in zip(names, texts) { try Data(text.utf8).write(to: name) }
+        let tokenizer = ByteTokenizer()
+        let output = folder.appendingPathComponent("held.tokens")
+        let summary = try CorpusPreparation.prepare(files: [names[0], names[2]], validationFiles: [names[1]], tokenizer: tokenizer,
+                                                    output: output, validationFraction: 0.25)
+        let file = try TokenFile(contentsOf: output)
+        #expect(Array(file.train) == tokenizer.encode(texts[0]) + tokenizer.encode(texts[2]))
+        #expect(Array(file.validation) == tokenizer.encode(texts[1]))
+        #expect(summary.files == 3 && summary.bytes == texts.map(\.utf8.count).reduce(0, +))
+        #expect(summary.trainTokens == file.train.count && summary.validationTokens == file.validation.count)
+    }
+
     @Test("a file that is not UTF-8 fails with its name and offset, and leaves the old output intact")
     func invalidInput() throws {
         let folder = temporaryFolder()

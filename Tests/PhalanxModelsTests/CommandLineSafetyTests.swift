@@ -50,7 +50,7 @@ struct CommandLineSafetyTests {
     @Test("refused train flags name the flag and its range and leave no run folder", arguments: [
         ["--batch-size", "100000000"], ["--dropout=-0.1"], ["--steps", "0"], ["--learning-rate", "nan"], ["--window", "0"],
         ["--clip", "inf"], ["--eval-batches", "0"], ["--gate-scale", "2"], ["--context", "9223372036854775807"],
-        ["--minutes", "1"], ["--device", "gpu"], ["--precision", "fp8"],
+        ["--minutes", "1"], ["--device", "gpu"], ["--precision", "fp8"], ["--validation-data", "/nonexistent/held-out.txt"],
     ])
     func refusedFlags(flags: [String]) throws {
         let folder = try folderWithCorpus()
