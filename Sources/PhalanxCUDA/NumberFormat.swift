@@ -27,9 +27,17 @@ extension NumberFormat {
 
     /// A device buffer holding `values` in this storage (rounded to bfloat16 if so).
     public func upload(_ values: [Float], context: CUDAContext) throws -> DeviceBuffer {
+        let buffer = try DeviceBuffer(context: context, byteCount: values.count * byteCount)
+        try write(values, to: buffer)
+        return buffer
+    }
+
+    /// Copies `values` to the start of `buffer` in this storage (rounded to bfloat16 if so), after
+    /// the stream's queued work.
+    public func write(_ values: [Float], to buffer: DeviceBuffer) throws {
         switch self {
-        case .float32: try DeviceBuffer(context: context, floats: values)
-        case .bfloat16: try DeviceBuffer(context: context, bfloat16: BFloat16.bits(values))
+        case .float32: try buffer.upload(values)
+        case .bfloat16: try buffer.upload(BFloat16.bits(values))
         }
     }
 

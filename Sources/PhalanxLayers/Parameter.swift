@@ -60,17 +60,12 @@ extension ParameterContainer {
     /// bfloat16 `computeCopy` that the matrix products read; the optimizer refreshes it after
     /// each update. Views move with the tensor they view. Moving back to the CPU drops the copies.
     public func move(to device: Device, compute: NumberFormat = .float32) {
+        let values = Set(parameters.map { ObjectIdentifier($0.value.root) })
+        let narrow = compute != .float32 && device.cuda != nil ? compute : nil
         var seen = Set<ObjectIdentifier>()
         for root in parameters.flatMap({ [$0.value.root, $0.gradient.root] }) where seen.insert(ObjectIdentifier(root)).inserted {
-            root.computeCopy = nil
-            root.move(to: device)
-        }
-        guard compute != .float32, case .cuda = device else { return }
-        seen.removeAll()
-        for root in parameters.map(\.value.root) where root.shape.count == 2 && seen.insert(ObjectIdentifier(root)).inserted {
-            let copy = Tensor(uninitialized: root.shape, on: device, format: compute)
-            copy.write(root.array)
-            root.computeCopy = copy
+            let isMatrix = root.shape.count == 2 && values.contains(ObjectIdentifier(root))
+            root.move(to: device, compute: isMatrix ? narrow : nil)
         }
     }
 

@@ -233,9 +233,15 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
 
     /// Moves an owning tensor's numbers to `device` in `format` (float32 on the CPU): views of it
     /// follow. A bfloat16 copy rounds each number once. Waits for the device when leaving it.
-    public func move(to device: Device, format: NumberFormat = .float32) {
+    /// With `compute` (a GPU only), also sets a `computeCopy` in that format from the same numbers;
+    /// without, drops any.
+    public func move(to device: Device, format: NumberFormat = .float32, compute: NumberFormat? = nil) {
         if case .view = storage { fatalError("Tensor.move: move the tensor this view views") }
         let values = array
+        if case .host(let old) = storage {
+            TensorStorage.shared.give(UnsafeMutableRawPointer(old.baseAddress!), byteCount: max(count, 1) * 4)
+        }
+        computeCopy = nil
         switch device {
         case .cpu:
             let buffer = Self.hostBuffer(count)
@@ -243,6 +249,9 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
             storage = .host(buffer)
         case .cuda(let gpu):
             storage = .device(gpu, gpu.value { try format.upload(values, context: gpu.context) }, format)
+            if let compute {
+                computeCopy = Tensor(values, shape: shape, on: device, format: compute)
+            }
         }
     }
 
@@ -267,13 +276,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
         require(values.count == count, "Tensor.write: \(values.count) values for \(shape) (\(count) elements)")
         switch device {
         case .cpu: _ = buffer.update(fromContentsOf: values)
-        case .cuda(let gpu):
-            gpu.perform {
-                switch format {
-                case .float32: try deviceBuffer.upload(values)
-                case .bfloat16: try deviceBuffer.upload(BFloat16.bits(values))
-                }
-            }
+        case .cuda(let gpu): gpu.perform { try format.write(values, to: deviceBuffer) }
         }
     }
 
@@ -289,14 +292,7 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
     }
 
     /// A new tensor with its own storage holding the same shape and elements, where this one lives.
-    public func copy() -> Tensor {
-        let t = Tensor(uninitialized: shape, like: self)
-        switch device {
-        case .cpu: t.pointer.update(from: pointer, count: count)
-        case .cuda(let gpu): gpu.perform { try t.deviceBuffer.copy(from: deviceBuffer) }
-        }
-        return t
-    }
+    public func copy() -> Tensor { reshaped(shape) }
 
     /// The same elements under another shape of equal size (a copy, never a view).
     public func reshaped(_ newShape: [Int]) -> Tensor {

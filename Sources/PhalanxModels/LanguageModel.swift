@@ -238,14 +238,12 @@ public final class LanguageModel: ParameterContainer {
     public func tokenLosses(_ cache: Cache, targets: [Int32]) -> [Double] {
         let rows = cache.batch * cache.length, V = configuration.vocabulary
         require(targets.count == rows, "LanguageModel.tokenLosses: \(targets.count) targets for \(rows) positions")
-        let logits = cache.logits.array
+        let z = cache.logits.array
         return (0..<rows).map { r in
-            let row = logits[(r * V)...]
-            var maxLogit = -Double.infinity
-            for j in 0..<V { maxLogit = max(maxLogit, Double(row[r * V + j])) }
-            var total = 0.0
-            for j in 0..<V { total += Foundation.exp(Double(row[r * V + j]) - maxLogit) }
-            return Foundation.log(total) + maxLogit - Double(row[r * V + Int(targets[r])])
+            let row = z[(r * V)..<((r + 1) * V)].map(Double.init)
+            let maxLogit = row.max() ?? -.infinity
+            let total = row.reduce(0) { $0 + Foundation.exp($1 - maxLogit) }
+            return Foundation.log(total) + maxLogit - row[Int(targets[r])]
         }
     }
 

@@ -59,11 +59,6 @@ public final class AdamW {
     private var deviceClipState: DeviceBuffer?
     private var clipStateIsFresh = false
 
-    /// The clip state for this update: the one `clipGradients` left, else one computed with no clipping.
-    private func clipState(on gpu: CUDADevice) -> DeviceBuffer {
-        if !clipStateIsFresh { _ = clipGradients(maxNorm: 0) }
-        return deviceClipState!
-    }
 
     /// Scales the gradients so that their global L2 norm is at most `maxNorm` (0: no clipping) and
     /// returns the norm before clipping: `clipGradients(parameters, maxNorm:)` on the CPU; on a GPU
@@ -85,10 +80,11 @@ public final class AdamW {
         step += 1
         let h = hyperparameters
         let correction1 = 1 - pow(h.beta1, Float(step)), correction2 = 1 - pow(h.beta2, Float(step))
+        // On a GPU: the clip state `clipGradients` left, else one computed with no clipping.
+        if case .cuda = parameters.first?.value.device, !clipStateIsFresh { _ = clipGradients(maxNorm: 0) }
         for (i, p) in parameters.enumerated() {
             let decay = (p.decays || h.decayAll) ? h.weightDecay : 0
-            if case .cuda(let gpu) = p.value.device {
-                let state = clipState(on: gpu)
+            if case .cuda(let gpu) = p.value.device, let state = deviceClipState {
                 DeviceOps.adamW(p, firstMoment: firstMoments[i], secondMoment: secondMoments[i], clipState: state,
                                 learningRate: lr, step: step, beta1: h.beta1, beta2: h.beta2, epsilon: h.epsilon, decay: decay, on: gpu)
                 continue

@@ -103,7 +103,6 @@ public final class Trainer {
     /// The device's matrix-product rate (FLOP/s) in the compute format, measured at start (GPU runs).
     public private(set) var matrixRate: Double?
 
-
     /// Runs until the configured step count, a stop request, or divergence.
     ///
     /// - Parameters:

@@ -25,7 +25,7 @@ extension PhalanxLayer {
 
     /// The forward pass on `gpu` (queued; failures are recorded on the device).
     func forward(_ x: Tensor, on gpu: CUDADevice) -> (Tensor, Cache) {
-        let dim = configuration.dim, H = configuration.heads, D = PhalanxLayer.headDim
+        let dim = configuration.dim
         require(x.shape.count == 3 && x.shape[2] == dim, "PhalanxLayer: input must be [batch, length, \(dim)], got \(x.shape)")
         x.requireSameDevice("PhalanxLayer.forward", inputWeight.value, projOut.weight.value)
         let (batch, length) = (x.shape[0], x.shape[1]), rows = batch * length
