@@ -55,7 +55,7 @@ let package = Package(
             swiftSettings: cpuFlags),
         .target(
             name: "PhalanxTraining",
-            dependencies: ["PhalanxModels", "PhalanxLayers", "PhalanxCUDA", "PhalanxData", "PhalanxRuntime", "Checkpoint"],
+            dependencies: ["PhalanxModels", "PhalanxLayers", "PhalanxCUDA", "PhalanxData", "PhalanxDistributed", "PhalanxRuntime", "Checkpoint"],
             swiftSettings: cpuFlags),
         // Data parallelism: launch variables, rendezvous, communicators (NCCL, in-process), bucket plan.
         .target(
@@ -70,7 +70,7 @@ let package = Package(
         .executableTarget(
             name: "phalanx",
             dependencies: [
-                "SWR", "Checkpoint", "PhalanxBench", "PhalanxCUDA", "PhalanxLayers", "PhalanxModels", "PhalanxTraining", "PhalanxData",
+                "SWR", "Checkpoint", "PhalanxBench", "PhalanxCUDA", "PhalanxLayers", "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxDistributed",
                 "PhalanxRuntime", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: cpuFlags),
@@ -95,7 +95,7 @@ let package = Package(
         .testTarget(
             name: "PhalanxModelsTests",
             dependencies: [
-                "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxLayers", "PhalanxRuntime", "Checkpoint",
+                "PhalanxModels", "PhalanxTraining", "PhalanxData", "PhalanxDistributed", "PhalanxLayers", "PhalanxRuntime", "Checkpoint",
                 "PhalanxTestSupport", "PhalanxCUDA",
             ],
             swiftSettings: cpuFlags),

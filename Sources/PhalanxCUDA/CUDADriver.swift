@@ -53,6 +53,8 @@ public final class CUDADriver: @unchecked Sendable {
     let cuEventRecord: @convention(c) (Handle?, Handle?) -> Result
     let cuEventSynchronize: @convention(c) (Handle?) -> Result
     let cuEventElapsedTime: @convention(c) (UnsafeMutablePointer<Float>, Handle?, Handle?) -> Result
+    /// Makes a stream's later work wait until an event recorded on another stream is reached.
+    let cuStreamWaitEvent: @convention(c) (Handle?, Handle?, UInt32) -> Result
 
     /// The driver of this machine, loaded and initialised once (`cuInit`), or why it cannot be.
     public static let shared: Swift.Result<CUDADriver, CUDAUnavailable> = {
@@ -103,6 +105,7 @@ public final class CUDADriver: @unchecked Sendable {
         cuEventRecord = try library.function("cuEventRecord")
         cuEventSynchronize = try library.function("cuEventSynchronize")
         cuEventElapsedTime = try library.function("cuEventElapsedTime", "cuEventElapsedTime_v2")
+        cuStreamWaitEvent = try library.function("cuStreamWaitEvent")
 
         var version: Int32 = 0
         _ = cuDriverGetVersion(&version)
@@ -112,6 +115,13 @@ public final class CUDADriver: @unchecked Sendable {
             throw CUDAUnavailable("cuInit failed: \(errorName(initResult)) (\(initResult)): \(errorString(initResult)) "
                                   + "(driver \(library.path), CUDA \(version / 1000).\(version % 1000 / 10))")
         }
+    }
+
+    /// The number of CUDA devices this process can see (`cuDeviceGetCount`).
+    public func deviceCount() throws -> Int {
+        var count: Int32 = 0
+        try check(cuDeviceGetCount(&count), "cuDeviceGetCount")
+        return Int(count)
     }
 
     /// CUDA's name for a result code (`CUDA_ERROR_INVALID_VALUE`).

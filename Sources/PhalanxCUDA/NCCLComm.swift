@@ -2,16 +2,22 @@ import CNCCL
 import Foundation
 import PhalanxRuntime
 
-/// One rank's NCCL communicator on one GPU: collectives on device buffers, queued on the
-/// context's stream, and `wait`, which is where errors and stalls are caught.
+/// One rank's NCCL communicator on one GPU: collectives on device buffers, queued on a stream of
+/// their own, and `wait`, which is where errors and stalls are caught.
+///
+/// Streams: each call to a collective first records an event on the context's (compute) stream
+/// and makes the communicator's stream wait for it, so a collective sees every kernel queued
+/// before it (the backward pass that produced a gradient) while the compute stream runs on with
+/// later work (the rest of backward): reduction overlaps computation. Whoever reads the results
+/// calls `wait` first, which returns once the communicator's stream is done.
 ///
 /// Ranks: `worldSize` processes (one per GPU) make a communicator each from the same 128-byte
 /// unique id (`NCCL.uniqueId()` on rank 0, handed to the others by `Rendezvous`). Every rank must
 /// issue the same collectives in the same order with the same sizes.
 ///
 /// Failure: a collective whose peer died or stalls never finishes on its own. `wait(timeout:)`
-/// polls the stream and `ncclCommGetAsyncError`; on an error or when the time runs out it aborts
-/// the communicator (`ncclCommAbort`, which frees the stream) and throws an `NCCLError` naming
+/// polls the communicator's stream and `ncclCommGetAsyncError`; on an error or when the time runs
+/// out it aborts the communicator (`ncclCommAbort`, which cancels what is queued) and throws an `NCCLError` naming
 /// this rank. An aborted communicator refuses further work.
 public final class NCCLComm: @unchecked Sendable {
     /// This process's rank, `0 ..< worldSize`.
@@ -23,6 +29,9 @@ public final class NCCLComm: @unchecked Sendable {
     /// The library.
     public let nccl: NCCL
     private let comm: ncclComm_t
+    /// The stream the collectives run on, and the event that orders it after the compute stream.
+    private let stream: OpaquePointer
+    private let computeReached: OpaquePointer
     private let lock = NSLock()
     private var aborted = false
 
@@ -50,14 +59,35 @@ public final class NCCLComm: @unchecked Sendable {
         var id = ncclUniqueId()
         withUnsafeMutableBytes(of: &id) { $0.copyBytes(from: uniqueId) }
         try context.makeCurrent()
+        let driver = context.driver
+        var stream: OpaquePointer?, event: OpaquePointer?
+        try driver.check(driver.cuStreamCreate(&stream, 0), "cuStreamCreate (NCCL's stream)")
+        do {
+            // CU_EVENT_DISABLE_TIMING (2): an ordering point only, the cheapest kind.
+            try driver.check(driver.cuEventCreate(&event, 2), "cuEventCreate (NCCL's ordering event)")
+        } catch {
+            _ = driver.cuStreamDestroy(stream)
+            throw error
+        }
+        self.stream = stream!
+        computeReached = event!
         var comm: ncclComm_t?
-        try nccl.check(nccl.commInitRank(&comm, Int32(worldSize), id, Int32(rank)),
-                       "rank \(rank) of \(worldSize): ncclCommInitRank")
+        do {
+            try nccl.check(nccl.commInitRank(&comm, Int32(worldSize), id, Int32(rank)),
+                           "rank \(rank) of \(worldSize): ncclCommInitRank")
+        } catch {
+            _ = driver.cuEventDestroy(event)
+            _ = driver.cuStreamDestroy(stream)
+            throw error
+        }
         self.comm = comm!
     }
 
     deinit {
         if !aborted { _ = nccl.commDestroy(comm) }
+        _ = context.driver.cuCtxSetCurrent(context.context)
+        _ = context.driver.cuEventDestroy(computeReached)
+        _ = context.driver.cuStreamDestroy(stream)
     }
 
     /// Queues, in one NCCL group, an in-place reduction of each buffer (all of `format` numbers)
@@ -67,7 +97,7 @@ public final class NCCLComm: @unchecked Sendable {
             for buffer in buffers {
                 own(buffer)
                 try nccl.check(nccl.allReduce(pointer(buffer), pointer(buffer), count(buffer, format), dataType(format),
-                                              reduction.code, comm, context.stream), "ncclAllReduce")
+                                              reduction.code, comm, stream), "ncclAllReduce")
             }
         }
     }
@@ -81,7 +111,7 @@ public final class NCCLComm: @unchecked Sendable {
         try queue("ncclReduceScatter(\(n) per rank, \(format))") {
             own(send); own(receive)
             try nccl.check(nccl.reduceScatter(pointer(send), pointer(receive), n, dataType(format), reduction.code, comm,
-                                              context.stream), "ncclReduceScatter")
+                                              stream), "ncclReduceScatter")
         }
     }
 
@@ -93,7 +123,7 @@ public final class NCCLComm: @unchecked Sendable {
                 "NCCLComm.allGather: receive holds \(count(receive, format)) numbers, send \(n); receive must hold worldSize (\(worldSize)) times as many")
         try queue("ncclAllGather(\(n) per rank, \(format))") {
             own(send); own(receive)
-            try nccl.check(nccl.allGather(pointer(send), pointer(receive), n, dataType(format), comm, context.stream), "ncclAllGather")
+            try nccl.check(nccl.allGather(pointer(send), pointer(receive), n, dataType(format), comm, stream), "ncclAllGather")
         }
     }
 
@@ -104,19 +134,18 @@ public final class NCCLComm: @unchecked Sendable {
             for buffer in buffers {
                 own(buffer)
                 try nccl.check(nccl.broadcast(pointer(buffer), pointer(buffer), buffer.byteCount, 1 /* ncclUint8 */, Int32(root),
-                                              comm, context.stream), "ncclBroadcast")
+                                              comm, stream), "ncclBroadcast")
             }
         }
     }
 
-    /// Waits until the stream's queued work (collectives included) has finished, polling every
-    /// 100 µs. Aborts the communicator and throws an `NCCLError` naming this rank when NCCL reports
+    /// Waits until every collective queued so far has finished, polling every 100 µs. Aborts the communicator and throws an `NCCLError` naming this rank when NCCL reports
     /// an asynchronous error (a peer died, a network failure) or `timeout` seconds pass first.
     public func wait(timeout: Double) throws {
         let start = DispatchTime.now().uptimeNanoseconds
         try context.makeCurrent()
         while true {
-            let state = context.driver.cuStreamQuery(context.stream)
+            let state = context.driver.cuStreamQuery(stream)
             if state == 0 { return }
             if state != 600 /* CUDA_ERROR_NOT_READY */ {
                 try context.driver.check(state, "rank \(rank) of \(worldSize): cuStreamQuery")
@@ -161,6 +190,8 @@ public final class NCCLComm: @unchecked Sendable {
     private func queue(_ what: @autoclosure () -> String, _ body: () throws -> Void) throws {
         try checkAsyncError()
         try context.makeCurrent()
+        try context.driver.check(context.driver.cuEventRecord(computeReached, context.stream), "cuEventRecord (before a collective)")
+        try context.driver.check(context.driver.cuStreamWaitEvent(stream, computeReached, 0), "cuStreamWaitEvent (before a collective)")
         try nccl.check(nccl.groupStart(), "rank \(rank) of \(worldSize): ncclGroupStart")
         var failure: Error?
         do { try body() } catch { failure = error }

@@ -13,12 +13,19 @@ public protocol Communicator: AnyObject, Sendable {
     /// The number of ranks.
     var worldSize: Int { get }
 
-    /// Replaces each float32 tensor of one bucket by its mean over ranks, in place:
+    /// Starts replacing each float32 tensor of one bucket by its mean over ranks, in place:
     ///
     ///     g_i <- sum over r of (g_i^(r) / W),    W = worldSize
     ///
-    /// (NCCL's `ncclAvg` on floats: each rank's input scaled by `1/W`, then summed).
+    /// (NCCL's `ncclAvg` on floats: each rank's input scaled by `1/W`, then summed). The reduction
+    /// sees all work queued before the call and may run while later work is queued (a GPU
+    /// communicator overlaps it with the rest of the backward pass); the tensors hold the means
+    /// once `finishReductions` has returned, and must not be written before.
     func allReduceAverage(_ bucket: [Tensor]) throws
+
+    /// Returns when every reduction started by `allReduceAverage` has finished (or throws when one
+    /// failed or timed out, naming the rank).
+    func finishReductions() throws
 
     /// Overwrites each tensor on every rank with rank 0's (parameters at the start, so every rank
     /// starts from the same weights).
@@ -28,14 +35,18 @@ public protocol Communicator: AnyObject, Sendable {
     /// checkpoint header, a plan's signature.
     func broadcast(_ bytes: [UInt8]) throws -> [UInt8]
 
-    /// Returns when every rank has called it.
-    func barrier() throws
+    /// Returns when every rank has called it, waiting at most `timeout` seconds (nil: the
+    /// communicator's own timeout) for the last one, for instance while rank 0 writes a checkpoint.
+    func barrier(timeout: Double?) throws
 
     /// Throws when a collective failed or a peer is known to have failed, without waiting.
     func checkHealth() throws
 }
 
 extension Communicator {
+    /// A barrier within the communicator's own timeout.
+    public func barrier() throws { try barrier(timeout: nil) }
+
     /// Stops with a message naming this rank unless every rank has the same `signature` (a
     /// bucket plan's, a configuration's): a mismatch would otherwise reduce unrelated numbers.
     public func requireSameOnEveryRank(_ signature: String, what: String) throws {

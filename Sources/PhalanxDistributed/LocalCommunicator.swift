@@ -58,14 +58,15 @@ public final class LocalCommunicatorGroup: @unchecked Sendable {
 
     /// Deposits `values` (and `bytes` from rank 0) as `rank`'s contribution, waits for every rank,
     /// and returns what `combine` computes from all contributions (in rank order) and rank 0's bytes.
-    func exchange<Result>(rank: Int, _ values: [[Float]], bytes: [UInt8] = [], what: String,
+    func exchange<Result>(rank: Int, _ values: [[Float]], bytes: [UInt8] = [], what: String, timeout: Double? = nil,
                           _ combine: ([[[Float]]], [UInt8]) -> Result) throws -> Result {
         condition.lock()
         defer { condition.unlock() }
+        let timeout = timeout ?? self.timeout
         let deadline = Date(timeIntervalSinceNow: timeout)
         // Wait for the previous collective's ranks to leave before reusing the slots.
         while departed > 0 && failure == nil {
-            guard condition.wait(until: deadline) else { return try timedOut(rank: rank, what: what) }
+            guard condition.wait(until: deadline) else { return try timedOut(rank: rank, what: what, after: timeout) }
         }
         if let failure { throw failure }
         let myGeneration = generation
@@ -79,7 +80,7 @@ public final class LocalCommunicatorGroup: @unchecked Sendable {
             condition.broadcast()
         }
         while generation == myGeneration && failure == nil {
-            guard condition.wait(until: deadline) else { return try timedOut(rank: rank, what: what) }
+            guard condition.wait(until: deadline) else { return try timedOut(rank: rank, what: what, after: timeout) }
         }
         if let failure { throw failure }
         let result = combine(contributions.map { $0! }, self.bytes)
@@ -92,7 +93,7 @@ public final class LocalCommunicatorGroup: @unchecked Sendable {
     }
 
     /// Fails the group naming the ranks that have not deposited at this collective (lock held).
-    private func timedOut<Result>(rank: Int, what: String) throws -> Result {
+    private func timedOut<Result>(rank: Int, what: String, after timeout: Double) throws -> Result {
         let missing = contributions.indices.filter { contributions[$0] == nil }
         let who = missing.isEmpty ? "\(departed) rank(s) did not leave the previous collective"
             : "rank\(missing.count == 1 ? "" : "s") \(missing.map(String.init).joined(separator: ", ")) did not arrive"
@@ -135,6 +136,9 @@ public final class LocalCommunicator: Communicator, @unchecked Sendable {
         for (tensor, mean) in zip(bucket, means) { tensor.write(mean) }
     }
 
+    /// Nothing to wait for: `allReduceAverage` returns with the means in place.
+    public func finishReductions() throws { try group.checkHealth() }
+
     /// Rank 0's values in every tensor.
     public func broadcast(_ tensors: [Tensor]) throws {
         let values = try group.exchange(rank: rank, tensors.map(\.array), what: "broadcast(\(tensors.count) tensors)") { all, _ in all[0] }
@@ -150,8 +154,8 @@ public final class LocalCommunicator: Communicator, @unchecked Sendable {
     }
 
     /// Every rank meets.
-    public func barrier() throws {
-        try group.exchange(rank: rank, [], what: "barrier") { _, _ in () }
+    public func barrier(timeout: Double?) throws {
+        try group.exchange(rank: rank, [], what: "barrier", timeout: timeout) { _, _ in () }
     }
 
     /// Throws the group's failure, if any.

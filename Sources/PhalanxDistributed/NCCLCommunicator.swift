@@ -6,12 +6,12 @@ import PhalanxRuntime
 /// process's GPU, joined through `Rendezvous` (rank 0 makes the NCCL unique id and hands it out
 /// over TCP).
 ///
-/// Every collective is queued on the device's stream, after the work already there (the
-/// backward pass that produced the gradients), and then waited for with `NCCLComm.wait`, which
-/// polls NCCL's asynchronous error and gives up after `timeout` seconds: a dead or stalled rank
-/// makes this one throw, and its communicator is aborted. Waiting per call keeps failure handling
-/// simple; it does not yet overlap a bucket's reduction with the rest of the backward pass (that
-/// needs a stream of NCCL's own and an event, see docs/MULTI-GPU.md).
+/// Every collective runs on NCCL's own stream, after the work queued on the device's stream
+/// before it (`NCCLComm`). Gradient reductions are not waited for one by one: the trainer starts
+/// each bucket's as soon as backward has produced it, and they run while backward goes on;
+/// `finishReductions` then waits for all. Every wait is `NCCLComm.wait`, which polls NCCL's
+/// asynchronous error and gives up after `timeout` seconds: a dead or stalled rank makes this one
+/// throw, and its communicator is aborted.
 public final class NCCLCommunicator: Communicator, @unchecked Sendable {
     /// The NCCL communicator.
     public let comm: NCCLComm
@@ -34,11 +34,13 @@ public final class NCCLCommunicator: Communicator, @unchecked Sendable {
         self.timeout = timeout
     }
 
-    /// `ncclAllReduce` with `ncclAvg` of every tensor, in one NCCL group, then waits.
+    /// Queues `ncclAllReduce` with `ncclAvg` of every tensor, in one NCCL group.
     public func allReduceAverage(_ bucket: [Tensor]) throws {
         try comm.allReduce(try buffers(bucket, "allReduceAverage"), format: .float32, .average)
-        try comm.wait(timeout: timeout)
     }
+
+    /// Waits for every queued reduction.
+    public func finishReductions() throws { try comm.wait(timeout: timeout) }
 
     /// `ncclBroadcast` of every tensor from rank 0, in one group, then waits.
     public func broadcast(_ tensors: [Tensor]) throws {
@@ -61,10 +63,10 @@ public final class NCCLCommunicator: Communicator, @unchecked Sendable {
     }
 
     /// An all-reduce of one number, waited for.
-    public func barrier() throws {
+    public func barrier(timeout: Double?) throws {
         let token = try DeviceBuffer(context: comm.context, floats: [0])
         try comm.allReduce([token], format: .float32, .sum)
-        try comm.wait(timeout: timeout)
+        try comm.wait(timeout: timeout ?? self.timeout)
     }
 
     /// `ncclCommGetAsyncError`.

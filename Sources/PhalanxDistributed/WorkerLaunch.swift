@@ -46,12 +46,15 @@ public enum WorkerLaunch {
     /// Starts `executable` with `arguments` once per environment (`posix_spawn`; standard input,
     /// output and error are this process's, the signal mask empty), and waits (`waitpid`, polled
     /// every 20 ms). When a worker exits with a non-zero status or is killed by a signal, the
-    /// others still running are sent SIGTERM, so none is left waiting at a collective for its timeout.
+    /// others still running are sent SIGTERM, so none is left waiting at a collective for its
+    /// timeout. When `stopRequested` first returns true (this process was asked to stop), every
+    /// worker is sent SIGTERM once, and the wait goes on while they save and exit.
     ///
     /// - Returns: normally, after every worker exited with status 0.
     /// - Throws: `WorkerFailure` naming the first worker seen failing and its status;
     ///   `WorkerLaunchError` when a worker cannot be started.
-    public static func run(_ executable: String, arguments: [String], environments: [[String: String]]) throws {
+    public static func run(_ executable: String, arguments: [String], environments: [[String: String]],
+                           stopRequested: () -> Bool = { false }) throws {
         var running: [Int: pid_t] = [:]
         var failure: WorkerFailure?
         func stopAll() { for pid in running.values { kill(pid, SIGTERM) } }
@@ -62,7 +65,12 @@ public enum WorkerLaunch {
                 throw error
             }
         }
+        var forwarded = false
         while !running.isEmpty {
+            if !forwarded && stopRequested() {
+                forwarded = true
+                stopAll()
+            }
             for (rank, pid) in running.sorted(by: { $0.key < $1.key }) {
                 var status: Int32 = 0
                 guard waitpid(pid, &status, WNOHANG) == pid else { continue }

@@ -248,7 +248,13 @@ public final class LanguageModel: ParameterContainer {
     }
 
     /// Adds every parameter gradient, from the logits' gradient that `loss` left in the cache.
-    public func backward(_ cache: Cache) {
+    ///
+    /// - Parameter gradientsFinished: called as backward proceeds, with an index `k` into
+    ///   `parameters` such that every parameter at `k` or later has received all of this pass's
+    ///   gradient (its work queued, on a GPU): after the final norm (and an untied head), after
+    ///   each block from the last to the first, and with 0 at the end (the embedding, which a tied
+    ///   head also feeds, last). A data-parallel trainer starts reducing gradients from here.
+    public func backward(_ cache: Cache, gradientsFinished: ((Int) -> Void)? = nil) {
         let rows = cache.batch * cache.length, V = configuration.vocabulary, dim = configuration.dim
         let dNormalized = Tensor(uninitialized: [cache.batch, cache.length, dim], like: cache.normalized)
         if let head {
@@ -269,10 +275,16 @@ public final class LanguageModel: ParameterContainer {
                           into: dNormalized.pointer, pool: pool)
         }
         var dx = finalNorm.backward(dNormalized, input: cache.finalInput)
+        // Parameter order: embedding, blocks, final norm, untied head.
+        var firstIndex = parameters.count - finalNorm.parameters.count - (head?.parameters.count ?? 0)
+        gradientsFinished?(firstIndex)
         for (block, blockCache) in zip(blocks, cache.blocks).reversed() {
             dx = block.backward(dx, cache: blockCache)
+            firstIndex -= block.parameters.count
+            gradientsFinished?(firstIndex)
         }
         embedding.backward(dx, tokens: cache.tokens)
+        gradientsFinished?(0)
     }
 
     /// What decoding carries between calls: one state per block's mixer (a Phalanx recurrence

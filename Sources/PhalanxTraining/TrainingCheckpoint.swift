@@ -29,6 +29,9 @@ public struct TrainingState: Codable, Sendable {
     public var tokenizer: Data
     /// The model's initialisation seed (reported by `inspect`).
     public var modelSeed: UInt64
+    /// The number of data-parallel ranks (GPUs) of the run that wrote the checkpoint; nil for a
+    /// single process. The global batch, and so the run, does not depend on it.
+    public var worldSize: Int?
 
     /// The state of a run that has not taken a step yet; its batches are drawn from a generator
     /// seeded with `samplerSeed`.

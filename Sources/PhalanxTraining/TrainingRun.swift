@@ -1,6 +1,7 @@
 import Checkpoint
 import Foundation
 import PhalanxData
+import PhalanxDistributed
 import PhalanxLayers
 import PhalanxModels
 import PhalanxRuntime
@@ -13,6 +14,10 @@ import PhalanxRuntime
 ///   tokenized into a staging file that replaces `tokens.bin` only at the end);
 /// - a folder holding a checkpoint is never started over unless `overwrite` is set;
 /// - leftovers of writes killed mid-way (`.*.partial`) are removed first.
+///
+/// Data-parallel runs: every rank calls `start` (or `resume`) with the same arguments and its
+/// communicator. Rank 0 alone touches the folder: it prepares the token file and then tells the
+/// others, which read it and build the same model; rank 0's errors reach every rank.
 public enum TrainingRun {
     /// The tokenizer of a new run.
     public enum TokenizerChoice: Sendable, Equatable {
@@ -105,17 +110,40 @@ public enum TrainingRun {
     /// already holds a checkpoint and `plan.overwrite` is not set, or when the corpus is too
     /// small for the context. With `overwrite`, the old checkpoint and plot are removed once the
     /// new run is ready. `log` receives progress lines (tokenizer training).
-    public static func start(_ plan: Plan, in folder: URL, placement: Placement = .cpu,
+    ///
+    /// - Parameter communicator: this process's rank of a data-parallel run (see the type's
+    ///   summary); nil for a single process.
+    public static func start(_ plan: Plan, in folder: URL, placement: Placement = .cpu, communicator: (any Communicator)? = nil,
                              log: (String) -> Void = { _ in }) throws -> Trainer {
         try plan.validate()
         let checkpoint = checkpointURL(in: folder)
+        let staging = folder.appendingPathComponent(".tokens.bin.staged.partial")
+        if let communicator, communicator.rank != 0 {
+            let word = String(decoding: try communicator.broadcast([]), as: UTF8.self)
+            guard word == tokensReady else { throw TrainingError("rank 0 could not start the run: \(word)") }
+            return try makeTrainer(plan, data: try TokenFile(contentsOf: staging), folder: folder, placement: placement,
+                                   communicator: communicator, log: log)
+        }
+        // Tells the other ranks, once, whether the token file is ready (or rank 0's error).
+        var announced = communicator == nil
+        func announce(_ word: String) throws {
+            guard !announced, let communicator else { return }
+            announced = true
+            _ = try communicator.broadcast(Array(word.utf8))
+        }
         if FileManager.default.fileExists(atPath: checkpoint.path) && !plan.overwrite {
-            throw TrainingError("\(folder.path) already holds a checkpoint; continue it (resume) or replace it (overwrite)", field: "overwrite")
+            let error = TrainingError("\(folder.path) already holds a checkpoint; continue it (resume) or replace it (overwrite)", field: "overwrite")
+            try? announce(error.description)
+            throw error
         }
         let createdFolder = !FileManager.default.fileExists(atPath: folder.path)
-        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        do {
+            try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        } catch {
+            try? announce("\(error)")
+            throw error
+        }
         removeStalePartialFiles(in: folder)
-        let staging = folder.appendingPathComponent(".tokens.bin.staged.partial")
         do {
             let source = try plan.startingPoint.map { try TrainingCheckpoint.load(from: $0) }
             let tokenizer: any Tokenizer
@@ -130,22 +158,9 @@ public enum TrainingRun {
                 tokenizer = BPETokenizer.train(on: text, vocabularySize: vocabulary)
             }
             try CorpusPreparation.prepare(files: plan.files, validationFiles: plan.validationFiles, tokenizer: tokenizer, output: staging)
-            var model = plan.model
-            model.vocabulary = tokenizer.vocabularySize
-            let languageModel = try LanguageModel(model, seed: plan.seed)
-            if let source {
-                let (copied, initialised) = languageModel.copyMatchingParameters(from: source.model)
-                log("starting from \(plan.startingPoint!.path) (step \(source.state.step)): \(copied.count) tensors keep their "
-                    + "trained values, \(initialised.count) start from the seeded initialisation"
-                    + (initialised.isEmpty ? "" : " (\(Retrofit.summary(initialised)))"))
-            }
-            let state = TrainingState(configuration: plan.training, samplerSeed: plan.seed &+ 1,
-                                      dataPath: tokensURL(in: folder).path, tokenizer: try tokenizer.serialized(),
-                                      modelSeed: plan.seed)
-            let trainer = try Trainer(model: languageModel,
-                                      optimizer: AdamW(languageModel.parameters, hyperparameters: plan.training.optimizer),
-                                      state: state, data: try TokenFile(contentsOf: staging), runFolder: folder,
-                                      placement: placement)
+            try announce(tokensReady)
+            let trainer = try makeTrainer(plan, data: try TokenFile(contentsOf: staging), source: source, folder: folder,
+                                          placement: placement, communicator: communicator, log: log)
             if plan.overwrite {
                 for old in [checkpoint, trainer.plotURL] where FileManager.default.fileExists(atPath: old.path) {
                     try FileManager.default.removeItem(at: old)
@@ -156,24 +171,55 @@ public enum TrainingRun {
             }
             return trainer
         } catch {
+            try? announce("\(error)")
             try? FileManager.default.removeItem(at: staging)
             if createdFolder { try? FileManager.default.removeItem(at: folder) }
             throw error
         }
     }
 
+    /// What rank 0 broadcasts when the token file is ready for the other ranks.
+    private static let tokensReady = "tokens ready"
+
+    /// The model of `plan` (from its seed, then the starting point's matching weights) and its
+    /// trainer on `data`, at step 0.
+    private static func makeTrainer(_ plan: Plan, data: TokenFile, source: (model: LanguageModel, optimizer: AdamW, state: TrainingState)? = nil, folder: URL,
+                                    placement: Placement, communicator: (any Communicator)?, log: (String) -> Void) throws -> Trainer {
+        let source = try source ?? plan.startingPoint.map { try TrainingCheckpoint.load(from: $0) }
+        var model = plan.model
+        model.vocabulary = data.tokenizer.vocabularySize
+        let languageModel = try LanguageModel(model, seed: plan.seed)
+        if let source {
+            let (copied, initialised) = languageModel.copyMatchingParameters(from: source.model)
+            log("starting from \(plan.startingPoint!.path) (step \(source.state.step)): \(copied.count) tensors keep their "
+                + "trained values, \(initialised.count) start from the seeded initialisation"
+                + (initialised.isEmpty ? "" : " (\(Retrofit.summary(initialised)))"))
+        }
+        let state = TrainingState(configuration: plan.training, samplerSeed: plan.seed &+ 1,
+                                  dataPath: tokensURL(in: folder).path, tokenizer: try data.tokenizer.serialized(),
+                                  modelSeed: plan.seed)
+        return try Trainer(model: languageModel, optimizer: AdamW(languageModel.parameters, hyperparameters: plan.training.optimizer),
+                           state: state, data: data, runFolder: folder, placement: placement,
+                           parallel: try communicator.map { try DataParallel(communicator: $0, parameters: languageModel.parameters) })
+    }
+
     /// Resumes the run in `folder` from its checkpoint (whose configuration wins).
     ///
-    /// - Parameter steps: a new total step count: larger than the run's extends it (the
-    ///   learning-rate schedule is stretched to the new length from here on), equal changes
-    ///   nothing, below the checkpoint's step is refused. Nil keeps the run's.
-    public static func resume(in folder: URL, steps: Int? = nil, placement: Placement = .cpu,
+    /// - Parameters:
+    ///   - steps: a new total step count: larger than the run's extends it (the learning-rate
+    ///     schedule is stretched to the new length from here on), equal changes nothing, below the
+    ///     checkpoint's step is refused. Nil keeps the run's.
+    ///   - communicator: this process's rank of a data-parallel run; every rank reads the
+    ///     checkpoint (the folder must be visible to all). With as many ranks as the run that wrote
+    ///     it, the run continues exactly; with another number it continues from the same global
+    ///     step with the same global batch and data order, and `log` says so.
+    public static func resume(in folder: URL, steps: Int? = nil, placement: Placement = .cpu, communicator: (any Communicator)? = nil,
                               log: (String) -> Void = { _ in }) throws -> Trainer {
         let url = checkpointURL(in: folder)
         guard FileManager.default.fileExists(atPath: url.path) else {
             throw TrainingError("no checkpoint to resume at \(url.path)", field: "resume")
         }
-        removeStalePartialFiles(in: folder)
+        if (communicator?.rank ?? 0) == 0 { removeStalePartialFiles(in: folder) }
         var (model, optimizer, state) = try TrainingCheckpoint.load(from: url)
         if let steps, steps != state.configuration.steps {
             guard steps >= state.step else {
@@ -186,8 +232,16 @@ public enum TrainingRun {
         log(state.step == state.configuration.steps
             ? "the run has already finished all \(state.step) steps; give a larger step count to extend it"
             : "resuming at step \(state.step) of \(state.configuration.steps)")
+        let ranks = communicator?.worldSize ?? 1, before = state.worldSize ?? 1
+        if ranks != before {
+            let batch = state.configuration.batchSize
+            log("the checkpoint was written by \(before) rank\(before == 1 ? "" : "s"); continuing on \(ranks) from global step "
+                + "\(state.step) with the same global batch (\(batch) sequences, \(batch / before) per rank before, \(batch / ranks) now) "
+                + "and data order: the same computation, with losses that differ from an uninterrupted run in rounding only")
+        }
         return try Trainer(model: model, optimizer: optimizer, state: state, data: tokens, runFolder: folder,
-                           checkpointStep: state.step, placement: placement)
+                           checkpointStep: state.step, placement: placement,
+                           parallel: try communicator.map { try DataParallel(communicator: $0, parameters: model.parameters) })
     }
 }
 

@@ -3,6 +3,7 @@ import Checkpoint
 import Foundation
 import PhalanxCUDA
 import PhalanxData
+import PhalanxDistributed
 import PhalanxLayers
 import PhalanxModels
 import PhalanxRuntime
@@ -30,6 +31,8 @@ struct TrainCommand: ParsableCommand {
         data position: --resume continues bit for bit) and loss.svg. Every option is checked \
         before the run folder is touched; a folder holding a checkpoint is only continued \
         (--resume) or replaced (--overwrite).
+
+        Several GPUs (data parallelism, NCCL): --gpus N on one host starts one worker per GPU;         under mpirun, srun or torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,         MASTER_PORT) each process is one rank. --batch-size is the global batch, split evenly         over the GPUs; the run is the one a single GPU would train. See docs/MULTI-GPU.md.
         """)
 
     @Option(help: "Text files to train on (repeat for several). Default: data/shakespeare.txt.")
@@ -75,6 +78,10 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Steps between checkpoints (0: only at the end and on Ctrl-C).") var checkpointEvery = defaults.checkpointInterval
     @Option(help: "Seed for initialisation and data order.") var seed: UInt64 = 1
     @OptionGroup var device: DeviceOptions
+    @Option(help: "With --device cuda: train on this many GPUs of this host, one worker process each (data parallelism through NCCL; --batch-size is split over them).")
+    var gpus: Int?
+    @Option(help: "Data-parallel runs: seconds a rank waits at a collective (and at the start for the others) before it declares a rank dead and stops.")
+    var collectiveTimeout = 60.0
 
     @Flag(help: "Continue the run in --run from its checkpoint (its configuration wins; --steps may extend it).")
     var resume = false
@@ -184,6 +191,14 @@ struct TrainCommand: ParsableCommand {
     func validate() throws {
         guard ["byte", "bpe"].contains(tokenizer) else { throw ValidationError("--tokenizer must be byte or bpe; got \(tokenizer).") }
         guard sample >= 0 else { throw ValidationError("--sample must be at least 0; got \(sample).") }
+        if let gpus {
+            guard gpus >= 1 else { throw ValidationError("--gpus must be at least 1; got \(gpus).") }
+            guard gpus == 1 || device.onGPU else { throw ValidationError("--gpus \(gpus) trains on GPUs: add --device cuda.") }
+            guard gpus == 1 || minutes == nil else {
+                throw ValidationError("--minutes measures one process's step; with --gpus give --steps.")
+            }
+        }
+        guard collectiveTimeout > 0 else { throw ValidationError("--collective-timeout must be positive; got \(collectiveTimeout).") }
         guard !(resume && overwrite) else { throw ValidationError("--resume continues a run and --overwrite replaces it: give one.") }
         if let minutes {
             guard steps == nil else { throw ValidationError("--minutes sizes the run by time and --steps by count: give one.") }
@@ -203,7 +218,39 @@ struct TrainCommand: ParsableCommand {
         }
     }
 
+    /// `--gpus N` on one host: this process starts N workers (itself, with the same arguments and
+    /// the variables of ranks 0 ..< N) and waits for them; it forwards a stop request to them.
+    private func launchWorkers(_ gpus: Int) throws {
+        let available: Int
+        do { available = try CUDADriver.shared.get().deviceCount() } catch { throw ValidationError("--gpus \(gpus): \(error)") }
+        guard gpus <= available else { throw ValidationError("--gpus \(gpus): this machine has \(available) GPU\(available == 1 ? "" : "s").") }
+        for signalNumber in [SIGINT, SIGTERM] {
+            signal(signalNumber) { _ in interruptRequested.store(true, ordering: .relaxed) }
+        }
+        let executable = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+        let port = try WorkerLaunch.freePort()
+        print("starting \(gpus) workers, one per GPU (rendezvous on 127.0.0.1:\(port)); rank 0 reports")
+        do {
+            try WorkerLaunch.run(executable, arguments: Array(CommandLine.arguments.dropFirst()),
+                                 environments: WorkerLaunch.environments(gpus: gpus, port: port, base: ProcessInfo.processInfo.environment),
+                                 stopRequested: { interruptRequested.load(ordering: .relaxed) })
+        } catch let failure as WorkerFailure {
+            throw ValidationError("\(failure)")
+        }
+    }
+
     func run() throws {
+        let launch: LaunchEnvironment
+        do { launch = try LaunchEnvironment.detect(ProcessInfo.processInfo.environment) } catch { throw ValidationError("\(error)") }
+        if launch.worldSize == 1, let gpus, gpus > 1 { return try launchWorkers(gpus) }
+        if launch.worldSize > 1 {
+            guard device.onGPU else { throw ValidationError("\(launch): data-parallel training runs on GPUs; add --device cuda.") }
+            if let gpus, gpus != launch.worldSize { throw ValidationError("--gpus \(gpus) differs from the launcher's world (\(launch)).") }
+            guard minutes == nil else { throw ValidationError("--minutes measures one process's step; with several ranks give --steps.") }
+        }
+        let lead = launch.rank == 0
+        // Rank 0 speaks for the run; the others only report their errors.
+        let say: @Sendable (String) -> Void = { if lead { print($0) } }
         let folder = URL(fileURLWithPath: runFolder)
         // Ctrl-C (or SIGTERM) sets a flag (all a signal handler may safely do). While the run is
         // prepared, a watcher removes half-written files and exits; once training runs, the loop
@@ -219,8 +266,8 @@ struct TrainCommand: ParsableCommand {
         Thread.detachNewThread {
             while !trainingStarted.load(ordering: .relaxed) {
                 if interruptRequested.load(ordering: .relaxed) {
-                    removeStalePartialFiles(in: folder)
-                    print("\ninterrupted before training started; half-written files removed")
+                    if lead { removeStalePartialFiles(in: folder) }
+                    say("\ninterrupted before training started; half-written files removed")
                     Foundation.exit(130)
                 }
                 usleep(20_000)
@@ -229,24 +276,28 @@ struct TrainCommand: ParsableCommand {
 
         let trainer: Trainer
         do {
-            let placement = try device.placement()
-            trainer = resume ? try TrainingRun.resume(in: folder, steps: steps, placement: placement, log: { print($0) })
-                             : try TrainingRun.start(try sizedPlan(), in: folder, placement: placement, log: { print($0) })
+            let placement = try device.placement(ordinal: launch.deviceOrdinal)
+            let communicator = launch.worldSize > 1
+                ? try NCCLCommunicator(launch: launch, device: placement.device.cuda!, timeout: collectiveTimeout) : nil
+            if launch.worldSize > 1 { say("data parallel: \(launch.worldSize) ranks over NCCL (\(launch))") }
+            trainer = resume ? try TrainingRun.resume(in: folder, steps: steps, placement: placement, communicator: communicator, log: say)
+                             : try TrainingRun.start(try sizedPlan(), in: folder, placement: placement, communicator: communicator, log: say)
         } catch let error as TrainingError {
             throw flagError(error)
         }
         let model = trainer.model
-        print("model: \(model.configuration.pattern) tiled over \(model.configuration.depth) blocks (\(model.mixerKinds.map { String($0.rawValue) }.joined())), dim \(model.configuration.dim), \(formatCount(model.parameterCount)) parameters")
+        say("model: \(model.configuration.pattern) tiled over \(model.configuration.depth) blocks (\(model.mixerKinds.map { String($0.rawValue) }.joined())), dim \(model.configuration.dim), \(formatCount(model.parameterCount)) parameters")
         let c = trainer.state.configuration
-        print("data: \(formatCount(trainer.data.train.count)) train / \(formatCount(trainer.data.validation.count)) validation tokens; \(c.steps) steps of \(formatCount(c.tokensPerStep)) tokens")
-        print("run folder: \(folder.path) (Ctrl-C saves a checkpoint and stops); training on \(trainer.placement)")
+        say("data: \(formatCount(trainer.data.train.count)) train / \(formatCount(trainer.data.validation.count)) validation tokens; \(c.steps) steps of \(formatCount(c.tokensPerStep)) tokens")
+        say("run folder: \(folder.path) (Ctrl-C saves a checkpoint and stops); training on \(trainer.placement)"
+            + (launch.worldSize > 1 ? " and \(launch.worldSize - 1) more GPU\(launch.worldSize == 2 ? "" : "s"), \(c.batchSize / launch.worldSize) sequences each" : ""))
 
         trainingStarted.store(true, ordering: .relaxed)
         var lastLine = Date.distantPast
         let outcome = try trainer.run(
             stopRequested: { interruptRequested.load(ordering: .relaxed) },
             onStep: { r in
-                guard Date().timeIntervalSince(lastLine) > 0.25 || r.step == r.totalSteps else { return }
+                guard lead, Date().timeIntervalSince(lastLine) > 0.25 || r.step == r.totalSteps else { return }
                 lastLine = Date()
                 let line = String(format: "step %d/%d | loss %.4f | lr %.2e | |g| %.2f | %@ tok/s%@ | %@ elapsed | ETA %@",
                                   r.step, r.totalSteps, r.loss, r.learningRate, r.gradientNorm,
@@ -256,22 +307,22 @@ struct TrainCommand: ParsableCommand {
                 fflush(nil)
             },
             onEvaluation: { e in
-                print(String(format: "\n  validation @%d: loss %.4f | ppl %.2f | %.4f bits/byte",
+                say(String(format: "\n  validation @%d: loss %.4f | ppl %.2f | %.4f bits/byte",
                              trainer.state.step, e.loss, e.perplexity, e.bitsPerByte))
             })
-        print("")
+        say("")
         switch outcome {
         case .finished:
-            print("finished: checkpoint \(trainer.checkpointURL.path), plot \(trainer.plotURL.path)")
+            say("finished: checkpoint \(trainer.checkpointURL.path), plot \(trainer.plotURL.path)")
         case .interrupted(let step):
-            print("interrupted at step \(step): checkpoint written; continue with --resume --run \(runFolder)")
+            say("interrupted at step \(step): checkpoint written; continue with --resume --run \(runFolder)")
             return
         case .diverged(let step, let loss, let checkpointStep):
             let kept = checkpointStep.map { "the last good checkpoint (step \($0), \(trainer.checkpointURL.path)) was kept" }
                 ?? "no checkpoint had been written yet, so there is nothing to resume"
             throw ValidationError("training diverged at step \(step) (loss \(loss); the loss or the updated weights are not finite); it stopped and \(kept). Try a lower --learning-rate.")
         }
-        if sample > 0 {
+        if sample > 0 && lead {
             model.move(to: .cpu)  // decoding runs on the CPU
             print("\nsample:")
             var sampler = TokenSampler(temperature: 0.8, topK: 40, topP: 1, seed: seed)

@@ -41,6 +41,7 @@ struct LocalCommunicatorTests {
             // Two rounds: the group's slots are reused correctly.
             try communicator.allReduceAverage(bucket)
             try communicator.allReduceAverage(bucket)
+            try communicator.finishReductions()
             return bucket.map(\.array)
         }
         let reduced = try results.map { try $0.get() }
@@ -189,6 +190,7 @@ struct NCCLTests {
         let communicator = try NCCLCommunicator(launch: try LaunchEnvironment.detect([:]), device: device, timeout: 30)
         let gradient = Tensor([1, -2, 3.5], shape: [3], on: .cuda(device))
         try communicator.allReduceAverage([gradient])
+        try communicator.finishReductions()
         #expect(gradient.array == [1, -2, 3.5])
         #expect(try communicator.broadcast([5, 6]) == [5, 6])
         try communicator.barrier()

@@ -132,12 +132,12 @@ public enum DeviceOps {
     }
 
     /// Residual dropout of `t` in place, with the CPU `Dropout`'s masks (the same hash of seed,
-    /// step, micro-batch, block, branch and element).
+    /// step, micro-batch, block, branch and element, `t`'s first element being `firstElement`).
     public static func dropout(_ t: Tensor, rate: Float, seed: UInt64, step: Int, microBatch: Int, block: Int, branch: Int,
-                               on gpu: CUDADevice) {
+                               firstElement: Int, on gpu: CUDADevice) {
         gpu.perform {
             try kernels(t.format, on: gpu).dropout(t.deviceBuffer, count: t.count, rate: rate, seed: seed, step: step,
-                                                   microBatch: microBatch, block: block, branch: branch)
+                                                   microBatch: microBatch, block: block, branch: branch, elementIndex: firstElement)
         }
     }
 
