@@ -22,6 +22,12 @@ the median step, tokens per second, the parameter count (checked against the Swi
 the peak allocated memory of the steps (weights, gradients, AdamW's moments, activations). An
 out-of-memory shape is printed and recorded as {"error": "out of memory"}; the run goes on.
 
+Data parallel (DistributedDataParallel, NCCL): run under torchrun, one process per GPU, e.g.
+    python3 -m torch.distributed.run --standalone --nproc-per-node 2 torch-cuda-train.py --presets transformer-large --contexts 8192
+Each GPU then takes --tokens-per-step tokens a step (the global batch is that times the number of
+GPUs); DDP all-reduces the gradients in its default 25 MB buckets during backward. Rank 0 prints;
+tokens_per_second counts all GPUs' tokens, and each row says "gpus".
+
 Usage:
     torch-cuda-train.py --presets transformer-medium swa-hybrid-medium --contexts 4096 8192 --out torch.json
     torch-cuda-train.py --check      (each preset at a tiny shape on the CPU, float32, a couple of
@@ -40,6 +46,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -268,11 +275,16 @@ def choose_window_backend(device, compiled_model):
         return "sdpa-mask", None
 
 
+def world_size():
+    """The number of data-parallel processes (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def measure(name, context, arguments, device, backend, flex):
     """One preset at one context: the row of the JSON results (an error row when out of memory)."""
     c = preset(name, arguments.window)
     batch = arguments.tokens_per_step // context
-    row = {"preset": name, "context": context, "batch": batch}
+    row = {"preset": name, "context": context, "batch": batch, "gpus": world_size()}
     if batch < 1:
         row["error"] = f"tokens per step {arguments.tokens_per_step} < context {context}"
         return row, []
@@ -289,6 +301,8 @@ def measure(name, context, arguments, device, backend, flex):
         parameters = list(model.parameters())
         optimizer = make_optimizer(model, fused=arguments.fused)
         forward = torch.compile(model) if arguments.compile else model
+        if world_size() > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device.index])
         shape = Shape(context, c, device, backend)
         tokens = torch.randint(0, VOCABULARY, (batch, context + 1), device=device)
         if cuda:  # the peak from here: weights, AdamW's moments, the steps; not create_block_mask's scratch
@@ -318,7 +332,7 @@ def measure(name, context, arguments, device, backend, flex):
             samples.append(time.perf_counter() - start)
             losses.append(loss.item())
         seconds = statistics.median(samples)
-        row.update(tokens_per_second=batch * context / seconds, ms_per_step=1e3 * seconds)
+        row.update(tokens_per_second=batch * context * world_size() / seconds, ms_per_step=1e3 * seconds)
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     except Exception as error:  # noqa: BLE001 (torch.compile may wrap the allocator's error in its own)
         if not is_out_of_memory(error):
@@ -505,6 +519,13 @@ def main():
     device = torch.device(arguments.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available to this torch (--check runs on the CPU)")
+    if world_size() > 1:  # under torchrun: this process's GPU, NCCL, and only rank 0 speaks
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=device)
+        if torch.distributed.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
 
     checks = component_checks(arguments) if arguments.check else []
     for label, error, passed in checks:
@@ -526,6 +547,8 @@ def main():
     if arguments.out:
         with open(arguments.out, "w") as file:
             file.write(line + "\n")
+    if world_size() > 1:
+        torch.distributed.destroy_process_group()
     if arguments.check and not all(passed for _, _, passed in checks):
         sys.exit(1)
 

@@ -41,9 +41,10 @@ public final class Trainer {
         /// The step's training loss (nats per token, the mean over its micro-batches), the
         /// learning rate it used, and the global gradient L2 norm before clipping.
         public let loss: Float, learningRate: Float, gradientNorm: Float
-        /// Training tokens per second since this process started or resumed the run; training
-        /// seconds so far, summed over resumes (evaluations excluded); estimated seconds to the
-        /// last step at that rate (evaluations not counted).
+        /// Training tokens per second (of all ranks together) since this process's first step
+        /// (which compiles kernels and warms caches; at that step, its own rate); training seconds
+        /// so far, summed over resumes (evaluations excluded); estimated seconds to the last step at
+        /// that rate (evaluations not counted).
         public let tokensPerSecond: Double, elapsed: Double, remaining: Double
         /// Model-FLOPs utilisation at that rate: `LanguageModel.trainingFlops` per second over the
         /// device's matrix-product rate measured when the trainer started (GPU runs); nil on the CPU.
@@ -142,6 +143,8 @@ public final class Trainer {
         var runStart = clock.now
         let elapsedBefore = state.elapsedSeconds
         var tokensThisRun = 0
+        // The rate leaves out this process's first step, which compiles kernels and warms caches.
+        var rateStart = runStart, tokensSinceFirstStep = 0
         var sampler = BatchSampler(batchSize: c.batchSize, contextLength: c.contextLength, generator: state.sampler.generator)
         let flopsPerToken = model.trainingFlops(tokens: 1, context: c.contextLength)
         while state.step < c.steps {
@@ -180,10 +183,12 @@ public final class Trainer {
             state.step += 1
             state.tokensSeen += c.tokensPerStep
             tokensThisRun += c.tokensPerStep
+            if tokensThisRun == c.tokensPerStep { rateStart = clock.now } else { tokensSinceFirstStep += c.tokensPerStep }
             state.trainLosses.append(.init(step: state.step, loss: loss))
             let elapsedRun = seconds(clock.now - runStart)
             state.elapsedSeconds = elapsedBefore + elapsedRun
-            let rate = Double(tokensThisRun) / max(elapsedRun, 1e-9)
+            let rate = tokensSinceFirstStep > 0 ? Double(tokensSinceFirstStep) / max(seconds(clock.now - rateStart), 1e-9)
+                                                : Double(tokensThisRun) / max(elapsedRun, 1e-9)
             onStep(StepReport(step: state.step, totalSteps: c.steps, loss: loss, learningRate: learningRate,
                               gradientNorm: norm, tokensPerSecond: rate, elapsed: state.elapsedSeconds,
                               remaining: Double(c.steps - state.step) * Double(c.tokensPerStep) / max(rate, 1e-9),
@@ -195,6 +200,7 @@ public final class Trainer {
                 state.validationLosses.append(.init(step: state.step, loss: Float(result.loss)))
                 onEvaluation(result)
                 runStart = runStart + (clock.now - pause)  // evaluation time is not training time
+                rateStart = rateStart + (clock.now - pause)
             }
             if last || (c.checkpointInterval > 0 && state.step % c.checkpointInterval == 0) {
                 try saveCheckpoint()
