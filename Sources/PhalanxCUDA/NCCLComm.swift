@@ -61,7 +61,9 @@ public final class NCCLComm: @unchecked Sendable {
         try context.makeCurrent()
         let driver = context.driver
         var stream: OpaquePointer?, event: OpaquePointer?
-        try driver.check(driver.cuStreamCreate(&stream, 0), "cuStreamCreate (NCCL's stream)")
+        // CU_STREAM_NON_BLOCKING (1): the synchronous copies of the legacy default stream must not
+        // wait for it, or a collective stuck on a dead peer would hang them where no timeout applies.
+        try driver.check(driver.cuStreamCreate(&stream, 1), "cuStreamCreate (NCCL's stream)")
         do {
             // CU_EVENT_DISABLE_TIMING (2): an ordering point only, the cheapest kind.
             try driver.check(driver.cuEventCreate(&event, 2), "cuEventCreate (NCCL's ordering event)")

@@ -1,3 +1,4 @@
+import Dispatch
 import Glibc
 
 /// `phalanx train --device cuda --gpus N` on one host: N worker processes of the same program,
@@ -46,15 +47,17 @@ public enum WorkerLaunch {
     /// Starts `executable` with `arguments` once per environment (`posix_spawn`; standard input,
     /// output and error are this process's, the signal mask empty), and waits (`waitpid`, polled
     /// every 20 ms). When a worker exits with a non-zero status or is killed by a signal, the
-    /// others still running are sent SIGTERM, so none is left waiting at a collective for its
-    /// timeout. When `stopRequested` first returns true (this process was asked to stop), every
-    /// worker is sent SIGTERM once, and the wait goes on while they save and exit.
+    /// others still running are sent SIGTERM, and SIGKILL `grace` seconds later if they are still
+    /// there (a worker waiting at a collective with a dead peer cannot finish its step; its last
+    /// checkpoint is safe, as checkpoints are replaced atomically). When `stopRequested` first
+    /// returns true (this process was asked to stop), every worker is sent SIGTERM once, and the
+    /// wait goes on while they save and exit.
     ///
     /// - Returns: normally, after every worker exited with status 0.
     /// - Throws: `WorkerFailure` naming the first worker seen failing and its status;
     ///   `WorkerLaunchError` when a worker cannot be started.
     public static func run(_ executable: String, arguments: [String], environments: [[String: String]],
-                           stopRequested: () -> Bool = { false }) throws {
+                           grace: Double = 10, stopRequested: () -> Bool = { false }) throws {
         var running: [Int: pid_t] = [:]
         var failure: WorkerFailure?
         func stopAll() { for pid in running.values { kill(pid, SIGTERM) } }
@@ -66,7 +69,12 @@ public enum WorkerLaunch {
             }
         }
         var forwarded = false
+        var killAt: DispatchTime?
         while !running.isEmpty {
+            if let deadline = killAt, DispatchTime.now() >= deadline {
+                for pid in running.values { kill(pid, SIGKILL) }
+                killAt = nil
+            }
             if !forwarded && stopRequested() {
                 forwarded = true
                 stopAll()
@@ -80,6 +88,7 @@ public enum WorkerLaunch {
                 if failure == nil && (signal != 0 || code != 0) {
                     failure = WorkerFailure(rank: rank, status: signal != 0 ? signal : code, signaled: signal != 0)
                     stopAll()
+                    killAt = DispatchTime.now() + grace
                 }
             }
             usleep(20_000)

@@ -119,6 +119,7 @@ public enum TrainingRun {
         let checkpoint = checkpointURL(in: folder)
         let staging = folder.appendingPathComponent(".tokens.bin.staged.partial")
         if let communicator, communicator.rank != 0 {
+            try communicator.barrier(timeout: preparationTimeout)
             let word = String(decoding: try communicator.broadcast([]), as: UTF8.self)
             guard word == tokensReady else { throw TrainingError("rank 0 could not start the run: \(word)") }
             return try makeTrainer(plan, data: try TokenFile(contentsOf: staging), folder: folder, placement: placement,
@@ -129,6 +130,7 @@ public enum TrainingRun {
         func announce(_ word: String) throws {
             guard !announced, let communicator else { return }
             announced = true
+            try communicator.barrier(timeout: preparationTimeout)
             _ = try communicator.broadcast(Array(word.utf8))
         }
         if FileManager.default.fileExists(atPath: checkpoint.path) && !plan.overwrite {
@@ -180,6 +182,9 @@ public enum TrainingRun {
 
     /// What rank 0 broadcasts when the token file is ready for the other ranks.
     private static let tokensReady = "tokens ready"
+    /// Seconds the other ranks wait for rank 0 to prepare the token file (training a BPE
+    /// tokenizer on a large corpus takes minutes).
+    public static let preparationTimeout = 3600.0
 
     /// The model of `plan` (from its seed, then the starting point's matching weights) and its
     /// trainer on `data`, at step 0.

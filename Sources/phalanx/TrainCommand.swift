@@ -80,8 +80,8 @@ struct TrainCommand: ParsableCommand {
     @OptionGroup var device: DeviceOptions
     @Option(help: "With --device cuda: train on this many GPUs of this host, one worker process each (data parallelism through NCCL; --batch-size is split over them).")
     var gpus: Int?
-    @Option(help: "Data-parallel runs: seconds a rank waits at a collective (and at the start for the others) before it declares a rank dead and stops.")
-    var collectiveTimeout = 60.0
+    @Option(help: "Data-parallel runs: seconds a rank waits at a collective (and at the start for the others) before it declares a rank dead and stops. Waits for rank 0 to prepare the data or write a checkpoint are longer.")
+    var collectiveTimeout = 30.0
 
     @Flag(help: "Continue the run in --run from its checkpoint (its configuration wins; --steps may extend it).")
     var resume = false
@@ -243,11 +243,22 @@ struct TrainCommand: ParsableCommand {
         let launch: LaunchEnvironment
         do { launch = try LaunchEnvironment.detect(ProcessInfo.processInfo.environment) } catch { throw ValidationError("\(error)") }
         if launch.worldSize == 1, let gpus, gpus > 1 { return try launchWorkers(gpus) }
-        if launch.worldSize > 1 {
-            guard device.onGPU else { throw ValidationError("\(launch): data-parallel training runs on GPUs; add --device cuda.") }
-            if let gpus, gpus != launch.worldSize { throw ValidationError("--gpus \(gpus) differs from the launcher's world (\(launch)).") }
-            guard minutes == nil else { throw ValidationError("--minutes measures one process's step; with several ranks give --steps.") }
+        guard launch.worldSize > 1 else { return try train(launch) }
+        guard device.onGPU else { throw ValidationError("\(launch): data-parallel training runs on GPUs; add --device cuda.") }
+        if let gpus, gpus != launch.worldSize { throw ValidationError("--gpus \(gpus) differs from the launcher's world (\(launch)).") }
+        guard minutes == nil else { throw ValidationError("--minutes measures one process's step; with several ranks give --steps.") }
+        do {
+            try train(launch)
+        } catch {
+            // A rank that failed may leave NCCL's work unfinished on the GPU, which an orderly exit
+            // could wait for without end: say what happened, then leave at once.
+            FileHandle.standardError.write(Data("rank \(launch.rank) of \(launch.worldSize): \(error)\n".utf8))
+            _exit(1)
         }
+    }
+
+    /// The run, as the single process or as one rank of `launch`.
+    private func train(_ launch: LaunchEnvironment) throws {
         let lead = launch.rank == 0
         // Rank 0 speaks for the run; the others only report their errors.
         let say: @Sendable (String) -> Void = { if lead { print($0) } }

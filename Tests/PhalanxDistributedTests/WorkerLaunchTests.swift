@@ -50,4 +50,24 @@ struct WorkerLaunchTests {
         }
         #expect(Date().timeIntervalSince(started) < 10)
     }
+
+    @Test("a worker that ignores SIGTERM after another failed is killed when the grace time is up")
+    func stubbornWorker() throws {
+        let started = Date()
+        #expect {
+            try WorkerLaunch.run("/bin/sh",
+                                 arguments: ["-c", "if [ $RANK = 1 ]; then sleep 0.2; exit 3; fi; trap '' TERM; sleep 30"],
+                                 environments: WorkerLaunch.environments(gpus: 2, port: 5000, base: [:]), grace: 0.5)
+        } throws: { ($0 as? WorkerFailure)?.rank == 1 }
+        #expect(Date().timeIntervalSince(started) < 10)
+    }
+
+    @Test("a stop request reaches every worker as SIGTERM once; workers that then exit 0 end the run normally")
+    func forwardedStop() throws {
+        let started = Date()
+        try WorkerLaunch.run("/bin/sh", arguments: ["-c", "trap 'kill $!; exit 0' TERM; sleep 30 & wait"],
+                             environments: WorkerLaunch.environments(gpus: 2, port: 5000, base: [:]),
+                             stopRequested: { Date().timeIntervalSince(started) > 0.3 })
+        #expect(Date().timeIntervalSince(started) < 10)
+    }
 }
