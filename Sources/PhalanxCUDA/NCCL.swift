@@ -133,11 +133,11 @@ public final class NCCL: @unchecked Sendable {
 public struct NCCLError: Error, CustomStringConvertible {
     /// The entry point and what it was doing (`rank 1 of 2: ncclAllReduce(3 buffers)`).
     public let call: String
-    /// The `ncclResult_t` code; -1 for a timeout.
+    /// The `ncclResult_t` code; -1 for a failure found by this package (a timeout, an aborted communicator).
     public let code: Int32
     /// NCCL's description of the code, or what timed out.
     public let message: String
 
-    /// The call, the message and the code.
-    public var description: String { "\(call) failed: \(message) (\(code))" }
+    /// The call, the message and NCCL's code.
+    public var description: String { "\(call) failed: \(message)" + (code >= 0 ? " (NCCL code \(code))" : "") }
 }

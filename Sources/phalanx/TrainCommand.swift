@@ -235,7 +235,8 @@ struct TrainCommand: ParsableCommand {
                                  environments: WorkerLaunch.environments(gpus: gpus, port: port, base: ProcessInfo.processInfo.environment),
                                  stopRequested: { interruptRequested.load(ordering: .relaxed) })
         } catch let failure as WorkerFailure {
-            throw ValidationError("\(failure)")
+            FileHandle.standardError.write(Data("\nError: \(failure)\n".utf8))
+            throw ExitCode.failure
         }
     }
 
@@ -252,7 +253,9 @@ struct TrainCommand: ParsableCommand {
         } catch {
             // A rank that failed may leave NCCL's work unfinished on the GPU, which an orderly exit
             // could wait for without end: say what happened, then leave at once.
-            FileHandle.standardError.write(Data("rank \(launch.rank) of \(launch.worldSize): \(error)\n".utf8))
+            let message = "\(error)"
+            let named = message.hasPrefix("rank ") ? message : "rank \(launch.rank) of \(launch.worldSize): \(message)"
+            FileHandle.standardError.write(Data("\nError: \(named)\n".utf8))
             _exit(1)
         }
     }
