@@ -357,9 +357,21 @@ public final class LanguageModel: ParameterContainer {
     /// name and shape (a retrofit: embeddings, norms, MLPs and the mixers that did not change
     /// keep their trained values); the others keep their initialisation.
     ///
+    /// Where a Phalanx mixer replaces an attention mixer of the same block, the attention's value
+    /// and output projections become the Phalanx layer's (`v_proj` to `param.proj_v`, `o_proj` to
+    /// `proj_out`, when their shapes agree): the new layer, `proj_out(s * c + v)`, then starts as
+    /// attention that looks only at the current position, plus the recurrence `s * c`, instead of
+    /// from nothing.
+    ///
     /// - Returns: the names copied and the names left as initialised, in parameter order.
     public func copyMatchingParameters(from source: LanguageModel) -> (copied: [String], initialised: [String]) {
-        let trained = Dictionary(source.parameters.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        var trained = Dictionary(source.parameters.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        for (index, (old, new)) in zip(source.mixerKinds, mixerKinds).enumerated() where old != .phalanx && new == .phalanx {
+            let prefix = "layers.\(index).mixer."
+            for (attention, phalanx) in [("v_proj.weight", "param.proj_v.weight"), ("o_proj.weight", "proj_out.weight")] {
+                trained[prefix + phalanx] = trained[prefix + attention]
+            }
+        }
         var copied: [String] = [], initialised: [String] = []
         for parameter in parameters {
             if let match = trained[parameter.name], match.value.shape == parameter.value.shape {
