@@ -197,6 +197,9 @@ struct TrainCommand: ParsableCommand {
             guard gpus == 1 || minutes == nil else {
                 throw ValidationError("--minutes measures one process's step; with --gpus give --steps.")
             }
+            guard resume || batchSize % gpus == 0 else {
+                throw ValidationError("--batch-size \(batchSize) is the global batch, split evenly over the GPUs: give a multiple of --gpus \(gpus) (for example \(max(1, batchSize / gpus) * gpus)).")
+            }
         }
         guard collectiveTimeout > 0 else { throw ValidationError("--collective-timeout must be positive; got \(collectiveTimeout).") }
         guard !(resume && overwrite) else { throw ValidationError("--resume continues a run and --overwrite replaces it: give one.") }

@@ -51,7 +51,7 @@ struct CommandLineSafetyTests {
         ["--batch-size", "100000000"], ["--dropout=-0.1"], ["--steps", "0"], ["--learning-rate", "nan"], ["--window", "0"],
         ["--clip", "inf"], ["--eval-batches", "0"], ["--gate-scale", "2"], ["--context", "9223372036854775807"],
         ["--minutes", "1"], ["--device", "gpu"], ["--precision", "fp8"], ["--validation-data", "/nonexistent/held-out.txt"],
-        ["--gpus", "0"], ["--gpus", "2"], ["--collective-timeout", "0"],
+        ["--gpus", "0"], ["--gpus", "2"], ["--collective-timeout", "0"], ["--batch-size", "3", "--gpus", "2", "--device", "cuda"],
     ])
     func refusedFlags(flags: [String]) throws {
         let folder = try folderWithCorpus()
@@ -72,7 +72,7 @@ struct CommandLineSafetyTests {
         #expect(status != 0)
         #expect(output.contains("--device cuda: CUDA unavailable"), "\(output)")
         #expect(!FileManager.default.fileExists(atPath: folder.appendingPathComponent("run").path))
-        let (gpusStatus, gpusOutput) = try phalanx(quickRun(folder, ["--device", "cuda", "--gpus", "2"]))
+        let (gpusStatus, gpusOutput) = try phalanx(quickRun(folder, ["--device", "cuda", "--gpus", "2", "--batch-size", "2"]))
         #expect(gpusStatus != 0)
         #expect(gpusOutput.contains("--gpus 2: CUDA unavailable"), "\(gpusOutput)")
         #expect(!FileManager.default.fileExists(atPath: folder.appendingPathComponent("run").path))
