@@ -25,11 +25,11 @@ struct PhalanxLayerDecodeTests {
         var outputs: [(Range<Int>, Tensor)] = []
         var start = 0
         for size in chunks {
-            outputs.append((start..<(start + size), layer.forward(slice(start..<(start + size)), state: &state).0))
+            outputs.append((start..<(start + size), layer.infer(slice(start..<(start + size)), state: &state)))
             start += size
         }
         #expect(start == 100)
-        for i in 100..<length { outputs.append((i..<(i + 1), layer.forward(slice(i..<(i + 1)), state: &state).0)) }
+        for i in 100..<length { outputs.append((i..<(i + 1), layer.infer(slice(i..<(i + 1)), state: &state))) }
         for (range, y) in outputs {
             // The same float32 operations in another grouping: a few roundings apart.
             expectClose(y.array, rows(full.array, batch: batch, length: length, width: dim, range).map(Double.init),
