@@ -17,7 +17,8 @@ struct GenerateCommand: ParsableCommand {
         its own budget or stop string, and each completion is written as a JSON line {"index", \
         "prompt", "completion", "tokens", "finish": "stop" or "length"} to --out (default: the \
         standard output). Prompt i samples with seed --seed + i, so its completion is the one it \
-        gets alone.
+        gets alone. With --device cuda the model decodes on the GPU (its states and key/value \
+        caches on the device; sampling on the host from the last position's logits).
         """)
 
     @Option(help: "Checkpoint file (a run's checkpoint.safetensors).") var checkpoint: String
@@ -32,6 +33,7 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "File of prompts to complete, one per line (or JSON lines); see the discussion.") var prompts: String?
     @Option(help: "With --prompts: the JSON-lines file to write (default: the standard output).") var out: String?
     @Option(help: "With --prompts: prompts decoded together.") var batchSize = 16
+    @OptionGroup var device: DeviceOptions
 
     func validate() throws {
         guard prompt == nil || promptFile == nil else { throw ValidationError("give --prompt or --prompt-file, not both.") }
@@ -49,7 +51,13 @@ struct GenerateCommand: ParsableCommand {
     func run() throws {
         let (model, _, state) = try TrainingCheckpoint.load(from: URL(fileURLWithPath: checkpoint))
         let tokenizer = try loadTokenizer(from: state.tokenizer, origin: checkpoint)
-        if let prompts { return try complete(prompts, model: model, tokenizer: tokenizer) }
+        let placement = try device.placement()
+        model.move(to: placement.device, compute: placement.compute)
+        if let prompts {
+            try complete(prompts, model: model, tokenizer: tokenizer)
+            try placement.device.cuda?.checkFailure()
+            return
+        }
         let text = try promptFile.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? prompt ?? "\n"
         let promptTokens = tokenizer.encode(text)
         do {
@@ -71,6 +79,7 @@ struct GenerateCommand: ParsableCommand {
             return true
         }
         print(decoder.finish())
+        try placement.device.cuda?.checkFailure()
     }
 
     /// `--prompts`: every prompt's completion as a JSON line, written as each batch finishes.
