@@ -1,6 +1,7 @@
 import ArgumentParser
 import PhalanxBench
 import PhalanxCUDA
+import PhalanxCUDAChecks
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -181,6 +182,8 @@ struct BenchDecode: ParsableCommand {
     @Option(parsing: .upToNextOption, help: "Context lengths.") var contexts = [1024, 4096, 16384, 32768]
     @Option(help: "Decode steps timed after each prefill.") var steps = 32
     @Option(parsing: .upToNextOption, help: "With --device cuda: sequences decoded together.") var batches = [1, 32]
+    @Flag(help: "With --device cuda: first compare decoding on the GPU with its parallel forward, with the CPU and ragged prompts with each alone (CUDADecodeCheck), printing PASS/FAIL per case.")
+    var check = false
     @OptionGroup var pytorch: PyTorchOptions
     @OptionGroup var device: DeviceOptions
 
@@ -202,15 +205,24 @@ struct BenchDecode: ParsableCommand {
     }
 
     func validate() throws {
-        guard device.onGPU || !pytorch.pytorch else { throw ValidationError("--pytorch compares decoding on the GPU: add --device cuda.") }
+        guard device.onGPU || !(pytorch.pytorch || check) else { throw ValidationError("--pytorch and --check compare decoding on the GPU: add --device cuda.") }
         try validating { device.onGPU ? try gpuSettings.validate() : try settings.validate() }
     }
 
     func run() throws {
-        if device.onGPU {
-            try CUDADecodeBenchmark.report(gpuSettings)
-        } else {
-            try failingOnCeilingErrors(DecodeBenchmark.report(settings))
+        guard device.onGPU else { return try failingOnCeilingErrors(DecodeBenchmark.report(settings)) }
+        var failures = 0
+        if check {
+            let gpu = try CUDADevice.shared.get()
+            print("Check: decoding on the GPU against its parallel forward, CPU decoding, and ragged prompts decoded alone")
+            for testCase in CUDADecodeCheck.standardCases {
+                let outcome = try CUDADecodeCheck.run(testCase, device: gpu)
+                print("  \(outcome)")
+                if !outcome.passed { failures += 1 }
+            }
+            print("  \(CUDADecodeCheck.standardCases.count - failures) passed, \(failures) failed")
         }
+        try CUDADecodeBenchmark.report(gpuSettings)
+        if failures > 0 { throw ExitCode.failure }
     }
 }
