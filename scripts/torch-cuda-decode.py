@@ -12,6 +12,8 @@ Key/value cache: pre-allocated per layer, [batch, kv heads, context + steps, hea
 a step writes its key and value at its position and attends with
 F.scaled_dot_product_attention over the filled prefix (one query: no mask needed). The prefill of
 the whole prompt from empty is the parallel forward (SDPA with is_causal=True) filling the cache.
+SDPA runs with the FlashAttention and memory-efficient backends only: the cuDNN backend builds a
+plan for every new key length, which costs milliseconds per layer and step when decoding.
 
 Per preset, context and batch: a prefill of `context` random tokens at batch 1 (median of 3), its
 cache copied to every sequence of the batch, then `--steps` greedy one-token steps timed together,
@@ -38,6 +40,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _spec = importlib.util.spec_from_file_location("torch_cuda_train", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                                "torch-cuda-train.py"))
@@ -133,6 +136,7 @@ def synchronize(device):
 
 
 @torch.inference_mode()
+@sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 def measure(model, context, batch, steps, device):
     """Prefill tokens/s (batch 1, median of 3) and decode tokens/s at `batch` after it."""
     cos, sin = train.rope_tables(context + steps + 1, model.c["head_dim"], model.c["rope_base"], device)

@@ -208,7 +208,7 @@ public final class CUDADecodeAttention: @unchecked Sendable {
     /// Writes the chunk's `keys` and `values` `[batch, n, kvHeads, D]` into the cache at each
     /// sequence's positions from `starts[b]` (a ring keeps the last `slots`); queued.
     public func append(keys: DeviceBuffer, values: DeviceBuffer, starts: DeviceBuffer, pages: Pages, n: Int) throws {
-        let rows = pages.batch * n, threads = rows * pages.kvHeads * headDim
+        let rows = pages.batch * n, threads = rows * pages.kvHeads * headDim * storage.byteCount / 16
         guard threads > 0 else { return }
         try context.launch(appendKernel, grid: ((threads + 255) / 256, 1, 1), block: (256, 1, 1), arguments: [
             .buffer(keys), .buffer(values), .buffer(starts)] + pages.arguments + [.int32(Int32(n)), .int64(Int64(rows))])

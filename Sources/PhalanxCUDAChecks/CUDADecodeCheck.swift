@@ -10,7 +10,7 @@ import PhalanxRuntime
 /// that cuts blocks); (2) the same decoding on the CPU; (3) prompts of different lengths
 /// prefilled alone in chunks of 7 (mid-block chunks continuing a state), stacked and decoded
 /// together, against each decoded alone. Models of one mixer each (P, S, A) and of all three;
-/// a long case (prompt 520, window 300) crosses cache pages and the attention's splits.
+/// a long case (prompt 1030, window 300) crosses a cache page (1024 positions) and the attention's splits (256).
 ///
 /// Also asserted: the Phalanx state's device size is the same after 0 and after every prompt
 /// (`(2 * 16 + 1) * heads * 4` bytes per sequence and layer).
@@ -51,7 +51,7 @@ public enum CUDADecodeCheck {
     public static var standardCases: [Case] {
         NumberFormat.allCases.flatMap { compute in
             ["P", "S", "A", "PSA"].map { Case(compute: compute, pattern: $0) }
-                + [Case(compute: compute, pattern: "SA", length: 540, window: 300, prompts: [520])]
+                + [Case(compute: compute, pattern: "SA", length: 1100, window: 300, prompts: [1030])]
         }
     }
 

@@ -28,7 +28,7 @@
 constexpr int HD = ATTN_HEAD_DIM;
 static_assert(HD % 16 == 0 && HD >= 16 && HD <= 128, "the decode kernels take head dims 16, 32, ..., 128");
 constexpr int kSplit = 256;                 // positions per warp
-constexpr int kPerLane = (HD + 31) / 32;    // value channels per lane: lane + 32 t
+constexpr int kPerLane = (HD + 31) / 32;    // channels per lane of the combine: lane + 32 t
 
 #define kNegInf (-__int_as_float(0x7f800000))
 typedef unsigned short bf16;
@@ -67,6 +67,18 @@ __device__ __forceinline__ float dot(const float* q, const bf16* k) {
     return s;
 }
 
+// 16 bytes of a row as float32: 4 float32 or 8 bfloat16 numbers.
+__device__ __forceinline__ void load16(const float* p, float (&x)[4]) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+}
+__device__ __forceinline__ void load16(const bf16* p, float (&x)[8]) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int t = 0; t < 4; ++t) { x[2 * t] = __uint_as_float(w[t] << 16); x[2 * t + 1] = __uint_as_float(w[t] & 0xffff0000u); }
+}
+
 // Where position p of sequence b, kv head g lives: the cache below `start`, the chunk from it.
 template <typename T>
 struct KeyValueSource {
@@ -89,7 +101,11 @@ struct KeyValueSource {
 };
 
 // One warp per (row, head, split); blockDim.x = 128 (4 warps, consecutive splits), grid
-// (batch * n, H, ceil(splits / 4)). partial: [batch * n, H, splits] maxima and sums, and
+// (batch * n, H, ceil(splits / 4)). Per tile of 32 positions: lane j scores position j (its key
+// row read 16 bytes at a time), then the weighted values are summed with the warp cut into
+// groups of kLanesPerRow lanes, each group reading one value row 16 bytes per lane, so that a
+// load instruction covers 32 / kLanesPerRow rows; the groups' sums are added by shuffles at the
+// end (a fixed order). partial: [batch * n, H, splits] maxima and sums, and
 // [batch * n, H, splits, HD] weighted value sums (float32).
 template <typename T>
 __device__ __forceinline__ void attend(const T* __restrict__ queries, T* __restrict__ outputs, const int* __restrict__ starts,
@@ -107,9 +123,13 @@ __device__ __forceinline__ void attend(const T* __restrict__ queries, T* __restr
     __syncwarp();
     if (split >= splits) return;
     const int lo = first + split * kSplit, hi = min(position + 1, lo + kSplit);  // [lo, hi)
-    float m = kNegInf, l = 0.0f, acc[kPerLane];
+    constexpr int kVector = 16 / (int)sizeof(T);       // numbers per 16 bytes
+    constexpr int kLanesPerRow = HD / kVector;         // lanes reading one value row
+    constexpr int kRowsPerLoad = 32 / kLanesPerRow;    // value rows per load instruction
+    const int rowInLoad = lane / kLanesPerRow, channel0 = (lane % kLanesPerRow) * kVector;
+    float m = kNegInf, l = 0.0f, acc[kVector];
 #pragma unroll
-    for (int t = 0; t < kPerLane; ++t) acc[t] = 0.0f;
+    for (int k = 0; k < kVector; ++k) acc[k] = 0.0f;
     for (int tile = lo; tile < hi; tile += 32) {
         const int p = tile + lane;
         const bool valid = p < hi;
@@ -125,36 +145,40 @@ __device__ __forceinline__ void attend(const T* __restrict__ queries, T* __restr
         for (int o = 16; o > 0; o >>= 1) tileSum += __shfl_xor_sync(0xffffffffu, tileSum, o);
         l = fmaf(l, correction, tileSum);
 #pragma unroll
-        for (int t = 0; t < kPerLane; ++t) acc[t] *= correction;
-        const int count = min(32, hi - tile);
-        for (int j = 0; j < count; ++j) {
-            const float weight = __shfl_sync(0xffffffffu, e, j);
-            const T* v = source.value(b, g, tile + j, start);
+        for (int k = 0; k < kVector; ++k) acc[k] *= correction;
 #pragma unroll
-            for (int t = 0; t < kPerLane; ++t) {
-                const int c = lane + 32 * t;
-                if (c < HD) acc[t] = fmaf(weight, load(v + c), acc[t]);
+        for (int j0 = 0; j0 < 32; j0 += kRowsPerLoad) {
+            const int j = j0 + rowInLoad;
+            const float weight = __shfl_sync(0xffffffffu, e, j);
+            if (tile + j < hi) {
+                float v[kVector];
+                load16(source.value(b, g, tile + j, start) + channel0, v);
+#pragma unroll
+                for (int k = 0; k < kVector; ++k) acc[k] = fmaf(weight, v[k], acc[k]);
             }
         }
         m = newMax;
     }
+#pragma unroll
+    for (int o = kLanesPerRow; o < 32; o <<= 1) {
+#pragma unroll
+        for (int k = 0; k < kVector; ++k) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o);
+    }
     const long long slot = ((long long)row * heads + h) * splits + split;
+    if (splits > 1 && lane == 0) {
+        partialMax[slot] = m;
+        partialSum[slot] = l;
+    }
+    if (lane >= kLanesPerRow) return;
     if (splits == 1) {
         const float inverse = 1.0f / l;
-        T* out = outputs + ((long long)row * heads + h) * HD;
+        T* out = outputs + ((long long)row * heads + h) * HD + channel0;
 #pragma unroll
-        for (int t = 0; t < kPerLane; ++t) {
-            const int c = lane + 32 * t;
-            if (c < HD) storeValue(out + c, acc[t] * inverse);
-        }
+        for (int k = 0; k < kVector; ++k) storeValue(out + k, acc[k] * inverse);
         return;
     }
-    if (lane == 0) { partialMax[slot] = m; partialSum[slot] = l; }
 #pragma unroll
-    for (int t = 0; t < kPerLane; ++t) {
-        const int c = lane + 32 * t;
-        if (c < HD) partialValues[slot * HD + c] = acc[t];
-    }
+    for (int k = 0; k < kVector; ++k) partialValues[slot * HD + channel0 + k] = acc[k];
 }
 
 // out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M = max_s m_s, splits in order. One
@@ -216,22 +240,24 @@ __device__ __forceinline__ void rotate(T* __restrict__ queries, T* __restrict__ 
 
 // Writes the chunk's keys and values [batch, n, KVH, D] into the cache at positions starts[b] + i.
 // In a ring only the last `slots` positions of each sequence are written (an earlier one would
-// share a slot with a later one). One thread per (row, kv head, channel).
+// share a slot with a later one). One thread per (row, kv head, 16 bytes of the head's row).
 template <typename T>
 __device__ __forceinline__ void append(const T* __restrict__ keys, const T* __restrict__ values, const int* __restrict__ starts,
                                        KeyValueSource<T> source, long long rows) {
+    constexpr int kVector = 16 / (int)sizeof(T), kChunks = HD / kVector;
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (tid >= rows * source.kvHeads * HD) return;
-    const int c = (int)(tid % HD);
-    const int g = (int)((tid / HD) % source.kvHeads);
-    const long long row = tid / ((long long)HD * source.kvHeads);
+    if (tid >= rows * source.kvHeads * kChunks) return;
+    const int c = (int)(tid % kChunks) * kVector;
+    const int g = (int)((tid / kChunks) % source.kvHeads);
+    const long long row = tid / ((long long)kChunks * source.kvHeads);
     const int b = (int)(row / source.n), i = (int)(row % source.n);
     if (source.ring && i < source.n - source.slots) return;
     const int p = starts[b] + i;
-    const long long offset = source.cacheOffset(b, g, p) + c;
+    const long long from = (row * source.kvHeads + g) * HD + c, to = source.cacheOffset(b, g, p) + c;
     const int page = source.ring ? 0 : p / source.slots;
-    reinterpret_cast<T*>(source.pageTable[page])[offset] = keys[tid];
-    reinterpret_cast<T*>(source.pageTable[source.pages + page])[offset] = values[tid];
+    *reinterpret_cast<uint4*>(reinterpret_cast<T*>(source.pageTable[page]) + to) = *reinterpret_cast<const uint4*>(keys + from);
+    *reinterpret_cast<uint4*>(reinterpret_cast<T*>(source.pageTable[source.pages + page]) + to) =
+        *reinterpret_cast<const uint4*>(values + from);
 }
 
 // ---- entry points -------------------------------------------------------------------------------

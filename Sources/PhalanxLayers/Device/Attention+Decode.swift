@@ -12,7 +12,7 @@ import PhalanxRuntime
 /// only when a page is added.
 final class DeviceKeyValuePages: @unchecked Sendable {
     /// Positions per page of a full-attention cache.
-    static let pageSlots = 256
+    static let pageSlots = 1024
 
     let gpu: CUDADevice
     let format: NumberFormat
