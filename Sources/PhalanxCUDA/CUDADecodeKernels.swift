@@ -112,8 +112,10 @@ public final class CUDADecodeAttention: @unchecked Sendable {
     public let context: CUDAContext
     /// How queries, keys, values and outputs are stored.
     public let storage: NumberFormat
-    /// Channels per head, compiled in: a multiple of 16 up to 128.
+    /// Channels per head, compiled in: one of `headDims`.
     public let headDim: Int
+    /// The head dims the kernels take: a row is read by a power-of-two group of lanes, 16 bytes each.
+    public static let headDims = [16, 32, 64, 128]
     /// Positions one warp scores (`kSplit` in the kernel).
     public static let splitLength = 256
     private let attendKernel, combineKernel, rotateKernel, appendKernel: CUDAContext.Function
@@ -144,8 +146,7 @@ public final class CUDADecodeAttention: @unchecked Sendable {
     ///
     /// - Throws: `CUDAUnavailable` without NVRTC or the kernel sources, `NVRTCError`, `CUDAError`.
     public init(context: CUDAContext, storage: NumberFormat, headDim: Int) throws {
-        require(headDim >= 16 && headDim <= 128 && headDim % 16 == 0,
-                "CUDADecodeAttention: the kernels take head dims that are multiples of 16 up to 128, got \(headDim)")
+        require(Self.headDims.contains(headDim), "CUDADecodeAttention: the kernels take head dims \(Self.headDims), got \(headDim)")
         (self.context, self.storage, self.headDim) = (context, storage, headDim)
         let names = ["decode_attend", "decode_combine", "decode_rotate", "decode_append"].map { "\($0)_\(storage)" }
         let functions = try context.functions(names, source: try KernelSources.source(named: "attention_decode"),

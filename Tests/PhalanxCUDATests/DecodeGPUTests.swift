@@ -21,7 +21,7 @@ struct DecodeGPUTests {
                                                  options: options + KernelSources.definitions(blockLength: blockLength))
                 #expect(Array(compiled.cubin.prefix(4)) == [0x7f, 0x45, 0x4c, 0x46], "\(architecture) l=\(blockLength)")
             }
-            for headDim in CUDAAttention.headDims {
+            for headDim in CUDADecodeAttention.headDims {
                 let compiled = try nvrtc.compile(source: attention, name: "attention_decode.cu", options: options + ["-DATTN_HEAD_DIM=\(headDim)"])
                 #expect(Array(compiled.cubin.prefix(4)) == [0x7f, 0x45, 0x4c, 0x46], "\(architecture) D=\(headDim)")
             }
