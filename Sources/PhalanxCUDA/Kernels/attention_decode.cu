@@ -26,6 +26,7 @@
 #error "compile with -DATTN_HEAD_DIM=<channels per head>"
 #endif
 constexpr int HD = ATTN_HEAD_DIM;
+// The value rows are read by power-of-two groups of lanes, 16 bytes each (see attend).
 static_assert(HD == 16 || HD == 32 || HD == 64 || HD == 128, "the decode kernels take head dims 16, 32, 64, 128");
 constexpr int kSplit = 256;                 // positions per warp
 constexpr int kPerLane = (HD + 31) / 32;    // channels per lane of the combine: lane + 32 t
@@ -40,6 +41,31 @@ __device__ __forceinline__ void storeValue(bf16* p, float x) {
     unsigned bits;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(bits) : "f"(0.0f), "f"(x));
     *p = (bf16)(bits & 0xffffu);
+}
+
+// q . k over HD channels: k read 16 bytes at a time, q from shared memory (float32).
+__device__ __forceinline__ float dot(const float* q, const float* k) {
+    float s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < HD; c += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(k + c);
+        s = fmaf(q[c], v.x, s); s = fmaf(q[c + 1], v.y, s); s = fmaf(q[c + 2], v.z, s); s = fmaf(q[c + 3], v.w, s);
+    }
+    return s;
+}
+__device__ __forceinline__ float dot(const float* q, const bf16* k) {
+    float s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < HD; c += 8) {
+        const uint4 v = *reinterpret_cast<const uint4*>(k + c);
+        const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            s = fmaf(q[c + 2 * t], __uint_as_float(w[t] << 16), s);
+            s = fmaf(q[c + 2 * t + 1], __uint_as_float(w[t] & 0xffff0000u), s);
+        }
+    }
+    return s;
 }
 
 // 16 bytes of a row as float32: 4 float32 or 8 bfloat16 numbers.
@@ -76,58 +102,39 @@ struct KeyValueSource {
 };
 
 // One warp per (row, head, split); blockDim.x = 128 (4 warps, consecutive splits), grid
-// (batch * n, H, ceil(splits / 4)). The warp is cut into groups of kLanesPerRow lanes, each
-// group reading one key or value row 16 bytes per lane, so that a load instruction covers
-// 32 / kLanesPerRow whole rows. Per tile of 32 positions: each group's dot products are summed by
-// shuffles within the group and handed to lane j for position j (the online softmax runs one
-// position per lane); then the weighted values are summed per group, and the groups' sums are
-// added by shuffles at the end (a fixed order). partial: [batch * n, H, splits] maxima and sums, and
+// (batch * n, H, ceil(splits / 4)). Per tile of 32 positions: lane j scores position j (its key
+// row read 16 bytes at a time), then the weighted values are summed with the warp cut into
+// groups of kLanesPerRow lanes, each group reading one value row 16 bytes per lane, so that a
+// load instruction covers 32 / kLanesPerRow rows; the groups' sums are added by shuffles at the
+// end (a fixed order). partial: [batch * n, H, splits] maxima and sums, and
 // [batch * n, H, splits, HD] weighted value sums (float32).
 template <typename T>
 __device__ __forceinline__ void attend(const T* __restrict__ queries, T* __restrict__ outputs, const int* __restrict__ starts,
                                        KeyValueSource<T> source, float* __restrict__ partialMax, float* __restrict__ partialSum,
                                        float* __restrict__ partialValues, int heads, int window, int splits, float scale) {
+    __shared__ float sharedQuery[4][HD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int split = blockIdx.z * 4 + warp, h = blockIdx.y, row = blockIdx.x;
     const int b = row / source.n, i = row % source.n;
     const int start = starts[b], position = start + i;
     const int first = window > 0 ? max(0, position - window + 1) : 0;
     const int g = h / (heads / source.kvHeads);
+    const T* q = queries + ((long long)row * heads + h) * HD;
+    for (int c = lane; c < HD; c += 32) sharedQuery[warp][c] = load(q + c) * scale;
+    __syncwarp();
     if (split >= splits) return;
     const int lo = first + split * kSplit, hi = min(position + 1, lo + kSplit);  // [lo, hi)
     constexpr int kVector = 16 / (int)sizeof(T);       // numbers per 16 bytes
-    constexpr int kLanesPerRow = HD / kVector;         // lanes reading one row: a power of 2
-    constexpr int kRowsPerLoad = 32 / kLanesPerRow;    // rows per load instruction
+    constexpr int kLanesPerRow = HD / kVector;         // lanes reading one value row
+    constexpr int kRowsPerLoad = 32 / kLanesPerRow;    // value rows per load instruction
     const int rowInLoad = lane / kLanesPerRow, channel0 = (lane % kLanesPerRow) * kVector;
-    float query[kVector];  // this lane's channels of q, times the scale
-    {
-        float raw[kVector];
-        load16(queries + ((long long)row * heads + h) * HD + channel0, raw);
-#pragma unroll
-        for (int k = 0; k < kVector; ++k) query[k] = raw[k] * scale;
-    }
     float m = kNegInf, l = 0.0f, acc[kVector];
 #pragma unroll
     for (int k = 0; k < kVector; ++k) acc[k] = 0.0f;
     for (int tile = lo; tile < hi; tile += 32) {
-        float s = kNegInf;  // lane j: the score of position tile + j
-#pragma unroll
-        for (int j0 = 0; j0 < 32; j0 += kRowsPerLoad) {
-            const int j = j0 + rowInLoad;
-            float partial = 0.0f;
-            if (tile + j < hi) {
-                float k[kVector];
-                load16(source.key(b, g, tile + j, start) + channel0, k);
-#pragma unroll
-                for (int c = 0; c < kVector; ++c) partial = fmaf(query[c], k[c], partial);
-            }
-#pragma unroll
-            for (int o = kLanesPerRow / 2; o > 0; o >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, o);
-            const float score = __shfl_sync(0xffffffffu, partial, ((lane - j0) & (kRowsPerLoad - 1)) * kLanesPerRow);
-            if (lane >= j0 && lane < j0 + kRowsPerLoad) s = score;
-        }
-        const bool valid = tile + lane < hi;
-        if (!valid) s = kNegInf;
+        const int p = tile + lane;
+        const bool valid = p < hi;
+        const float s = valid ? dot(sharedQuery[warp], source.key(b, g, p, start)) : kNegInf;
         float tileMax = s;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, o));
