@@ -1,8 +1,8 @@
 // Attention while decoding: the queries of a chunk (one token per sequence in a decode step, or a
 // prefill chunk) against a paged key/value cache plus the chunk's own keys, causal, in a sliding
 // window or not; the rotary embedding at each sequence's own positions; appending the chunk's keys
-// and values to the cache. Compiled by NVRTC with -DATTN_HEAD_DIM=<channels per head> (a multiple
-// of 16 up to 128); needs no header.
+// and values to the cache. Compiled by NVRTC with -DATTN_HEAD_DIM=<channels per head> (16, 32, 64
+// or 128); needs no header.
 //
 // Layouts (row-major, channels contiguous; storage float32 or bfloat16, arithmetic float32):
 //   queries, outputs  [batch, n, H, D]       the chunk's n rows per sequence
