@@ -33,6 +33,8 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "File of prompts to complete, one per line (or JSON lines); see the discussion.") var prompts: String?
     @Option(help: "With --prompts: the JSON-lines file to write (default: the standard output).") var out: String?
     @Option(help: "With --prompts: prompts decoded together.") var batchSize = 16
+    @Option(help: "Prompt tokens per prefill call (default: 512 on the CPU; with --device cuda, the whole prompt in one parallel pass).")
+    var prefillChunk: Int?
     @OptionGroup var device: DeviceOptions
 
     func validate() throws {
@@ -44,6 +46,7 @@ struct GenerateCommand: ParsableCommand {
         guard prompts == nil || (prompt == nil && promptFile == nil) else {
             throw ValidationError("--prompts completes a file of prompts: give it without --prompt or --prompt-file.")
         }
+        guard (prefillChunk ?? 1) >= 1 else { throw ValidationError("--prefill-chunk must be at least 1; got \(prefillChunk!).") }
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1; got \(batchSize).") }
         guard out == nil || prompts != nil else { throw ValidationError("--out writes the completions of --prompts.") }
     }
@@ -70,7 +73,8 @@ struct GenerateCommand: ParsableCommand {
         var generated = ""
         print(text, terminator: "")
         fflush(nil)
-        _ = model.generate(prompt: promptTokens, maxTokens: maxTokens, sampler: &sampler) { token in
+        let chunk = prefillChunk ?? (device.onGPU ? max(1, promptTokens.count) : 512)
+        _ = model.generate(prompt: promptTokens, maxTokens: maxTokens, sampler: &sampler, prefillChunk: chunk) { token in
             let piece = decoder.append(token)
             print(piece, terminator: "")
             fflush(nil)
@@ -105,7 +109,8 @@ struct GenerateCommand: ParsableCommand {
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         var written = 0
         do {
-            try BatchGeneration.run(list, model: model, tokenizer: tokenizer, defaults: defaults, batchSize: batchSize) { completions in
+            try BatchGeneration.run(list, model: model, tokenizer: tokenizer, defaults: defaults, batchSize: batchSize,
+                                    prefillChunk: prefillChunk ?? (device.onGPU ? nil : 512)) { completions in
                 for completion in completions {
                     guard let line = try? encoder.encode(completion) else { continue }
                     output.write(line + Data("\n".utf8))
