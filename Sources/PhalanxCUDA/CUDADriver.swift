@@ -43,6 +43,7 @@ public final class CUDADriver: @unchecked Sendable {
     let cuMemcpyHtoD: @convention(c) (UInt64, UnsafeRawPointer, Int) -> Result
     let cuMemcpyDtoH: @convention(c) (UnsafeMutableRawPointer, UInt64, Int) -> Result
     let cuMemcpyDtoDAsync: @convention(c) (UInt64, UInt64, Int, Handle?) -> Result
+    let cuMemcpyHtoDAsync: @convention(c) (UInt64, UnsafeRawPointer, Int, Handle?) -> Result
     let cuMemsetD8Async: @convention(c) (UInt64, UInt8, Int, Handle?) -> Result
     let cuLaunchKernel: @convention(c) (
         Handle?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, Handle?,
@@ -97,6 +98,7 @@ public final class CUDADriver: @unchecked Sendable {
         cuMemcpyHtoD = try library.function("cuMemcpyHtoD_v2")
         cuMemcpyDtoH = try library.function("cuMemcpyDtoH_v2")
         cuMemcpyDtoDAsync = try library.function("cuMemcpyDtoDAsync_v2")
+        cuMemcpyHtoDAsync = try library.function("cuMemcpyHtoDAsync_v2")
         cuMemsetD8Async = try library.function("cuMemsetD8Async")
         cuLaunchKernel = try library.function("cuLaunchKernel")
         cuOccupancyMaxActiveBlocksPerMultiprocessor = try library.function("cuOccupancyMaxActiveBlocksPerMultiprocessor")

@@ -63,6 +63,21 @@ public final class DeviceBuffer: @unchecked Sendable {
         }
     }
 
+    /// Queues a copy of `values` to the start of the buffer, in stream order, without waiting: the
+    /// driver stages pageable host memory before it returns, so `values` may change afterwards.
+    /// For the few numbers a decode step sends (positions), where `upload`'s wait would stall
+    /// the queue once per layer.
+    public func enqueueUpload<T: BitwiseCopyable>(_ values: [T]) throws {
+        let bytes = values.count * MemoryLayout<T>.stride
+        require(bytes <= byteCount, "DeviceBuffer.enqueueUpload: \(bytes) bytes do not fit in a buffer of \(byteCount)")
+        guard bytes > 0 else { return }
+        try context.makeCurrent()
+        try values.withUnsafeBytes { source in
+            try context.driver.check(context.driver.cuMemcpyHtoDAsync(address, source.baseAddress!, bytes, context.stream),
+                                     "cuMemcpyHtoDAsync_v2(\(bytes) bytes)")
+        }
+    }
+
     /// The first `count` values of type `T` (all that fit when nil), after the stream's queued work.
     public func download<T: BitwiseCopyable>(_ type: T.Type, count: Int? = nil) throws -> [T] {
         let count = count ?? byteCount / MemoryLayout<T>.stride

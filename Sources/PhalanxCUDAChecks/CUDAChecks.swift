@@ -57,6 +57,12 @@ public enum CUDAChecks {
                 return ("\(outcome)", outcome.passed)
             }
         }
+        try report("decoding on the GPU against its parallel forward, CPU decoding, and ragged prompts decoded alone") {
+            try CUDADecodeCheck.standardCases.map {
+                let outcome = try CUDADecodeCheck.run($0, device: device)
+                return ("\(outcome)", outcome.passed)
+            }
+        }
         print("\ncheck: \(total - failures) passed, \(failures) failed")
         return (total - failures, failures)
     }

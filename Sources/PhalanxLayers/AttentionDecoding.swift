@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxCUDA
 import PhalanxRuntime
 
 /// The keys and values an attention layer keeps between calls while decoding.
@@ -12,7 +13,11 @@ import PhalanxRuntime
 /// or `p % capacity` (ring). Each sequence has its own length (prompts of different lengths
 /// decoded together): a full cache holds as many slots as the longest, and a shorter sequence's
 /// slots beyond its length are never read.
-public struct KeyValueCache: Sendable {
+///
+/// On a GPU (when the layer's weights are there) the keys and values live in `devicePages`
+/// instead, in pages that are added as the sequences grow and never move (see
+/// `DeviceKeyValuePages`); the lengths stay on the host.
+public struct KeyValueCache: @unchecked Sendable {
     /// Sequences decoded together, key/value heads, and channels per head.
     public let batch: Int, kvHeads: Int, headDim: Int
     /// Positions kept; nil when every position is kept.
@@ -20,17 +25,22 @@ public struct KeyValueCache: Sendable {
     /// Positions processed so far by each sequence: the absolute position of its next token.
     public private(set) var lengths: [Int]
     var keys: [Float] = [], values: [Float] = []
+    /// The keys and values on a GPU; nil in host memory. A copy of the cache shares them.
+    let devicePages: DeviceKeyValuePages?
 
     /// Largest piece a sliding-window cache takes at once.
     static let chunk = 64
 
-    init(batch: Int, kvHeads: Int, headDim: Int, window: Int?) {
+    init(batch: Int, kvHeads: Int, headDim: Int, window: Int?, device: (CUDADevice, NumberFormat)? = nil) {
         self.batch = batch
         self.kvHeads = kvHeads
         self.headDim = headDim
         capacity = window.map { $0 + Self.chunk }
         lengths = Array(repeating: 0, count: batch)
-        if let capacity {
+        let ring = capacity
+        devicePages = device.map { DeviceKeyValuePages(on: $0.0, format: $0.1, batch: batch, kvHeads: kvHeads, headDim: headDim,
+                                                       ring: ring) }
+        if let capacity, devicePages == nil {
             keys = [Float](repeating: 0, count: capacity * rowWidth)
             values = keys
         }
@@ -40,7 +50,10 @@ public struct KeyValueCache: Sendable {
     var rowWidth: Int { batch * kvHeads * headDim }
 
     /// Bytes held for keys and values.
-    public var byteCount: Int { (keys.count + values.count) * MemoryLayout<Float>.stride }
+    public var byteCount: Int { devicePages?.byteCount ?? (keys.count + values.count) * MemoryLayout<Float>.stride }
+
+    /// Counts `n` more positions for every sequence (their keys and values written by the caller).
+    mutating func advance(by n: Int) { lengths = lengths.map { $0 + n } }
 
     func slot(_ position: Int) -> Int { capacity.map { position % $0 } ?? position }
 
@@ -90,6 +103,14 @@ extension KeyValueCache: MixerState {
         (kvHeads, headDim, capacity) = (parts[0].kvHeads, parts[0].headDim, parts[0].capacity)
         batch = parts.reduce(0) { $0 + $1.batch }
         lengths = parts.flatMap(\.lengths)
+        if parts[0].devicePages != nil {
+            devicePages = DeviceKeyValuePages(stacking: parts.map { part in
+                guard let pages = part.devicePages else { fatalError("KeyValueCache.stacking: caches on the CPU and on a GPU") }
+                return (pages, part.lengths.max() ?? 0)
+            })
+            return
+        }
+        devicePages = nil
         let slots = capacity ?? (lengths.max() ?? 0), width = kvHeads * headDim
         keys = [Float](repeating: 0, count: slots * batch * width)
         values = keys
@@ -110,7 +131,9 @@ extension KeyValueCache: MixerState {
 extension Attention {
     /// An empty cache for `batch` sequences.
     public func makeState(batch: Int) -> KeyValueCache {
-        KeyValueCache(batch: batch, kvHeads: kvHeads, headDim: headDim, window: window)
+        let weight = qProj.weight.value
+        return KeyValueCache(batch: batch, kvHeads: kvHeads, headDim: headDim, window: window,
+                             device: weight.device.cuda.map { ($0, weight.compute.format) })
     }
 
     /// Continues every sequence from `state` by the positions of `x` (`[batch, n, dim]`, any `n`):
@@ -122,6 +145,7 @@ extension Attention {
     public func infer(_ x: Tensor, state: inout KeyValueCache) -> Tensor {
         require(x.shape.count == 3 && x.shape[2] == dim && x.shape[0] == state.batch,
                 "Attention.infer: input must be [\(state.batch), length, \(dim)], got \(x.shape)")
+        if case .cuda(let gpu) = x.device { return infer(x, state: &state, on: gpu) }
         let n = x.shape[1]
         if state.lengths.allSatisfy({ $0 == 0 }) && n > 1 {
             // A prefill from empty sequences is the parallel forward (the tiled kernel); its

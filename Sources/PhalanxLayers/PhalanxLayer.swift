@@ -263,14 +263,25 @@ public final class PhalanxLayer: ParameterContainer {
     /// `x` `[batch, length, dim]` to `y` `[batch, length, dim]`, every sequence from the start.
     public func forward(_ x: Tensor) -> (Tensor, Cache) {
         if case .cuda(let gpu) = x.device { return forward(x, on: gpu) }
-        var state = makeState(batch: x.shape.first ?? 0)
+        var state = JaggedState(sequences: x.shape.first ?? 0, heads: configuration.heads, headDim: D,
+                                blockLength: configuration.blockLength)
         return forward(x, state: &state)
     }
 
-    /// The recurrence state of `batch` sequences at their start: what decoding carries from one
-    /// call to the next (`(2 * D + 1) * heads` floats per sequence, whatever the context).
-    public func makeState(batch: Int) -> JaggedState {
-        JaggedState(sequences: batch, heads: configuration.heads, headDim: D, blockLength: configuration.blockLength)
+    /// The recurrence state of `batch` sequences at their start, where the layer's weights live:
+    /// what decoding carries from one call to the next (`(2 * D + 1) * heads` floats per
+    /// sequence, whatever the context).
+    public func makeState(batch: Int) -> PhalanxState {
+        let H = configuration.heads, l = configuration.blockLength
+        let storage: PhalanxState.Storage
+        switch inputWeight.value.device {
+        case .cpu: storage = .host(JaggedState(sequences: batch, heads: H, headDim: D, blockLength: l))
+        case .cuda(let gpu):
+            storage = .device(local: Tensor(zeros: [batch, H, D], on: .cuda(gpu)),
+                              gateProduct: Tensor([Float](repeating: 1, count: batch * H), shape: [batch, H], on: .cuda(gpu)),
+                              carrier: Tensor(zeros: [batch, H, D], on: .cuda(gpu)))
+        }
+        return PhalanxState(storage: storage, positions: Array(repeating: 0, count: batch), heads: H, headDim: D, blockLength: l)
     }
 
     /// Continues every sequence from `state` and leaves in it the state after the last position:

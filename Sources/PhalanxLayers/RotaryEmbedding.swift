@@ -113,7 +113,7 @@ public final class RotaryEmbedding: Sendable {
 
     /// The host's cos and sin tables on `gpu`, covering at least `positions` positions (uploaded
     /// again only when the host's table grows); nil after a device failure.
-    private func deviceTable(upTo positions: Int, on gpu: CUDADevice) -> CUDALayerKernels.RotaryTable? {
+    func deviceTable(upTo positions: Int, on gpu: CUDADevice) -> CUDALayerKernels.RotaryTable? {
         deviceTables.withLock { tables in
             let key = ObjectIdentifier(gpu)
             if let cached = tables[key], cached.positions >= positions { return cached }

@@ -54,6 +54,16 @@ extension JaggedState: MixerState {
 
 
 extension PhalanxLayer: SequenceMixer {
-    /// `forward(x, state:)` without the cache for backward.
-    public func infer(_ x: Tensor, state: inout JaggedState) -> Tensor { forward(x, state: &state).0 }
+    /// `forward(x, state:)` without the cache for backward, on the CPU; on a GPU the decode
+    /// kernels (`infer(_:state:on:)`).
+    public func infer(_ x: Tensor, state: inout PhalanxState) -> Tensor {
+        require(x.shape.count == 3 && x.shape[0] == state.sequences,
+                "PhalanxLayer.infer: input must be [\(state.sequences), length, \(configuration.dim)], got \(x.shape)")
+        if case .cuda(let gpu) = x.device { return infer(x, state: &state, on: gpu) }
+        var host = state.host
+        let y = forward(x, state: &host).0
+        state.storage = .host(host)
+        state.positions = state.positions.map { $0 + x.shape[1] }
+        return y
+    }
 }

@@ -94,7 +94,7 @@ extension LanguageModel {
         while offset < start.count {
             let piece = Array(start[offset..<min(offset + prefillChunk, start.count)])
             let out = infer(tokens: piece, length: piece.count, state: &state)
-            logits = Array(out.buffer[((piece.count - 1) * V)...])
+            logits = Tensor(viewing: out, offset: (piece.count - 1) * V, shape: [V]).array
             offset += piece.count
         }
         return (state, logits)

@@ -94,11 +94,12 @@ public enum BatchGeneration {
     }
 
     /// Completes `prompts` in batches of `batchSize` (in file order), calling `done` with each
-    /// batch's completions as they finish.
+    /// batch's completions as they finish. Each prompt is prefilled in chunks of `prefillChunk`
+    /// tokens (nil: the whole prompt in one call, the parallel forward).
     ///
     /// - Throws: `ConfigurationError` when a batch would not fit in memory.
     public static func run(_ prompts: [Prompt], model: LanguageModel, tokenizer: any Tokenizer, defaults: Defaults,
-                           batchSize: Int, done: ([Completion]) -> Void) throws {
+                           batchSize: Int, prefillChunk: Int? = 512, done: ([Completion]) -> Void) throws {
         require(batchSize >= 1, "BatchGeneration.run: batchSize must be at least 1, got \(batchSize)")
         var start = 0
         while start < prompts.count {
@@ -115,7 +116,8 @@ public enum BatchGeneration {
             let stops = indices.map { prompts[$0].stop ?? defaults.stop }
             var decoders = indices.map { _ in StreamingDecoder(tokenizer: tokenizer) }
             var texts = [String](repeating: "", count: indices.count)
-            let generated = model.generate(requests) { k, produced in
+            let chunk = prefillChunk ?? max(1, tokens.map(\.count).max() ?? 1)
+            let generated = model.generate(requests, prefillChunk: chunk) { k, produced in
                 texts[k] += decoders[k].append(produced.last!)
                 return stops[k].map { !$0.isEmpty && texts[k].contains($0) } ?? false
             }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import PhalanxBench
 import PhalanxCUDA
+import PhalanxCUDAChecks
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -170,13 +171,58 @@ struct BenchDecode: ParsableCommand {
         discussion: """
         Batch 1, random tokens: a prefill of the whole context from empty, then one-token decode \
         steps, each through every mixer's state (Phalanx: constant-size recurrence state; \
-        attention: a key/value cache that grows; sliding window: a fixed ring). Ends with one JSON line.
+        attention: a key/value cache that grows; sliding window: a fixed ring). Ends with one JSON line. \
+        With --device cuda: the -large presets unless --presets says otherwise, the parallel \
+        forward's tokens/s beside the prefill's, decode at every --batches size (copies of the \
+        prefilled state stacked), and --pytorch runs scripts/torch-cuda-decode.py (the transformer \
+        of the same shape: SDPA, a pre-allocated key/value cache, bf16) in the same run.
         """)
 
     @OptionGroup var options: ModelBenchmarkOptions
     @Option(parsing: .upToNextOption, help: "Context lengths.") var contexts = [1024, 4096, 16384, 32768]
     @Option(help: "Decode steps timed after each prefill.") var steps = 32
+    @Option(parsing: .upToNextOption, help: "With --device cuda: sequences decoded together.") var batches = [1, 32]
+    @Flag(help: "With --device cuda: first compare decoding on the GPU with its parallel forward, with the CPU and ragged prompts with each alone (CUDADecodeCheck), printing PASS/FAIL per case.")
+    var check = false
+    @OptionGroup var pytorch: PyTorchOptions
+    @OptionGroup var device: DeviceOptions
 
-    func validate() throws { try validating { try options.settings(contexts: contexts, steps: steps).validate() } }
-    func run() throws { try failingOnCeilingErrors(DecodeBenchmark.report(options.settings(contexts: contexts, steps: steps))) }
+    var settings: ModelBenchmarkSettings {
+        var s = options.settings(contexts: contexts, steps: steps)
+        if device.onGPU && options.presets == ModelBenchmarkSettings(contexts: [], steps: 1).presets {
+            s.presets = ["transformer-large", "swa-hybrid-large", "phalanx-hybrid-large"]
+        }
+        return s
+    }
+
+    var gpuSettings: CUDADecodeBenchmark.Settings {
+        var s = CUDADecodeBenchmark.Settings(models: settings)
+        s.batches = batches
+        s.compute = device.compute
+        s.pytorch = pytorch.pytorch ? PyTorchBaseline(script: pytorch.pytorchScript == PyTorchBaseline().script
+                                                        ? "scripts/torch-cuda-decode.py" : pytorch.pytorchScript) : nil
+        return s
+    }
+
+    func validate() throws {
+        guard device.onGPU || !(pytorch.pytorch || check) else { throw ValidationError("--pytorch and --check compare decoding on the GPU: add --device cuda.") }
+        try validating { device.onGPU ? try gpuSettings.validate() : try settings.validate() }
+    }
+
+    func run() throws {
+        guard device.onGPU else { return try failingOnCeilingErrors(DecodeBenchmark.report(settings)) }
+        var failures = 0
+        if check {
+            let gpu = try CUDADevice.shared.get()
+            print("Check: decoding on the GPU against its parallel forward, CPU decoding, and ragged prompts decoded alone")
+            for testCase in CUDADecodeCheck.standardCases {
+                let outcome = try CUDADecodeCheck.run(testCase, device: gpu)
+                print("  \(outcome)")
+                if !outcome.passed { failures += 1 }
+            }
+            print("  \(CUDADecodeCheck.standardCases.count - failures) passed, \(failures) failed")
+        }
+        try CUDADecodeBenchmark.report(gpuSettings)
+        if failures > 0 { throw ExitCode.failure }
+    }
 }

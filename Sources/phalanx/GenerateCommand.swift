@@ -17,7 +17,8 @@ struct GenerateCommand: ParsableCommand {
         its own budget or stop string, and each completion is written as a JSON line {"index", \
         "prompt", "completion", "tokens", "finish": "stop" or "length"} to --out (default: the \
         standard output). Prompt i samples with seed --seed + i, so its completion is the one it \
-        gets alone.
+        gets alone. With --device cuda the model decodes on the GPU (its states and key/value \
+        caches on the device; sampling on the host from the last position's logits).
         """)
 
     @Option(help: "Checkpoint file (a run's checkpoint.safetensors).") var checkpoint: String
@@ -32,6 +33,9 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "File of prompts to complete, one per line (or JSON lines); see the discussion.") var prompts: String?
     @Option(help: "With --prompts: the JSON-lines file to write (default: the standard output).") var out: String?
     @Option(help: "With --prompts: prompts decoded together.") var batchSize = 16
+    @Option(help: "Prompt tokens per prefill call (default: 512 on the CPU; with --device cuda, the whole prompt in one parallel pass).")
+    var prefillChunk: Int?
+    @OptionGroup var device: DeviceOptions
 
     func validate() throws {
         guard prompt == nil || promptFile == nil else { throw ValidationError("give --prompt or --prompt-file, not both.") }
@@ -42,6 +46,7 @@ struct GenerateCommand: ParsableCommand {
         guard prompts == nil || (prompt == nil && promptFile == nil) else {
             throw ValidationError("--prompts completes a file of prompts: give it without --prompt or --prompt-file.")
         }
+        guard (prefillChunk ?? 1) >= 1 else { throw ValidationError("--prefill-chunk must be at least 1; got \(prefillChunk!).") }
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1; got \(batchSize).") }
         guard out == nil || prompts != nil else { throw ValidationError("--out writes the completions of --prompts.") }
     }
@@ -49,7 +54,13 @@ struct GenerateCommand: ParsableCommand {
     func run() throws {
         let (model, _, state) = try TrainingCheckpoint.load(from: URL(fileURLWithPath: checkpoint))
         let tokenizer = try loadTokenizer(from: state.tokenizer, origin: checkpoint)
-        if let prompts { return try complete(prompts, model: model, tokenizer: tokenizer) }
+        let placement = try device.placement()
+        model.move(to: placement.device, compute: placement.compute)
+        if let prompts {
+            try complete(prompts, model: model, tokenizer: tokenizer)
+            try placement.device.cuda?.checkFailure()
+            return
+        }
         let text = try promptFile.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? prompt ?? "\n"
         let promptTokens = tokenizer.encode(text)
         do {
@@ -62,7 +73,8 @@ struct GenerateCommand: ParsableCommand {
         var generated = ""
         print(text, terminator: "")
         fflush(nil)
-        _ = model.generate(prompt: promptTokens, maxTokens: maxTokens, sampler: &sampler) { token in
+        let chunk = prefillChunk ?? (device.onGPU ? max(1, promptTokens.count) : 512)
+        _ = model.generate(prompt: promptTokens, maxTokens: maxTokens, sampler: &sampler, prefillChunk: chunk) { token in
             let piece = decoder.append(token)
             print(piece, terminator: "")
             fflush(nil)
@@ -71,6 +83,7 @@ struct GenerateCommand: ParsableCommand {
             return true
         }
         print(decoder.finish())
+        try placement.device.cuda?.checkFailure()
     }
 
     /// `--prompts`: every prompt's completion as a JSON line, written as each batch finishes.
@@ -96,7 +109,8 @@ struct GenerateCommand: ParsableCommand {
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         var written = 0
         do {
-            try BatchGeneration.run(list, model: model, tokenizer: tokenizer, defaults: defaults, batchSize: batchSize) { completions in
+            try BatchGeneration.run(list, model: model, tokenizer: tokenizer, defaults: defaults, batchSize: batchSize,
+                                    prefillChunk: prefillChunk ?? (device.onGPU ? nil : 512)) { completions in
                 for completion in completions {
                     guard let line = try? encoder.encode(completion) else { continue }
                     output.write(line + Data("\n".utf8))

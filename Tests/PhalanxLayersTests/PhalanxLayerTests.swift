@@ -166,14 +166,14 @@ struct PhalanxLayerStateTests {
         while start < prompt {
             let size = min([5, 0, 11][chunk % 3], prompt - start)
             chunk += 1
-            let (y, _) = layer.forward(rows(x, start..<(start + size)), state: &state)
+            let y = layer.infer(rows(x, start..<(start + size)), state: &state)
             expectClose(y.array, rows(full, start..<(start + size)).array.map(Double.init), tolerance: 1e-6, "prefill chunk at \(start)")
             start += size
         }
         for i in prompt..<length {
-            let (y, _) = layer.forward(rows(x, i..<(i + 1)), state: &state)
+            let y = layer.infer(rows(x, i..<(i + 1)), state: &state)
             expectClose(y.array, rows(full, i..<(i + 1)).array.map(Double.init), tolerance: 1e-6, "step \(i)")
         }
-        #expect(state.local.count == batch * 2 * 16, "the state stays (2 heads x 16) per sequence")
+        #expect(state.byteCount == batch * 2 * (2 * 16 + 1) * 4, "the state stays 2 heads x (2 x 16 + 1) floats per sequence")
     }
 }
