@@ -100,9 +100,13 @@ struct ModelBenchmarkOptions: ParsableArguments {
     var presets = ModelBenchmarkSettings(contexts: [], steps: 1).presets
     @Option(help: "Sliding-window attention window.") var window = 512
 
-    func settings(contexts: [Int], steps: Int) -> ModelBenchmarkSettings {
+    /// The settings of these options; on a GPU, the -large presets unless --presets chose others.
+    func settings(contexts: [Int], steps: Int, onGPU: Bool = false) -> ModelBenchmarkSettings {
         var s = ModelBenchmarkSettings(contexts: contexts, steps: steps)
         (s.presets, s.window) = (presets, window)
+        if onGPU && presets == ModelBenchmarkSettings(contexts: [], steps: 1).presets {
+            s.presets = ["transformer-large", "swa-hybrid-large", "phalanx-hybrid-large"]
+        }
         return s
     }
 }
@@ -134,10 +138,7 @@ struct BenchTraining: ParsableCommand {
 
     var settings: ModelBenchmarkSettings {
         var s = options.settings(contexts: contexts.isEmpty ? (onGPU ? [4096, 8192, 16384, 32768] : [2048, 8192, 32768]) : contexts,
-                                 steps: steps)
-        if onGPU && options.presets == ModelBenchmarkSettings(contexts: [], steps: 1).presets {
-            s.presets = ["transformer-large", "swa-hybrid-large", "phalanx-hybrid-large"]
-        }
+                                 steps: steps, onGPU: onGPU)
         s.pytorch = pytorch.baseline
         return s
     }
@@ -187,13 +188,7 @@ struct BenchDecode: ParsableCommand {
     @OptionGroup var pytorch: PyTorchOptions
     @OptionGroup var device: DeviceOptions
 
-    var settings: ModelBenchmarkSettings {
-        var s = options.settings(contexts: contexts, steps: steps)
-        if device.onGPU && options.presets == ModelBenchmarkSettings(contexts: [], steps: 1).presets {
-            s.presets = ["transformer-large", "swa-hybrid-large", "phalanx-hybrid-large"]
-        }
-        return s
-    }
+    var settings: ModelBenchmarkSettings { options.settings(contexts: contexts, steps: steps, onGPU: device.onGPU) }
 
     var gpuSettings: CUDADecodeBenchmark.Settings {
         var s = CUDADecodeBenchmark.Settings(models: settings)
