@@ -384,6 +384,33 @@ public final class LanguageModel: ParameterContainer {
         return (copied, initialised)
     }
 
+    /// One step of layer-wise distillation for a retrofit: for each block `i` of `distilled`, this
+    /// model's mixer is asked to reproduce `teacher`'s mixer output on `teacher`'s own block input,
+    ///
+    ///     loss = 1/|distilled| * sum over i of mean((mixer_i(norm_i(x_i)) - m_i)^2)
+    ///
+    /// with `x_i` the teacher's input to block `i` and `m_i` its mixer's output there (both from
+    /// one teacher forward over `tokens` `[batch, length]`). Adds the gradient of `loss` to the
+    /// distilled mixers' parameters (nothing else) and returns `loss`.
+    public func distillMixers(from teacher: LanguageModel, blocks distilled: [Int], tokens: [Int32], batch: Int, length: Int) -> Float {
+        require(teacher.blocks.count == blocks.count && distilled.allSatisfy { blocks.indices.contains($0) },
+                "LanguageModel.distillMixers: blocks \(distilled) of a teacher of \(teacher.blocks.count) blocks and a model of \(blocks.count)")
+        let taught = teacher.forward(tokens: tokens, batch: batch, length: length)
+        var total: Double = 0
+        for i in distilled {
+            let input = taught.blocks[i].input, teacherOutput = zip(taught.blocks[i].afterMixer.array, input.array).map { $0 - $1 }
+            let (y, backward) = PhalanxModels.forward(blocks[i].mixer, blocks[i].mixerNorm.forward(input))
+            let difference = zip(y.array, teacherOutput).map { $0 - $1 }
+            let scale = 2 / Float(difference.count * distilled.count)
+            total += difference.reduce(0) { $0 + Double($1 * $1) } / Double(difference.count * distilled.count)
+            _ = backward(Tensor(difference.map { $0 * scale }, shape: y.shape, on: y.device, format: y.format))
+        }
+        return Float(total)
+    }
+
+    /// The parameters of block `index`'s mixer.
+    public func mixerParameters(block index: Int) -> [Parameter] { blocks[index].mixer.parameters }
+
     /// The mixer kinds of the blocks, in order.
     public var mixerKinds: [MixerKind] { blocks.map(\.kind) }
 

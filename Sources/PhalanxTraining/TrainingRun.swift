@@ -60,6 +60,9 @@ public enum TrainingRun {
         /// their seeded initialisation, and the checkpoint's tokenizer replaces `tokenizer`.
         /// Nil: a model trained from scratch.
         public var startingPoint: URL?
+        /// With a starting point: steps of layer-wise distillation (`Retrofit.distill`) of the new
+        /// Phalanx mixers before training; 0: none.
+        public var distillationSteps = 0
 
         /// A plan; see the properties.
         public init(model: ModelConfiguration, training: TrainingConfiguration, files: [URL], validationFiles: [URL] = [],
@@ -199,6 +202,10 @@ public enum TrainingRun {
             log("starting from \(plan.startingPoint!.path) (step \(source.state.step)): \(copied.count) tensors keep their "
                 + "trained values, \(initialised.count) start from the seeded initialisation"
                 + (initialised.isEmpty ? "" : " (\(Retrofit.summary(initialised)))"))
+            if plan.distillationSteps > 0 {
+                Retrofit.distill(languageModel, from: source.model, data: data, steps: plan.distillationSteps,
+                                 training: plan.training, seed: plan.seed, log: log)
+            }
         }
         let state = TrainingState(configuration: plan.training, samplerSeed: plan.seed &+ 1,
                                   dataPath: tokensURL(in: folder).path, tokenizer: try data.tokenizer.serialized(),
@@ -272,6 +279,31 @@ public enum Retrofit {
         let tokenizer: TrainingRun.TokenizerChoice = model.vocabulary == 256 ? .byte : .bpe(vocabulary: model.vocabulary)
         return TrainingRun.Plan(model: model, training: training, files: files, validationFiles: validationFiles,
                                 tokenizer: tokenizer, seed: seed, overwrite: overwrite, startingPoint: checkpoint)
+    }
+
+    /// Layer-wise distillation before a retrofit's training: for `steps` batches of `training`'s
+    /// shape from `data` (a sampler seeded with `seed + 2`), the Phalanx mixers that replaced
+    /// `teacher`'s attention mixers learn to reproduce them (`LanguageModel.distillMixers`) with
+    /// AdamW at `training`'s peak learning rate (warmed up over the first tenth) and gradient
+    /// clip; every other weight stays as it is.
+    public static func distill(_ model: LanguageModel, from teacher: LanguageModel, data: TokenFile, steps: Int,
+                               training: TrainingConfiguration, seed: UInt64, log: (String) -> Void) {
+        let replaced = zip(teacher.mixerKinds, model.mixerKinds).enumerated().filter { $0.element.0 != .phalanx && $0.element.1 == .phalanx }.map(\.offset)
+        guard !replaced.isEmpty else { return log("distillation: no attention mixer was replaced by a Phalanx mixer; nothing to distil") }
+        let optimizer = AdamW(replaced.flatMap { model.mixerParameters(block: $0) }, hyperparameters: training.optimizer)
+        var sampler = BatchSampler(batchSize: training.batchSize, contextLength: training.contextLength, generator: SeededGenerator(seed: seed &+ 2))
+        let warmup = max(1, steps / 10)
+        for step in 0..<steps {
+            model.zeroGradients()
+            let batch = sampler.next(from: data.train)
+            let loss = model.distillMixers(from: teacher, blocks: replaced, tokens: batch.inputs, batch: batch.batchSize, length: batch.contextLength)
+            _ = optimizer.clipGradients(maxNorm: training.gradientClip)
+            optimizer.update(learningRate: training.peakLearningRate * Float(min(step + 1, warmup)) / Float(warmup))
+            if step == 0 || (step + 1) % max(1, steps / 5) == 0 || step == steps - 1 {
+                log(String(format: "distillation step %d/%d: mean squared difference to the replaced mixers %.5f", step + 1, steps, loss))
+            }
+        }
+        model.zeroGradients()
     }
 
     /// `names` grouped by block: `layers.0.mixer (7 tensors), ...`.

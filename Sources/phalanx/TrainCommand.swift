@@ -50,6 +50,9 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Retrofit: start from this trained checkpoint's model and weights with the new --pattern (every tensor that still fits keeps its trained value; new layers start from the seeded initialisation), then train.")
     var from: String?
 
+    @Option(help: "With --from: steps of layer-wise distillation first, in which only the new Phalanx mixers learn to reproduce the attention mixers they replace (0: none).")
+    var distillSteps = 0
+
     @Option(help: "Override the preset's layer pattern (P Phalanx, S sliding-window attention, A attention), e.g. PPPA.")
     var pattern: String?
 
@@ -169,9 +172,11 @@ struct TrainCommand: ParsableCommand {
             throw ValidationError("--from takes the model from the checkpoint: --preset, --window and --gate-scale do not apply.")
         }
         do {
-            return try Retrofit.plan(from: URL(fileURLWithPath: checkpoint), pattern: pattern, depth: depth,
-                                     training: trainingConfiguration(), files: try corpusFiles(),
-                                     validationFiles: try validationFiles(), seed: seed, overwrite: overwrite)
+            var plan = try Retrofit.plan(from: URL(fileURLWithPath: checkpoint), pattern: pattern, depth: depth,
+                                         training: trainingConfiguration(), files: try corpusFiles(),
+                                         validationFiles: try validationFiles(), seed: seed, overwrite: overwrite)
+            plan.distillationSteps = distillSteps
+            return plan
         } catch let error as SafetensorsError {
             throw ValidationError("--from: \(error)")
         }
@@ -191,6 +196,8 @@ struct TrainCommand: ParsableCommand {
     func validate() throws {
         guard ["byte", "bpe"].contains(tokenizer) else { throw ValidationError("--tokenizer must be byte or bpe; got \(tokenizer).") }
         guard sample >= 0 else { throw ValidationError("--sample must be at least 0; got \(sample).") }
+        guard distillSteps >= 0 && distillSteps <= 1_000_000 else { throw ValidationError("--distill-steps must be in 0...1000000; got \(distillSteps).") }
+        guard distillSteps == 0 || from != nil else { throw ValidationError("--distill-steps distils a retrofit: give --from too.") }
         if let gpus {
             guard gpus >= 1 else { throw ValidationError("--gpus must be at least 1; got \(gpus).") }
             guard gpus == 1 || device.onGPU else { throw ValidationError("--gpus \(gpus) trains on GPUs: add --device cuda.") }

@@ -51,7 +51,7 @@ struct CommandLineSafetyTests {
         ["--batch-size", "100000000"], ["--dropout=-0.1"], ["--steps", "0"], ["--learning-rate", "nan"], ["--window", "0"],
         ["--clip", "inf"], ["--eval-batches", "0"], ["--gate-scale", "2"], ["--context", "9223372036854775807"],
         ["--minutes", "1"], ["--device", "gpu"], ["--precision", "fp8"], ["--validation-data", "/nonexistent/held-out.txt"],
-        ["--gpus", "0"], ["--gpus", "2"], ["--collective-timeout", "0"], ["--batch-size", "3", "--gpus", "2", "--device", "cuda"],
+        ["--gpus", "0"], ["--gpus", "2"], ["--collective-timeout", "0"], ["--batch-size", "3", "--gpus", "2", "--device", "cuda"], ["--distill-steps", "5"],
     ])
     func refusedFlags(flags: [String]) throws {
         let folder = try folderWithCorpus()

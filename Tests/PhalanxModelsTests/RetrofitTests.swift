@@ -1,5 +1,7 @@
 import Foundation
+import PhalanxData
 import PhalanxModels
+import PhalanxRuntime
 import PhalanxTestSupport
 import PhalanxTraining
 import Testing
@@ -64,5 +66,32 @@ struct RetrofitTests {
         let missing = folder.appendingPathComponent("nothing.safetensors")
         #expect { try Retrofit.plan(from: missing, pattern: "PA", training: .init(), files: [corpus], seed: 1) }
             throws: { "\($0)".contains(missing.path) }
+    }
+
+    @Test("distillation: the new Phalanx mixer learns to reproduce the attention mixer it replaced; no other weight moves")
+    func distillation() throws {
+        let folder = temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let (corpus, checkpoint) = try trainedSource(in: folder)
+        let (teacher, _, _) = try TrainingCheckpoint.load(from: checkpoint)
+        var training = TrainingConfiguration()
+        (training.steps, training.batchSize, training.contextLength, training.warmupSteps) = (1, 2, 16, 1)
+        (training.evaluationInterval, training.evaluationBatches, training.checkpointInterval) = (0, 1, 0)
+        let plan = try Retrofit.plan(from: checkpoint, pattern: "PA", training: training, files: [corpus], seed: 9)
+        let trainer = try TrainingRun.start(plan, in: folder.appendingPathComponent("retrofit"))
+        let model = trainer.model
+        var sampler = BatchSampler(batchSize: 2, contextLength: 16, generator: SeededGenerator(seed: 4))
+        let batch = sampler.next(from: trainer.data.train)
+        func distance() -> Float {
+            let loss = model.distillMixers(from: teacher, blocks: [0], tokens: batch.inputs, batch: 2, length: 16)
+            model.zeroGradients()
+            return loss
+        }
+        let before = distance()
+        let others = model.parameters.filter { !$0.name.hasPrefix("layers.0.mixer.") }.map(\.value.array)
+        Retrofit.distill(model, from: teacher, data: trainer.data, steps: 40, training: training, seed: 9, log: { _ in })
+        let after = distance()
+        #expect(after < 0.5 * before, "mean squared difference \(before) -> \(after)")
+        #expect(model.parameters.filter { !$0.name.hasPrefix("layers.0.mixer.") }.map(\.value.array) == others)
     }
 }
