@@ -92,6 +92,11 @@ struct PyTorchOptions: ParsableArguments {
     @Option(help: "Path of the PyTorch baseline script.") var pytorchScript = PyTorchBaseline().script
 
     var baseline: PyTorchBaseline? { pytorch ? PyTorchBaseline(script: pytorchScript) : nil }
+
+    /// The baseline of a GPU benchmark: `gpuScript` unless --pytorch-script names another.
+    func gpuBaseline(_ gpuScript: String) -> PyTorchBaseline? {
+        pytorch ? PyTorchBaseline(script: pytorchScript == PyTorchBaseline().script ? gpuScript : pytorchScript) : nil
+    }
 }
 
 /// The options shared by the model-level benchmarks.
@@ -147,8 +152,7 @@ struct BenchTraining: ParsableCommand {
         var s = CUDATrainingBenchmark.Settings(models: settings)
         s.tokensPerStep = tokensPerStep
         s.compute = device.compute
-        s.pytorch = pytorch.pytorch ? PyTorchBaseline(script: pytorch.pytorchScript == PyTorchBaseline().script
-                                                        ? "scripts/torch-cuda-train.py" : pytorch.pytorchScript) : nil
+        s.pytorch = pytorch.gpuBaseline("scripts/torch-cuda-train.py")
         return s
     }
 
@@ -194,8 +198,7 @@ struct BenchDecode: ParsableCommand {
         var s = CUDADecodeBenchmark.Settings(models: settings)
         s.batches = batches
         s.compute = device.compute
-        s.pytorch = pytorch.pytorch ? PyTorchBaseline(script: pytorch.pytorchScript == PyTorchBaseline().script
-                                                        ? "scripts/torch-cuda-decode.py" : pytorch.pytorchScript) : nil
+        s.pytorch = pytorch.gpuBaseline("scripts/torch-cuda-decode.py")
         return s
     }
 
