@@ -32,7 +32,10 @@ struct TrainCommand: ParsableCommand {
         before the run folder is touched; a folder holding a checkpoint is only continued \
         (--resume) or replaced (--overwrite).
 
-        Several GPUs (data parallelism, NCCL): --gpus N on one host starts one worker per GPU;         under mpirun, srun or torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,         MASTER_PORT) each process is one rank. --batch-size is the global batch, split evenly         over the GPUs; the run is the one a single GPU would train. See docs/MULTI-GPU.md.
+        Several GPUs (data parallelism, NCCL): --gpus N on one host starts one worker per GPU; \
+        under mpirun, srun or torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, \
+        MASTER_PORT) each process is one rank. --batch-size is the global batch, split evenly \
+        over the GPUs; the run is the one a single GPU would train. See docs/MULTI-GPU.md.
         """)
 
     @Option(help: "Text files to train on (repeat for several). Default: data/shakespeare.txt.")
@@ -234,9 +237,7 @@ struct TrainCommand: ParsableCommand {
         let available: Int
         do { available = try CUDADriver.shared.get().deviceCount() } catch { throw ValidationError("--gpus \(gpus): \(error)") }
         guard gpus <= available else { throw ValidationError("--gpus \(gpus): this machine has \(available) GPU\(available == 1 ? "" : "s").") }
-        for signalNumber in [SIGINT, SIGTERM] {
-            signal(signalNumber) { _ in interruptRequested.store(true, ordering: .relaxed) }
-        }
+        catchStopSignals()
         let executable = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
         let port = try WorkerLaunch.freePort()
         print("starting \(gpus) workers, one per GPU (rendezvous on 127.0.0.1:\(port)); rank 0 reports")
@@ -276,17 +277,9 @@ struct TrainCommand: ParsableCommand {
         // Rank 0 speaks for the run; the others only report their errors.
         let say: @Sendable (String) -> Void = { if lead { print($0) } }
         let folder = URL(fileURLWithPath: runFolder)
-        // Ctrl-C (or SIGTERM) sets a flag (all a signal handler may safely do). While the run is
-        // prepared, a watcher removes half-written files and exits; once training runs, the loop
-        // saves a checkpoint and stops.
-        // (A parent may have started us with them blocked, which would hold them back for good.)
-        var handled = sigset_t()
-        sigemptyset(&handled)
-        for signalNumber in [SIGINT, SIGTERM] {
-            signal(signalNumber) { _ in interruptRequested.store(true, ordering: .relaxed) }
-            sigaddset(&handled, signalNumber)
-        }
-        pthread_sigmask(SIG_UNBLOCK, &handled, nil)
+        // While the run is prepared, a watcher removes half-written files and exits on a stop
+        // signal; once training runs, the loop saves a checkpoint and stops.
+        catchStopSignals()
         Thread.detachNewThread {
             while !trainingStarted.load(ordering: .relaxed) {
                 if interruptRequested.load(ordering: .relaxed) {
@@ -363,6 +356,19 @@ struct TrainCommand: ParsableCommand {
             print("")
         }
     }
+}
+
+/// Ctrl-C and SIGTERM set `interruptRequested` (all a signal handler may safely do), and are
+/// unblocked: a parent may have started this process with them blocked, which would hold them
+/// back for good.
+private func catchStopSignals() {
+    var handled = sigset_t()
+    sigemptyset(&handled)
+    for signalNumber in [SIGINT, SIGTERM] {
+        signal(signalNumber) { _ in interruptRequested.store(true, ordering: .relaxed) }
+        sigaddset(&handled, signalNumber)
+    }
+    pthread_sigmask(SIG_UNBLOCK, &handled, nil)
 }
 
 func formatCount(_ n: Int) -> String {
