@@ -15,7 +15,8 @@ import PhalanxModels
 /// gradients are averaged across ranks during backward, and the step's loss and the stop request
 /// after it, so every rank takes the same steps and stops at the same one. Rank 0 alone writes
 /// checkpoints and plots; every rank evaluates the same validation windows (identical weights
-/// give identical results, the same at any number of ranks).
+/// give identical results on every rank), in batches of its own share's size, the size its
+/// device memory was checked for.
 public final class Trainer {
     /// The model trained; its weights are updated in place.
     public let model: LanguageModel
@@ -220,10 +221,11 @@ public final class Trainer {
         return try parallel.average([stopRequested() ? 1 : 0], on: placement.device)[0] > 0
     }
 
-    /// Validation loss at `contextLength` over at most `maxWindows` windows.
+    /// Validation loss at `contextLength` over at most `maxWindows` windows, in batches of this
+    /// rank's share of a training batch.
     public func evaluate(contextLength: Int, maxWindows: Int?) -> EvaluationResult {
         Evaluation.evaluate(model, split: data.validation, tokenizer: data.tokenizer, contextLength: contextLength,
-                            batchSize: state.configuration.batchSize, maxWindows: maxWindows)
+                            batchSize: shard?.localBatchSize ?? state.configuration.batchSize, maxWindows: maxWindows)
     }
 
     /// Writes the checkpoint and the loss plot (both atomically); in a data-parallel run, rank 0
