@@ -48,18 +48,6 @@ train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train)
 
 
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32, returned in x's type."""
-
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
-
-
 class Attention(nn.Module):
     """Full causal attention with RoPE, continuing from a pre-allocated key/value cache."""
 
@@ -94,9 +82,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.mixer_norm = RMSNorm(c["dim"])
+        self.mixer_norm = train.RMSNorm(c["dim"])
         self.mixer = Attention(c)
-        self.mlp_norm = RMSNorm(c["dim"])
+        self.mlp_norm = train.RMSNorm(c["dim"])
         self.mlp = train.SwiGLU(c["dim"], c["hidden"])
 
     def forward(self, x, cache, start, cos, sin):
@@ -115,7 +103,7 @@ class Model(nn.Module):
         self.embed_tokens = nn.Embedding(train.VOCABULARY, c["dim"])
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
         self.layers = nn.ModuleList(Block(c) for _ in range(c["depth"]))
-        self.norm = RMSNorm(c["dim"])
+        self.norm = train.RMSNorm(c["dim"])
 
     def empty_cache(self, batch, capacity, device):
         shape = (batch, self.c["kv_heads"], capacity, self.c["head_dim"])

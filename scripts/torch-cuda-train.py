@@ -100,7 +100,8 @@ def parameter_count(c):
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, in float32 (the residual stream is float32)."""
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 and returned in x's type (float32 in
+    training, where the residual stream is float32; bfloat16 in torch-cuda-decode.py)."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -108,7 +109,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_tables(length, head_dim, base, device):
