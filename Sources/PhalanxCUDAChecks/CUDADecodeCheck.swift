@@ -26,32 +26,43 @@ public enum CUDADecodeCheck {
         public var compute: NumberFormat
         /// Layer pattern (one block per letter), positions per sequence, sliding window, prompt lengths.
         public var pattern: String, length: Int, window: Int, prompts: [Int]
+        /// Model width and attention heads (their head dim is `dim / attentionHeads`, with half as
+        /// many key/value heads).
+        public var dim: Int, attentionHeads: Int
 
-        /// A case; the defaults are the standard prompt lengths.
+        /// A case; the defaults are the standard prompt lengths and attention heads of 16 channels.
         public init(compute: NumberFormat, pattern: String, length: Int = 110, window: Int = 7,
-                    prompts: [Int] = CUDADecodeCheck.promptLengths) {
+                    prompts: [Int] = CUDADecodeCheck.promptLengths, dim: Int = 64, attentionHeads: Int = 4) {
             (self.compute, self.pattern, self.length, self.window, self.prompts) = (compute, pattern, length, window, prompts)
+            (self.dim, self.attentionHeads) = (dim, attentionHeads)
         }
 
-        /// Format, pattern, length, window.
-        public var description: String { "decode \(compute) \(pattern) L=\(length) window \(window)" }
+        /// Format, pattern, length, window, attention head dim.
+        public var description: String {
+            "decode \(compute) \(pattern) L=\(length) window \(window) D=\(dim / attentionHeads)"
+        }
 
-        /// dim 64 (4 Phalanx heads of 16, 2 kv heads), 4 attention heads of 16 with 2 kv heads,
-        /// SwiGLU 96, byte vocabulary.
+        /// `dim` (Phalanx heads of 16, half as many kv heads), the attention heads with half as many
+        /// kv heads, SwiGLU 1.5 dim, byte vocabulary.
         var configuration: ModelConfiguration {
-            ModelConfiguration(dim: 64, depth: pattern.count, pattern: pattern, attentionHeads: 4, attentionKVHeads: 2,
-                               window: window, mlpHidden: 96, phalanxKVHeads: 2)
+            ModelConfiguration(dim: dim, depth: pattern.count, pattern: pattern, attentionHeads: attentionHeads,
+                               attentionKVHeads: attentionHeads / 2, window: window, mlpHidden: dim * 3 / 2,
+                               phalanxKVHeads: dim / PhalanxLayer.headDim / 2)
         }
     }
 
     /// The prompt lengths of the issue: around the block of 16 and past several blocks.
     public static let promptLengths = [0, 1, 15, 16, 17, 40, 48, 100]
 
-    /// Each mixer alone and all three, in both formats, and the long case.
+    /// Each mixer alone and all three, in both formats, and the long cases: one crossing a page,
+    /// and the attention kernels' wider rows (head dims 64 and 128, read by 8 or 16 lanes a row in
+    /// bfloat16) with prompts that end inside a tile of 32 and inside a split of 256.
     public static var standardCases: [Case] {
         NumberFormat.allCases.flatMap { compute in
             ["P", "S", "A", "PSA"].map { Case(compute: compute, pattern: $0) }
-                + [Case(compute: compute, pattern: "SA", length: 1100, window: 300, prompts: [1030])]
+                + [Case(compute: compute, pattern: "SA", length: 1100, window: 300, prompts: [1030]),
+                   Case(compute: compute, pattern: "SA", length: 560, window: 300, prompts: [0, 17, 515], dim: 256, attentionHeads: 2),
+                   Case(compute: compute, pattern: "A", length: 300, window: 7, prompts: [1, 270], dim: 256, attentionHeads: 4)]
         }
     }
 

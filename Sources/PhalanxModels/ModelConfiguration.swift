@@ -178,26 +178,41 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
                      M.product(4, batch, length, perToken ?? -1))
     }
 
-    /// Throws unless scoring or decoding `batch` sequences of `positions` tokens fits this
-    /// machine's memory (see `inferenceBytes`); the error's field is `batch`.
+    /// Throws unless scoring or decoding `batch` sequences of `positions` tokens fits where it
+    /// runs (see `inferenceBytes`): this machine's memory on the CPU; on a GPU, 90% of the
+    /// device's memory (the rest: cuBLAS workspaces, kernels, the allocation cache's slack). The
+    /// error's field is `batch`.
     ///
-    /// - Throws: `ConfigurationError` with the bytes needed and the bytes this machine has.
-    public func checkInference(batch: Int, positions: Int) throws {
-        let bytes = inferenceBytes(batch: batch, positions: positions)
-        guard MemoryBudget.fits(bytes) else {
-            throw ConfigurationError("\(batch) sequences of \(positions) positions need about \(MemoryBudget.describe(bytes)) with this model, more than this machine's \(MemoryBudget.describe(MemoryBudget.physicalBytes))", field: "batch")
+    /// - Throws: `ConfigurationError` with the bytes needed and the bytes available.
+    public func checkInference(batch: Int, positions: Int, on placement: Placement = .cpu) throws {
+        typealias M = MemoryBudget
+        guard let gpu = placement.device.cuda else {
+            let bytes = inferenceBytes(batch: batch, positions: positions)
+            guard M.fits(bytes) else {
+                throw ConfigurationError("\(batch) sequences of \(positions) positions need about \(M.describe(bytes)) with this model, more than this machine's \(M.describe(M.physicalBytes))", field: "batch")
+            }
+            return
+        }
+        let compute = placement.compute
+        let bytes = inferenceBytes(batch: batch, positions: positions, weightBytes: 8 + (compute == .bfloat16 ? 2 : 0),
+                                   activationBytes: compute.byteCount)
+        let available = gpu.context.totalMemory / 10 * 9
+        guard let bytes, bytes <= available else {
+            throw ConfigurationError("\(batch) sequences of \(positions) positions need about \(M.describe(bytes)) of device memory with this model in \(compute), more than 90% of \(gpu)'s \(M.describe(gpu.context.totalMemory))", field: "batch")
         }
     }
 
-    /// Rough bytes to score or decode `batch` sequences of `positions` tokens: weights (4 bytes
-    /// each), the logits of one pass, every attention block's key/value cache (full attention
-    /// keeps every position, sliding-window attention a ring of `window` positions plus a margin)
-    /// and the activations of one pass. Nil when it overflows `Int`.
-    public func inferenceBytes(batch: Int, positions: Int) -> Int? {
+    /// Rough bytes to score or decode `batch` sequences of `positions` tokens: weights
+    /// (`weightBytes` each: 4 for the host's float32; on a GPU 8, the gradients moving with the
+    /// weights, and 10 with bfloat16 compute copies), the
+    /// logits of one pass, every attention block's key/value cache (full attention keeps every
+    /// position, sliding-window attention a ring of `window` positions plus a margin) and the
+    /// activations of one pass, `activationBytes` per number. Nil when it overflows `Int`.
+    public func inferenceBytes(batch: Int, positions: Int, weightBytes: Int = 4, activationBytes: Int = 4) -> Int? {
         typealias M = MemoryBudget
-        let kvRow = M.product(8, batch, attentionKVHeads, attentionHeadDim)
-        var total = M.sum(parameterCount.flatMap { M.product(4, $0) }, M.product(4, batch, positions, vocabulary),
-                          M.product(4, batch, positions, M.sum(M.product(12, dim), M.product(3, mlpHidden)) ?? -1))
+        let kvRow = M.product(2 * activationBytes, batch, attentionKVHeads, attentionHeadDim)
+        var total = M.sum(parameterCount.flatMap { M.product(weightBytes, $0) }, M.product(activationBytes, batch, positions, vocabulary),
+                          M.product(activationBytes, batch, positions, M.sum(M.product(12, dim), M.product(3, mlpHidden)) ?? -1))
         for (kind, blocks) in blockCounts where kind != .phalanx {
             let kept = kind == .attention ? positions : M.sum(window, 1024)
             total = M.sum(total, kept.flatMap { k in kvRow.flatMap { M.product(blocks, k, $0) } })

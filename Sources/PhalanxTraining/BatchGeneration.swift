@@ -1,5 +1,6 @@
 import Foundation
 import PhalanxData
+import PhalanxLayers
 import PhalanxModels
 import PhalanxRuntime
 
@@ -95,11 +96,13 @@ public enum BatchGeneration {
 
     /// Completes `prompts` in batches of `batchSize` (in file order), calling `done` with each
     /// batch's completions as they finish. Each prompt is prefilled in chunks of `prefillChunk`
-    /// tokens (nil: the whole prompt in one call, the parallel forward).
+    /// tokens (nil: the whole prompt in one call, the parallel forward). `placement` is where the
+    /// model is (the memory each batch is checked against).
     ///
     /// - Throws: `ConfigurationError` when a batch would not fit in memory.
     public static func run(_ prompts: [Prompt], model: LanguageModel, tokenizer: any Tokenizer, defaults: Defaults,
-                           batchSize: Int, prefillChunk: Int? = 512, done: ([Completion]) -> Void) throws {
+                           batchSize: Int, prefillChunk: Int? = 512, placement: Placement = .cpu,
+                           done: ([Completion]) -> Void) throws {
         require(batchSize >= 1, "BatchGeneration.run: batchSize must be at least 1, got \(batchSize)")
         var start = 0
         while start < prompts.count {
@@ -107,7 +110,7 @@ public enum BatchGeneration {
             let tokens = indices.map { tokenizer.encode(prompts[$0].prompt) }
             let budgets = indices.map { prompts[$0].maxTokens ?? defaults.maxTokens }
             let longest = zip(tokens, budgets).map { $0.count + $1 }.max() ?? 0
-            try model.configuration.checkInference(batch: indices.count, positions: longest)
+            try model.configuration.checkInference(batch: indices.count, positions: longest, on: placement)
             let requests = indices.enumerated().map { k, i in
                 GenerationRequest(prompt: tokens[k], maxTokens: budgets[k], sampler: TokenSampler(
                     temperature: defaults.temperature, topK: defaults.topK, topP: defaults.topP,

@@ -87,7 +87,7 @@ struct BenchLayers: ParsableCommand {
 
 /// The same-run PyTorch comparison of `bench layers` and `bench train`.
 struct PyTorchOptions: ParsableArguments {
-    @Flag(help: "Also measure the same models in PyTorch on the CPU in this run (scripts/torch-cpu-bench.py; needs torch, PHALANX_PYTHON picks the interpreter).")
+    @Flag(help: "Also measure the same models in PyTorch in this run: on the CPU scripts/torch-cpu-bench.py, with --device cuda the command's GPU script (see the overview); needs torch, PHALANX_PYTHON picks the interpreter.")
     var pytorch = false
     @Option(help: "Path of the PyTorch baseline script.") var pytorchScript = PyTorchBaseline().script
 

@@ -37,14 +37,14 @@ struct EvalCommand: ParsableCommand {
         } else {
             split = try TokenFile(contentsOf: URL(fileURLWithPath: state.dataPath)).validation
         }
+        let placement = try device.placement()
         for context in contexts {
             do {
-                try model.configuration.checkInference(batch: batchSize, positions: context)
+                try model.configuration.checkInference(batch: batchSize, positions: context, on: placement)
             } catch {
                 throw ValidationError("--batch-size \(batchSize) x --contexts \(context): \(error)")
             }
         }
-        let placement = try device.placement()
         model.move(to: placement.device, compute: placement.compute)
         print("checkpoint: step \(state.step), \(model.configuration.pattern) x \(model.configuration.depth), \(split.count) tokens to score")
         print("  context   windows   loss (nats/token)   perplexity   bits/byte")

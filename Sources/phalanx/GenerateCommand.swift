@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import PhalanxData
+import PhalanxLayers
 import PhalanxModels
 import PhalanxTraining
 
@@ -57,14 +58,15 @@ struct GenerateCommand: ParsableCommand {
         let placement = try device.placement()
         model.move(to: placement.device, compute: placement.compute)
         if let prompts {
-            try complete(prompts, model: model, tokenizer: tokenizer)
+            try complete(prompts, model: model, tokenizer: tokenizer, placement: placement)
             try placement.device.cuda?.checkFailure()
             return
         }
         let text = try promptFile.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? prompt ?? "\n"
         let promptTokens = tokenizer.encode(text)
         do {
-            try model.configuration.checkInference(batch: 1, positions: promptTokens.count + min(maxTokens, Int.max - promptTokens.count))
+            try model.configuration.checkInference(batch: 1, positions: promptTokens.count + min(maxTokens, Int.max - promptTokens.count),
+                                                   on: placement)
         } catch {
             throw ValidationError("--max-tokens \(maxTokens) after a prompt of \(promptTokens.count) tokens: \(error)")
         }
@@ -87,7 +89,7 @@ struct GenerateCommand: ParsableCommand {
     }
 
     /// `--prompts`: every prompt's completion as a JSON line, written as each batch finishes.
-    private func complete(_ path: String, model: LanguageModel, tokenizer: any Tokenizer) throws {
+    private func complete(_ path: String, model: LanguageModel, tokenizer: any Tokenizer, placement: Placement) throws {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw ValidationError("--prompts: cannot read \(path): \(error.localizedDescription)")
@@ -110,7 +112,7 @@ struct GenerateCommand: ParsableCommand {
         var written = 0
         do {
             try BatchGeneration.run(list, model: model, tokenizer: tokenizer, defaults: defaults, batchSize: batchSize,
-                                    prefillChunk: prefillChunk ?? (device.onGPU ? nil : 512)) { completions in
+                                    prefillChunk: prefillChunk ?? (device.onGPU ? nil : 512), placement: placement) { completions in
                 for completion in completions {
                     guard let line = try? encoder.encode(completion) else { continue }
                     output.write(line + Data("\n".utf8))

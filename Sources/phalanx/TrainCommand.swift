@@ -340,8 +340,7 @@ struct TrainCommand: ParsableCommand {
             throw ValidationError("training diverged at step \(step) (loss \(loss); the loss or the updated weights are not finite); it stopped and \(kept). Try a lower --learning-rate.")
         }
         if sample > 0 && lead {
-            model.move(to: .cpu)  // decoding runs on the CPU
-            print("\nsample:")
+            print("\nsample:")  // decoded where the model trained
             var sampler = TokenSampler(temperature: 0.8, topK: 40, topP: 1, seed: seed)
             let prompt = trainer.data.tokenizer.encode("\n")
             var decoder = StreamingDecoder(tokenizer: trainer.data.tokenizer)
@@ -354,6 +353,7 @@ struct TrainCommand: ParsableCommand {
                 return produced < sample && !interruptRequested.load(ordering: .relaxed)
             }
             print("")
+            try trainer.placement.device.cuda?.checkFailure()
         }
     }
 }

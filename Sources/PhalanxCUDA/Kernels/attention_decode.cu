@@ -18,8 +18,8 @@
 //
 // Work split (flash-decoding): the visible positions of a (row, head) are cut into splits of
 // kSplit positions; one warp per (row, head, split) keeps a running maximum, sum and weighted
-// value sum (online softmax), lane j scoring position j of each tile of 32. With one split the
-// warp writes the output; otherwise it writes its partial (max, sum, D sums) and
+// value sum (online softmax) over tiles of 32 positions whose key and value rows it reads whole
+// and coalesced (see attend). With one split the warp writes the output; otherwise it writes its partial (max, sum, D sums) and
 // decode_combine_* adds the splits of each (row, head) in split order (deterministic: no atomics).
 
 #ifndef ATTN_HEAD_DIM
@@ -43,41 +43,32 @@ __device__ __forceinline__ void storeValue(bf16* p, float x) {
     *p = (bf16)(bits & 0xffffu);
 }
 
-// q . k over HD channels: k read 16 bytes at a time, q from shared memory (float32).
-__device__ __forceinline__ float dot(const float* q, const float* k) {
-    float s = 0.0f;
-#pragma unroll
-    for (int c = 0; c < HD; c += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(k + c);
-        s = fmaf(q[c], v.x, s); s = fmaf(q[c + 1], v.y, s); s = fmaf(q[c + 2], v.z, s); s = fmaf(q[c + 3], v.w, s);
-    }
-    return s;
+// 16 bytes of a row as float32: 4 float32 or 8 bfloat16 numbers (the overload is picked by the
+// array's length, 16 / sizeof(T)).
+__device__ __forceinline__ void unpack(const uint4 v, float (&x)[4]) {
+    x[0] = __uint_as_float(v.x); x[1] = __uint_as_float(v.y); x[2] = __uint_as_float(v.z); x[3] = __uint_as_float(v.w);
 }
-__device__ __forceinline__ float dot(const float* q, const bf16* k) {
-    float s = 0.0f;
-#pragma unroll
-    for (int c = 0; c < HD; c += 8) {
-        const uint4 v = *reinterpret_cast<const uint4*>(k + c);
-        const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            s = fmaf(q[c + 2 * t], __uint_as_float(w[t] << 16), s);
-            s = fmaf(q[c + 2 * t + 1], __uint_as_float(w[t] & 0xffff0000u), s);
-        }
-    }
-    return s;
-}
-
-// 16 bytes of a row as float32: 4 float32 or 8 bfloat16 numbers.
-__device__ __forceinline__ void load16(const float* p, float (&x)[4]) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
-}
-__device__ __forceinline__ void load16(const bf16* p, float (&x)[8]) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void unpack(const uint4 v, float (&x)[8]) {
     const unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int t = 0; t < 4; ++t) { x[2 * t] = __uint_as_float(w[t] << 16); x[2 * t + 1] = __uint_as_float(w[t] & 0xffff0000u); }
+}
+
+// Sums lists of partial dot products over groups of 2 * Width lanes (lane t of a group holding
+// list[c], c < 2 * Width, for rows c): at each step a lane keeps the half of its list that its
+// bit `Width` selects, adds its partner's copy of that half (lane distance Width), and the list
+// and the distance halve. Lane t ends with the whole sum of row t in partial[0].
+template <int Width, int N>
+__device__ __forceinline__ void transposeReduce(float (&partial)[N], int t) {
+    if constexpr (Width > 0) {
+        const bool upper = (t & Width) != 0;
+#pragma unroll
+        for (int x = 0; x < Width; ++x) {
+            const float keep = upper ? partial[x + Width] : partial[x], send = upper ? partial[x] : partial[x + Width];
+            partial[x] = keep + __shfl_xor_sync(0xffffffffu, send, Width);
+        }
+        transposeReduce<Width / 2>(partial, t);
+    }
 }
 
 // Where position p of sequence b, kv head g lives: the cache below `start`, the chunk from it.
@@ -102,39 +93,70 @@ struct KeyValueSource {
 };
 
 // One warp per (row, head, split); blockDim.x = 128 (4 warps, consecutive splits), grid
-// (batch * n, H, ceil(splits / 4)). Per tile of 32 positions: lane j scores position j (its key
-// row read 16 bytes at a time), then the weighted values are summed with the warp cut into
-// groups of kLanesPerRow lanes, each group reading one value row 16 bytes per lane, so that a
-// load instruction covers 32 / kLanesPerRow rows; the groups' sums are added by shuffles at the
-// end (a fixed order). partial: [batch * n, H, splits] maxima and sums, and
+// (batch * n, H, ceil(splits / 4)). The warp walks its positions in tiles of 32, and reads every
+// key and value row of a tile whole and coalesced: a group of kLanesPerRow lanes reads one row,
+// 16 bytes per lane, so one load instruction covers kRowsPerLoad consecutive rows and a tile takes
+// kLoads instructions for its keys and as many for its values, all issued before any arithmetic
+// (each lane's rows' addresses come from the lane that looked them up, by shuffles). Each lane's
+// kLoads partial dot products (its 16 bytes of channels) are summed over its group by a transpose
+// reduction: halving the list and the lane distance at each of log2(kLanesPerRow) steps leaves
+// lane (group, t) with the whole dot product of row t * kRowsPerLoad + group. Online softmax over
+// the 32 scores, then each group adds its rows' weighted values; the groups' sums are added by
+// shuffles at the end (a fixed order). partial: [batch * n, H, splits] maxima and sums, and
 // [batch * n, H, splits, HD] weighted value sums (float32).
 template <typename T>
 __device__ __forceinline__ void attend(const T* __restrict__ queries, T* __restrict__ outputs, const int* __restrict__ starts,
                                        KeyValueSource<T> source, float* __restrict__ partialMax, float* __restrict__ partialSum,
                                        float* __restrict__ partialValues, int heads, int window, int splits, float scale) {
-    __shared__ float sharedQuery[4][HD];
+    constexpr int kVector = 16 / (int)sizeof(T);       // numbers per 16 bytes
+    constexpr int kLanesPerRow = HD / kVector;         // lanes reading one row
+    constexpr int kRowsPerLoad = 32 / kLanesPerRow;    // rows per load instruction
+    constexpr int kLoads = 32 / kRowsPerLoad;          // load instructions per tile of 32 rows
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int split = blockIdx.z * 4 + warp, h = blockIdx.y, row = blockIdx.x;
+    if (split >= splits) return;
     const int b = row / source.n, i = row % source.n;
     const int start = starts[b], position = start + i;
     const int first = window > 0 ? max(0, position - window + 1) : 0;
     const int g = h / (heads / source.kvHeads);
-    const T* q = queries + ((long long)row * heads + h) * HD;
-    for (int c = lane; c < HD; c += 32) sharedQuery[warp][c] = load(q + c) * scale;
-    __syncwarp();
-    if (split >= splits) return;
     const int lo = first + split * kSplit, hi = min(position + 1, lo + kSplit);  // [lo, hi)
-    constexpr int kVector = 16 / (int)sizeof(T);       // numbers per 16 bytes
-    constexpr int kLanesPerRow = HD / kVector;         // lanes reading one value row
-    constexpr int kRowsPerLoad = 32 / kLanesPerRow;    // value rows per load instruction
-    const int rowInLoad = lane / kLanesPerRow, channel0 = (lane % kLanesPerRow) * kVector;
+    const int group = lane / kLanesPerRow, t = lane % kLanesPerRow, channel0 = t * kVector;
+    float q[kVector];
+    unpack(*reinterpret_cast<const uint4*>(queries + ((long long)row * heads + h) * HD + channel0), q);
+#pragma unroll
+    for (int k = 0; k < kVector; ++k) q[k] *= scale;
     float m = kNegInf, l = 0.0f, acc[kVector];
 #pragma unroll
     for (int k = 0; k < kVector; ++k) acc[k] = 0.0f;
     for (int tile = lo; tile < hi; tile += 32) {
-        const int p = tile + lane;
-        const bool valid = p < hi;
-        const float s = valid ? dot(sharedQuery[warp], source.key(b, g, p, start)) : kNegInf;
+        // Lane j looks up position tile + j (the last visible one past the end: read, weighted 0).
+        const int p = min(tile + lane, hi - 1);
+        const unsigned long long keyRow = reinterpret_cast<unsigned long long>(source.key(b, g, p, start));
+        const unsigned long long valueRow = reinterpret_cast<unsigned long long>(source.value(b, g, p, start));
+        uint4 keys[kLoads], values[kLoads];
+#pragma unroll
+        for (int c = 0; c < kLoads; ++c) {
+            const int r = c * kRowsPerLoad + group;
+            keys[c] = *(reinterpret_cast<const uint4*>(__shfl_sync(0xffffffffu, keyRow, r)) + t);
+        }
+#pragma unroll
+        for (int c = 0; c < kLoads; ++c) {
+            const int r = c * kRowsPerLoad + group;
+            values[c] = *(reinterpret_cast<const uint4*>(__shfl_sync(0xffffffffu, valueRow, r)) + t);
+        }
+        float partial[kLoads];
+#pragma unroll
+        for (int c = 0; c < kLoads; ++c) {
+            float k[kVector];
+            unpack(keys[c], k);
+            float s = 0.0f;
+#pragma unroll
+            for (int x = 0; x < kVector; ++x) s = fmaf(q[x], k[x], s);
+            partial[c] = s;
+        }
+        transposeReduce<kLanesPerRow / 2>(partial, t);
+        const bool valid = tile + t * kRowsPerLoad + group < hi;
+        const float s = valid ? partial[0] : kNegInf;
         float tileMax = s;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffffu, tileMax, o));
@@ -148,15 +170,13 @@ __device__ __forceinline__ void attend(const T* __restrict__ queries, T* __restr
 #pragma unroll
         for (int k = 0; k < kVector; ++k) acc[k] *= correction;
 #pragma unroll
-        for (int j0 = 0; j0 < 32; j0 += kRowsPerLoad) {
-            const int j = j0 + rowInLoad;
-            const float weight = __shfl_sync(0xffffffffu, e, j);
-            if (tile + j < hi) {
-                float v[kVector];
-                load16(source.value(b, g, tile + j, start) + channel0, v);
+        for (int c = 0; c < kLoads; ++c) {
+            // Row c * kRowsPerLoad + group's weight is on lane (group, t = c).
+            const float weight = __shfl_sync(0xffffffffu, e, group * kLanesPerRow + c);
+            float v[kVector];
+            unpack(values[c], v);
 #pragma unroll
-                for (int k = 0; k < kVector; ++k) acc[k] = fmaf(weight, v[k], acc[k]);
-            }
+            for (int k = 0; k < kVector; ++k) acc[k] = fmaf(weight, v[k], acc[k]);
         }
         m = newMax;
     }

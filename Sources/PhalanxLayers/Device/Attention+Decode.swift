@@ -56,18 +56,24 @@ final class DeviceKeyValuePages: @unchecked Sendable {
     private var pageBytes: Int { batch * kvHeads * slots * headDim * format.byteCount }
 
     /// Adds pages until positions `0..<positions` of every sequence have a slot (a ring: its one
-    /// page), and uploads the table when it changed (which waits for the stream).
+    /// page), and queues the table's upload when it changed (in stream order, without waiting: a
+    /// prefill queues its layers back to back).
     func ensure(positions: Int) {
         let needed = ring ? 1 : (positions + slots - 1) / slots
         guard keyPages.count < needed else { return }
         gpu.perform {
-            while keyPages.count < needed {
-                keyPages.append(try DeviceBuffer(context: gpu.context, byteCount: pageBytes))
-                valuePages.append(try DeviceBuffer(context: gpu.context, byteCount: pageBytes))
+            // The new pages of keys and of values as views of one allocation each: a prefill of
+            // 32K positions allocates twice, not 64 times.
+            let added = needed - keyPages.count
+            func pages() throws -> [DeviceBuffer] {
+                let block = try DeviceBuffer(context: gpu.context, byteCount: added * pageBytes)
+                return (0..<added).map { DeviceBuffer(viewing: block, byteOffset: $0 * pageBytes, byteCount: pageBytes) }
             }
+            keyPages += try pages()
+            valuePages += try pages()
             let addresses = keyPages.map(\.address) + valuePages.map(\.address)
             let table = try DeviceBuffer(context: gpu.context, byteCount: addresses.count * 8)
-            try table.upload(addresses)
+            try table.enqueueUpload(addresses)
             self.table = table
         }
     }
