@@ -595,9 +595,9 @@ public struct CUDALayerKernels: Sendable {
 }
 
 extension DeviceBuffer {
-    /// The buffer after uploading `values` to its start (waits for the stream).
+    /// The buffer with `values` queued for its start (in stream order, without waiting).
     fileprivate func with<T: BitwiseCopyable>(_ values: [T]) throws -> DeviceBuffer {
-        try upload(values)
+        try enqueueUpload(values)
         return self
     }
 }

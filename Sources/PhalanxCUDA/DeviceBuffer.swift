@@ -65,8 +65,8 @@ public final class DeviceBuffer: @unchecked Sendable {
 
     /// Queues a copy of `values` to the start of the buffer, in stream order, without waiting: the
     /// driver stages pageable host memory before it returns, so `values` may change afterwards.
-    /// For the few numbers a decode step sends (positions), where `upload`'s wait would stall
-    /// the queue once per layer.
+    /// For what the host sends while the device works (a step's tokens and targets, a decode
+    /// step's positions), where `upload`'s wait would drain the queue each time.
     public func enqueueUpload<T: BitwiseCopyable>(_ values: [T]) throws {
         let bytes = values.count * MemoryLayout<T>.stride
         require(bytes <= byteCount, "DeviceBuffer.enqueueUpload: \(bytes) bytes do not fit in a buffer of \(byteCount)")

@@ -68,8 +68,9 @@ public enum DeviceOps {
     static func embed(_ tokens: [Int32], shape: [Int], table: Tensor, on gpu: CUDADevice) -> Tensor {
         let y = Tensor(uninitialized: shape, on: .cuda(gpu), format: table.compute.format)
         gpu.perform {
+            // Queued behind the work in flight (the previous step's), not waited for.
             let ids = try DeviceBuffer(context: gpu.context, byteCount: tokens.count * 4)
-            try ids.upload(tokens)
+            try ids.enqueueUpload(tokens)
             try kernels(y.format, on: gpu).embeddingForward(tokens: ids, table: table.deviceBuffer, output: y.deviceBuffer,
                                                             rows: tokens.count, dim: table.columns, vocabulary: table.rows)
         }
@@ -147,7 +148,7 @@ public enum DeviceOps {
         gpu.value {
             let kernels = try kernels(logits.format, on: gpu)
             let ids = try DeviceBuffer(context: gpu.context, byteCount: targets.count * 4)
-            try ids.upload(targets)
+            try ids.enqueueUpload(targets)
             let losses = try DeviceBuffer(context: gpu.context, byteCount: max(targets.count, 1) * 4)
             let mean = try DeviceBuffer(context: gpu.context, byteCount: 4)
             try kernels.crossEntropy(logits: logits.deviceBuffer, targets: ids, rowLosses: losses, rows: logits.rows,
