@@ -5,7 +5,9 @@ import PhalanxRuntime
 
 /// `phalanx bench cuda --attention-kernels`: the GPU attention (`CUDAAttention`, bfloat16) forward
 /// and forward+backward in TFLOP/s, full causal and in a sliding window, at a fixed number of
-/// tokens per call, beside PyTorch's figures from `scripts/torch-cuda-attention.py` when given.
+/// tokens per call, beside cuDNN's fused attention (`CUDNNAttention`, default and deterministic
+/// backward) where cuDNN loads, and PyTorch's figures from `scripts/torch-cuda-attention.py` when
+/// given.
 ///
 /// FLOP convention (the one FlashAttention and PyTorch comparisons use): forward
 /// `4 * batch * heads * headDim * pairs`, `pairs` the visible query-key pairs (`L (L + 1) / 2`
@@ -83,13 +85,19 @@ public struct CUDAAttentionBenchmark {
                 print("  \(same ? "PASS" : "FAIL") \(testCase): \(same ? "bit-identical" : "outputs differ between runs")")
                 if same { passed += 1 } else { failures += 1 }
             }
+            for (line, ok) in try CUDNNAttentionCheck.runAll(context: context) {
+                print("  \(line)")
+                if ok { passed += 1 } else { failures += 1 }
+            }
             print("  \(passed) passed, \(failures) failed")
             json["check"] = ["passed": passed, "failed": failures]
         }
         let torch = try settings.torch.map(loadTorch) ?? [:]
 
         print("\nbf16, \(settings.tokens) tokens per call, width \(settings.width), median of \(settings.repeats) x \(settings.launches) calls")
-        print("  D    L      B   window  fwd ms  TFLOP/s  fwd+bwd ms  TFLOP/s" + (torch.isEmpty ? "" : "  | torch fwd  fwd+bwd TFLOP/s (ours/torch)"))
+        print("cuDNN: \(CUDNNAttention.loadedVersion ?? "not loaded (\(CUDNNAttention.unavailableReason ?? "?"))")")
+        print("  D    L      B   window  fwd ms  TFLOP/s  fwd+bwd ms  TFLOP/s  | cuDNN fwd  fwd+bwd  det fwd+bwd TFLOP/s"
+              + (torch.isEmpty ? "" : "  | torch fwd  fwd+bwd TFLOP/s (ours/torch, cuDNN/torch fwd+bwd)"))
         // One set of operands serves every shape: batch * length * heads * headDim is the same.
         var rng = SeededGenerator(seed: 11)
         let count = settings.tokens * settings.width
@@ -105,10 +113,14 @@ public struct CUDAAttentionBenchmark {
                         + padded(window == 0 ? "none" : "\(window)", 7)
                         + String(format: " %7.3f  %7.1f  %10.3f  %7.1f", row["fwd_ms"] as! Double, row["fwd_tflops"] as! Double,
                                       row["fwdbwd_ms"] as! Double, row["fwdbwd_tflops"] as! Double)
+                    let cudnn = row["cudnn_fwdbwd_tflops"] as? Double
+                    line += "  | " + [row["cudnn_fwd_tflops"], row["cudnn_fwdbwd_tflops"], row["cudnn_det_fwdbwd_tflops"]]
+                        .map { ($0 as? Double).map { String(format: "%7.1f", $0) } ?? "      -" }.joined(separator: "  ")
                     if let reference = torch[Self.key(headDim: headDim, length: length, window: window)],
                        let fwd = reference["fwd_tflops"], let all = reference["fwdbwd_tflops"] {
                         let ours = (row["fwd_tflops"] as! Double, row["fwdbwd_tflops"] as! Double)
-                        line += String(format: "  | %6.1f  %6.1f   (%.2f, %.2f)", fwd, all, ours.0 / fwd, ours.1 / all)
+                        line += String(format: "  | %6.1f  %6.1f   (%.2f, %.2f, ", fwd, all, ours.0 / fwd, ours.1 / all)
+                            + (cudnn.map { String(format: "%.2f)", $0 / all) } ?? "-)")
                         row["torch_fwd_tflops"] = fwd
                         row["torch_fwdbwd_tflops"] = all
                     }
@@ -146,9 +158,36 @@ public struct CUDAAttentionBenchmark {
                                    queryGradient: dq, keyGradient: dk, valueGradient: dv, shape: shape, rowDots: dots)
         }
         let flops = shape.forwardFlops(window: window)
-        return ["head_dim": headDim, "length": length, "batch": shape.batch, "heads": heads, "kv_heads": shape.kvHeads,
-                "window": window ?? 0, "fwd_ms": forward, "fwdbwd_ms": both,
-                "fwd_tflops": flops / forward / 1e9, "fwdbwd_tflops": 3.5 * flops / both / 1e9]
+        var row: [String: Any] = [
+            "head_dim": headDim, "length": length, "batch": shape.batch, "heads": heads, "kv_heads": shape.kvHeads,
+            "window": window ?? 0, "fwd_ms": forward, "fwdbwd_ms": both,
+            "fwd_tflops": flops / forward / 1e9, "fwdbwd_tflops": 3.5 * flops / both / 1e9,
+        ]
+        guard CUDNNAttention.unavailableReason == nil else { return row }
+        for deterministic in [false, true] {
+            let cudnn = try CUDNNAttention(context: context, headDim: headDim, window: window, deterministic: deterministic)
+            let prefix = deterministic ? "cudnn_det" : "cudnn"
+            if let reason = cudnn.unsupportedReason(shape) {
+                row["\(prefix)_skipped"] = reason
+                print("  (cuDNN\(deterministic ? " deterministic" : "") skips D=\(headDim) L=\(length): \(reason))")
+                continue
+            }
+            let cudnnForward = try measure(context) {
+                try cudnn.forward(query: q, key: k, value: v, output: o, logsumexp: lse, shape: shape)
+            }
+            let cudnnBoth = try measure(context) {
+                try cudnn.forward(query: q, key: k, value: v, output: o, logsumexp: lse, shape: shape)
+                try cudnn.backward(query: q, key: k, value: v, output: o, logsumexp: lse, outputGradient: dO,
+                                   queryGradient: dq, keyGradient: dk, valueGradient: dv, shape: shape)
+            }
+            if !deterministic {
+                row["cudnn_fwd_ms"] = cudnnForward
+                row["cudnn_fwd_tflops"] = flops / cudnnForward / 1e9
+            }
+            row["\(prefix)_fwdbwd_ms"] = cudnnBoth
+            row["\(prefix)_fwdbwd_tflops"] = 3.5 * flops / cudnnBoth / 1e9
+        }
+        return row
     }
 
     /// Median device milliseconds per call of `body`, after three calls of warm-up.

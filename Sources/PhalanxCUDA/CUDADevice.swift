@@ -91,8 +91,9 @@ public final class CUDADevice: @unchecked Sendable, CustomStringConvertible {
         lock.lock()
         defer { lock.unlock() }
         let fullKey = "\(Set.self)/\(key)"
-        // The key names the type, so a stored set always has it.
-        if let existing = kernelSets[fullKey] as? Set { return existing }
+        // The key names the type, so a stored set always has it. The entry is unwrapped before
+        // the cast: cast directly, a missing entry would pass as a stored nil when `Set` is optional.
+        if let stored = kernelSets[fullKey], let existing = stored as? Set { return existing }
         let set = try make()
         kernelSets[fullKey] = set
         return set

@@ -117,11 +117,20 @@ public enum CUDAAttentionCheck {
     public static func run(_ testCase: Case, context: CUDAContext) throws -> Outcome {
         let shape = testCase.shape, storage = testCase.storage
         let gpu = try CUDAAttention(context: context, storage: storage, headDim: testCase.headDim, window: testCase.window)
-        let (q, k, v, dO) = operands(testCase)
-        let (output, lse) = try gpu.forward(query: q, key: k, value: v, shape: shape)
-        let (dq, dk, dv) = try gpu.backward(query: q, key: k, value: v, output: output, logsumexp: lse,
-                                            outputGradient: dO, shape: shape)
+        let operands = operands(testCase)
+        let (output, lse) = try gpu.forward(query: operands.query, key: operands.key, value: operands.value, shape: shape)
+        let (dq, dk, dv) = try gpu.backward(query: operands.query, key: operands.key, value: operands.value, output: output,
+                                            logsumexp: lse, outputGradient: operands.outputGradient, shape: shape)
+        return compare(testCase, operands, device: [output, lse, dq, dk, dv])
+    }
 
+    /// The device's `[output, lse, dq, dk, dv]` for `testCase`'s `operands` against the CPU
+    /// kernel's, whose backward differentiates the device's stored output and log-sum-exp.
+    static func compare(_ testCase: Case, _ operands: (query: [Float], key: [Float], value: [Float], outputGradient: [Float]),
+                        device: [[Float]], label: String? = nil) -> Outcome {
+        let shape = testCase.shape
+        let (q, k, v, dO) = operands
+        let (output, lse, dq, dk, dv) = (device[0], device[1], device[2], device[3], device[4])
         let cpu = AttentionKernel(window: testCase.window)
         let layout = AttentionLayout(batch: shape.batch, length: shape.length, heads: shape.heads, kvHeads: shape.kvHeads,
                                      headDim: shape.headDim)
@@ -156,11 +165,11 @@ public enum CUDAAttentionCheck {
             }
         }
         let dvScale = scale(of: expectedDV)
-        return Outcome(label: testCase.description,
+        return Outcome(label: label ?? testCase.description,
                        errors: [relativeError(output, expectedOutput), relativeError(lse, expectedLSE),
                                 relativeError(dq, expectedDQ, scale: dvScale), relativeError(dk, expectedDK, scale: dvScale),
                                 relativeError(dv, expectedDV)],
-                       tolerance: tolerance(storage))
+                       tolerance: tolerance(testCase.storage))
     }
 
     /// Runs `testCase`'s forward and backward twice on the device and says whether every output

@@ -51,6 +51,9 @@ public enum CUDAChecks {
                 return ("\(same ? "PASS" : "FAIL") \($0): \(same ? "bit-identical" : "outputs differ between runs")", same)
             }
         }
+        try report("cuDNN's fused attention against the CPU AttentionKernel (bf16; skipped where cuDNN is absent or declines)") {
+            try CUDNNAttentionCheck.runAll(context: context)
+        }
         try report("the whole model on the GPU against the CPU (loss, every gradient, the AdamW update)") {
             try CUDAModelCheck.standardCases.map {
                 let outcome = try CUDAModelCheck.run($0, device: device)

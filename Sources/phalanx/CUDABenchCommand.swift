@@ -20,10 +20,11 @@ struct BenchCUDA: ParsableCommand {
         tests (operator, layer, exact recurrence, attention) with the CPU and prints PASS/FAIL per case \
         (exit status 1 if any fails). --attention-kernels times the GPU attention instead (bf16, \
         causal and windowed, forward and forward+backward in TFLOP/s: forward 4*B*H*D*pairs, \
-        forward+backward 3.5 times that), beside scripts/torch-cuda-attention.py's JSON \
-        (--torch-attention). Needs the PhalanxCUDA resource bundle beside the executable, \
-        libcuda.so.1, NVRTC (PHALANX_NVRTC to point at it) and, for the layer, cuBLAS. Ends with one \
-        JSON line.
+        forward+backward 3.5 times that): ours, and cuDNN's fused attention (default and \
+        deterministic backward) where libcudnn.so.9 loads (PHALANX_CUDNN to point at one), beside \
+        scripts/torch-cuda-attention.py's JSON (--torch-attention). Needs the PhalanxCUDA resource \
+        bundle beside the executable, libcuda.so.1, NVRTC (PHALANX_NVRTC to point at it) and, for \
+        the layer, cuBLAS. Ends with one JSON line.
         """)
 
     @Flag(help: "Compare with the CPU operator first (the tests' cases), printing PASS/FAIL per case.")

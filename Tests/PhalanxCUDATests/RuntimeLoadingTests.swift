@@ -1,5 +1,6 @@
 import Foundation
 import PhalanxCUDA
+import PhalanxRuntime
 import Testing
 
 /// What works without a GPU: loading errors, the kernel cache key, the shipped sources, bfloat16.
@@ -133,6 +134,16 @@ struct RuntimeLoadingTests {
             let rounded = BFloat16.float(BFloat16.bits(value))
             #expect(abs(rounded - value) <= abs(value) / 256, "\(value) -> \(rounded)")
             #expect(BFloat16.bits(rounded) == BFloat16.bits(value))  // idempotent
+        }
+    }
+
+    @Test("cuDNN's attention graphs finalize node by node (full, windowed, grouped), where cuDNN loads",
+          .enabled(if: CUDNNAttention.unavailableReason == nil, "cuDNN 9 is not installed here"))
+    func cudnnAttentionNodes() throws {
+        for (heads, kvHeads, window) in [(4, 4, nil), (4, 2, 7), (8, 2, 100)] as [(Int, Int, Int?)] {
+            let shape = AttentionLayout(batch: 2, length: 256, heads: heads, kvHeads: kvHeads, headDim: 128)
+            try CUDNNAttention.validateNodes(shape: shape, window: window)
+            try CUDNNAttention.validateNodes(shape: shape, window: window, deterministic: true)
         }
     }
 }

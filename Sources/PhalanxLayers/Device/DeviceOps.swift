@@ -109,21 +109,77 @@ public enum DeviceOps {
         }
     }
 
-    /// Causal attention (with `window`) of `query`, `key`, `value` into `output` and `logsumexp`.
+    /// cuDNN's attention for `headDim` and `window` on `gpu` (one per device, head dim, window and
+    /// backward mode), or nil where cuDNN cannot be used (said once).
+    private static func cudnnAttention(headDim: Int, window: Int?, deterministic: Bool, on gpu: CUDADevice) -> CUDNNAttention? {
+        // The closure's type is spelled out: inferred through `try?` it would be optional, and
+        // `kernels` would then read a missing entry as a stored nil and never make one.
+        let key = "cudnn-attention/d\(headDim)/w\(window ?? 0)/\(deterministic ? "deterministic" : "fast")"
+        let slot = try? gpu.kernels(key) { () -> CUDNNAttentionSlot in
+            do {
+                return CUDNNAttentionSlot(attention: try CUDNNAttention(context: gpu.context, headDim: headDim, window: window,
+                                                                        deterministic: deterministic))
+            } catch {
+                AttentionKernelNotice.once("cuDNN is not usable (\(error)); attention runs on Phalanx's own kernel")
+                return CUDNNAttentionSlot(attention: nil)
+            }
+        }
+        return slot?.attention
+    }
+
+    /// cuDNN's attention when `AttentionKernelChoice.current` asks for it, the storage is
+    /// bfloat16 and cuDNN takes `layout` (forward and backward); else nil (the reason said once).
+    private static func cudnnAttention(_ storage: NumberFormat, layout: AttentionLayout, window: Int?,
+                                       on gpu: CUDADevice) -> CUDNNAttention? {
+        let choice = AttentionKernelChoice.current
+        guard choice.usesCUDNN else {
+            AttentionKernelNotice.once("\(storage) attention runs on Phalanx's own kernel (\(AttentionKernelChoice.variable)=\(choice.rawValue))")
+            return nil
+        }
+        guard storage == .bfloat16 else {
+            AttentionKernelNotice.once("\(storage) attention runs on Phalanx's own kernel (cuDNN is used for bf16 only)")
+            return nil
+        }
+        guard let attention = cudnnAttention(headDim: layout.headDim, window: window, deterministic: choice.deterministic, on: gpu)
+        else { return nil }
+        if let reason = attention.unsupportedReason(layout) {
+            AttentionKernelNotice.once("cuDNN does not take \(layout) window \(window.map(String.init) ?? "none") (\(reason)); "
+                                       + "that shape runs on Phalanx's own kernel")
+            return nil
+        }
+        AttentionKernelNotice.once("bf16 attention runs on cuDNN \(CUDNNAttention.loadedVersion ?? "")"
+                                   + "\(choice.deterministic ? ", deterministic backward" : "") (\(AttentionKernelChoice.variable)=\(choice.rawValue))")
+        return attention
+    }
+
+    /// Causal attention (with `window`) of `query`, `key`, `value` into `output` and `logsumexp`,
+    /// by cuDNN or our kernel (`AttentionKernelChoice`).
     static func attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logsumexp: Tensor, layout: AttentionLayout,
                           window: Int?, on gpu: CUDADevice) {
         gpu.perform {
+            if let cudnn = cudnnAttention(query.format, layout: layout, window: window, on: gpu) {
+                try cudnn.forward(query: query.deviceBuffer, key: key.deviceBuffer, value: value.deviceBuffer,
+                                  output: output.deviceBuffer, logsumexp: logsumexp.deviceBuffer, shape: layout)
+                return
+            }
             try attention(query.format, headDim: layout.headDim, window: window, on: gpu)
                 .forward(query: query.deviceBuffer, key: key.deviceBuffer, value: value.deviceBuffer, output: output.deviceBuffer,
                          logsumexp: logsumexp.deviceBuffer, shape: layout)
         }
     }
 
-    /// The gradients of `query`, `key` and `value` (overwritten).
+    /// The gradients of `query`, `key` and `value` (overwritten), by the kernel the forward used.
     static func attentionBackward(query: Tensor, key: Tensor, value: Tensor, output: Tensor, logsumexp: Tensor,
                                   outputGradient: Tensor, queryGradient: Tensor, keyGradient: Tensor, valueGradient: Tensor,
                                   layout: AttentionLayout, window: Int?, on gpu: CUDADevice) {
         gpu.perform {
+            if let cudnn = cudnnAttention(query.format, layout: layout, window: window, on: gpu) {
+                try cudnn.backward(query: query.deviceBuffer, key: key.deviceBuffer, value: value.deviceBuffer,
+                                   output: output.deviceBuffer, logsumexp: logsumexp.deviceBuffer,
+                                   outputGradient: outputGradient.deviceBuffer, queryGradient: queryGradient.deviceBuffer,
+                                   keyGradient: keyGradient.deviceBuffer, valueGradient: valueGradient.deviceBuffer, shape: layout)
+                return
+            }
             try attention(query.format, headDim: layout.headDim, window: window, on: gpu)
                 .backward(query: query.deviceBuffer, key: key.deviceBuffer, value: value.deviceBuffer, output: output.deviceBuffer,
                           logsumexp: logsumexp.deviceBuffer, outputGradient: outputGradient.deviceBuffer,
