@@ -44,7 +44,7 @@ import PhalanxRuntime
 /// context's cache (or passed in as `rowDots`).
 ///
 /// References: Dao et al., "FlashAttention" (2022) and "FlashAttention-2" (2023).
-public struct CUDAAttention: Sendable {
+public struct CUDAAttention: DeviceAttentionKernels, Sendable {
     /// The head dims the checks and benchmarks use; the kernels take any multiple of 16 up to 128.
     public static let headDims = [16, 32, 64, 128]
 
@@ -118,7 +118,7 @@ public struct CUDAAttention: Sendable {
     public func backward(query: DeviceBuffer, key: DeviceBuffer, value: DeviceBuffer, output: DeviceBuffer,
                          logsumexp: DeviceBuffer, outputGradient: DeviceBuffer, queryGradient: DeviceBuffer,
                          keyGradient: DeviceBuffer, valueGradient: DeviceBuffer, shape: AttentionLayout,
-                         rowDots: DeviceBuffer? = nil) throws {
+                         rowDots: DeviceBuffer?) throws {
         check(shape, "backward", [
             ("query", query, shape.queryCount, storage), ("key", key, shape.keyCount, storage),
             ("value", value, shape.keyCount, storage), ("output", output, shape.queryCount, storage),
@@ -144,6 +144,15 @@ public struct CUDAAttention: Sendable {
         withExtendedLifetime(dots) {}
     }
 
+    /// `backward` with its scratch for `D` from the context's memory cache.
+    public func backward(query: DeviceBuffer, key: DeviceBuffer, value: DeviceBuffer, output: DeviceBuffer,
+                         logsumexp: DeviceBuffer, outputGradient: DeviceBuffer, queryGradient: DeviceBuffer,
+                         keyGradient: DeviceBuffer, valueGradient: DeviceBuffer, shape: AttentionLayout) throws {
+        try backward(query: query, key: key, value: value, output: output, logsumexp: logsumexp, outputGradient: outputGradient,
+                     queryGradient: queryGradient, keyGradient: keyGradient, valueGradient: valueGradient, shape: shape,
+                     rowDots: nil)
+    }
+
     /// Thread blocks along the length.
     private func blocks(_ length: Int) -> Int { (length + rowsPerBlock - 1) / rowsPerBlock }
 
@@ -165,35 +174,5 @@ public struct CUDAAttention: Sendable {
             require(buffer.byteCount >= count * format.byteCount,
                     "\(name): \(label) holds \(buffer.byteCount) bytes, expected \(count) \(format) numbers (\(count * format.byteCount) bytes) for \(shape)")
         }
-    }
-
-    // MARK: Host arrays
-
-    /// `forward` on host arrays (float32, rounded to bfloat16 on upload when `storage` is):
-    /// returns the output (as stored, widened to float32) and the log-sum-exp.
-    public func forward(query: [Float], key: [Float], value: [Float], shape: AttentionLayout) throws -> (output: [Float], logsumexp: [Float]) {
-        let q = try storage.upload(query, context: context), k = try storage.upload(key, context: context)
-        let v = try storage.upload(value, context: context)
-        let o = try DeviceBuffer(context: context, byteCount: max(shape.queryCount, 1) * storage.byteCount)
-        let lse = try DeviceBuffer(context: context, byteCount: max(shape.rowCount, 1) * 4)
-        try forward(query: q, key: k, value: v, output: o, logsumexp: lse, shape: shape)
-        return (try storage.download(o, count: shape.queryCount), try lse.floats(count: shape.rowCount))
-    }
-
-    /// `backward` on host arrays (see the host `forward`); `output` and `logsumexp` as the host
-    /// `forward` returned them.
-    public func backward(query: [Float], key: [Float], value: [Float], output: [Float], logsumexp: [Float],
-                         outputGradient: [Float], shape: AttentionLayout) throws
-        -> (queryGradient: [Float], keyGradient: [Float], valueGradient: [Float]) {
-        let q = try storage.upload(query, context: context), k = try storage.upload(key, context: context)
-        let v = try storage.upload(value, context: context), o = try storage.upload(output, context: context)
-        let lse = try DeviceBuffer(context: context, floats: logsumexp), dO = try storage.upload(outputGradient, context: context)
-        let dq = try DeviceBuffer(context: context, byteCount: max(shape.queryCount, 1) * storage.byteCount)
-        let dk = try DeviceBuffer(context: context, byteCount: max(shape.keyCount, 1) * storage.byteCount)
-        let dv = try DeviceBuffer(context: context, byteCount: max(shape.keyCount, 1) * storage.byteCount)
-        try backward(query: q, key: k, value: v, output: o, logsumexp: lse, outputGradient: dO, queryGradient: dq,
-                     keyGradient: dk, valueGradient: dv, shape: shape)
-        return (try storage.download(dq, count: shape.queryCount), try storage.download(dk, count: shape.keyCount),
-                try storage.download(dv, count: shape.keyCount))
     }
 }

@@ -24,7 +24,7 @@ import PhalanxRuntime
 /// runs can differ in the last bits. `deterministic` asks for cuDNN's other backward (dq written
 /// once from a `[batch, heads, length, length]` bfloat16 dP workspace): bit-identical runs, at a
 /// workspace quadratic in the length (refused past `deterministicWorkspaceLimit`).
-public final class CUDNNAttention: @unchecked Sendable {
+public final class CUDNNAttention: DeviceAttentionKernels, @unchecked Sendable {
     /// The GPU every call runs on, on its stream.
     public let context: CUDAContext
     /// Channels per head.
@@ -33,6 +33,8 @@ public final class CUDNNAttention: @unchecked Sendable {
     public let window: Int?
     /// Whether the backward is bit-reproducible (see the type's comment).
     public let deterministic: Bool
+    /// How queries, keys, values, outputs and gradients are stored (the log-sum-exp is float32).
+    public var storage: NumberFormat { .bfloat16 }
     /// The most bytes the deterministic backward's dP workspace may take.
     public static let deterministicWorkspaceLimit = 8 << 30
 
@@ -195,36 +197,5 @@ public final class CUDNNAttention: @unchecked Sendable {
             require(buffer.byteCount >= count * bytes,
                     "CUDNNAttention.\(function): \(label) holds \(buffer.byteCount) bytes, expected \(count * bytes) for \(shape)")
         }
-    }
-
-    // MARK: Host arrays
-
-    /// `forward` on host arrays (rounded to bfloat16 on upload): the output (widened to float32)
-    /// and the log-sum-exp.
-    public func forward(query: [Float], key: [Float], value: [Float], shape: AttentionLayout) throws -> (output: [Float], logsumexp: [Float]) {
-        let storage = NumberFormat.bfloat16
-        let q = try storage.upload(query, context: context), k = try storage.upload(key, context: context)
-        let v = try storage.upload(value, context: context)
-        let o = try DeviceBuffer(context: context, byteCount: max(shape.queryCount, 1) * 2)
-        let lse = try DeviceBuffer(context: context, byteCount: max(shape.rowCount, 1) * 4)
-        try forward(query: q, key: k, value: v, output: o, logsumexp: lse, shape: shape)
-        return (try storage.download(o, count: shape.queryCount), try lse.floats(count: shape.rowCount))
-    }
-
-    /// `backward` on host arrays; `output` and `logsumexp` as the host `forward` returned them.
-    public func backward(query: [Float], key: [Float], value: [Float], output: [Float], logsumexp: [Float],
-                         outputGradient: [Float], shape: AttentionLayout) throws
-        -> (queryGradient: [Float], keyGradient: [Float], valueGradient: [Float]) {
-        let storage = NumberFormat.bfloat16
-        let q = try storage.upload(query, context: context), k = try storage.upload(key, context: context)
-        let v = try storage.upload(value, context: context), o = try storage.upload(output, context: context)
-        let lse = try DeviceBuffer(context: context, floats: logsumexp), dO = try storage.upload(outputGradient, context: context)
-        let dq = try DeviceBuffer(context: context, byteCount: max(shape.queryCount, 1) * 2)
-        let dk = try DeviceBuffer(context: context, byteCount: max(shape.keyCount, 1) * 2)
-        let dv = try DeviceBuffer(context: context, byteCount: max(shape.keyCount, 1) * 2)
-        try backward(query: q, key: k, value: v, output: o, logsumexp: lse, outputGradient: dO, queryGradient: dq,
-                     keyGradient: dk, valueGradient: dv, shape: shape)
-        return (try storage.download(dq, count: shape.queryCount), try storage.download(dk, count: shape.keyCount),
-                try storage.download(dv, count: shape.keyCount))
     }
 }
