@@ -40,7 +40,6 @@ public final class CUDADriver: @unchecked Sendable {
     let cuModuleGetFunction: @convention(c) (UnsafeMutablePointer<Handle?>, Handle?, UnsafePointer<CChar>) -> Result
     let cuMemAlloc: @convention(c) (UnsafeMutablePointer<UInt64>, Int) -> Result
     let cuMemFree: @convention(c) (UInt64) -> Result
-    let cuMemcpyHtoD: @convention(c) (UInt64, UnsafeRawPointer, Int) -> Result
     let cuMemcpyDtoH: @convention(c) (UnsafeMutableRawPointer, UInt64, Int) -> Result
     let cuMemcpyDtoDAsync: @convention(c) (UInt64, UInt64, Int, Handle?) -> Result
     let cuMemcpyHtoDAsync: @convention(c) (UInt64, UnsafeRawPointer, Int, Handle?) -> Result
@@ -95,7 +94,6 @@ public final class CUDADriver: @unchecked Sendable {
         cuModuleGetFunction = try library.function("cuModuleGetFunction")
         cuMemAlloc = try library.function("cuMemAlloc_v2")
         cuMemFree = try library.function("cuMemFree_v2")
-        cuMemcpyHtoD = try library.function("cuMemcpyHtoD_v2")
         cuMemcpyDtoH = try library.function("cuMemcpyDtoH_v2")
         cuMemcpyDtoDAsync = try library.function("cuMemcpyDtoDAsync_v2")
         cuMemcpyHtoDAsync = try library.function("cuMemcpyHtoDAsync_v2")

@@ -51,16 +51,11 @@ public final class DeviceBuffer: @unchecked Sendable {
 
     deinit { if base == nil { context.memory.give(address, byteCount: max(byteCount, 1)) } }
 
-    /// Copies `values` to the start of the buffer, after the stream's queued work.
+    /// Copies `values` to the start of the buffer, after the stream's queued work; returns when
+    /// they have landed.
     public func upload<T: BitwiseCopyable>(_ values: [T]) throws {
-        let bytes = values.count * MemoryLayout<T>.stride
-        require(bytes <= byteCount, "DeviceBuffer.upload: \(bytes) bytes do not fit in a buffer of \(byteCount)")
-        guard bytes > 0 else { return }
+        guard try queueCopy(of: values, "DeviceBuffer.upload") else { return }
         try context.synchronize()
-        try values.withUnsafeBytes { source in
-            try context.driver.check(context.driver.cuMemcpyHtoD(address, source.baseAddress!, bytes),
-                                     "cuMemcpyHtoD_v2(\(bytes) bytes)")
-        }
     }
 
     /// Queues a copy of `values` to the start of the buffer, in stream order, without waiting: the
@@ -68,14 +63,22 @@ public final class DeviceBuffer: @unchecked Sendable {
     /// For what the host sends while the device works (a step's tokens and targets, a decode
     /// step's positions), where `upload`'s wait would drain the queue each time.
     public func enqueueUpload<T: BitwiseCopyable>(_ values: [T]) throws {
+        try queueCopy(of: values, "DeviceBuffer.enqueueUpload")
+    }
+
+    /// Queues the host-to-device copy of `upload` and `enqueueUpload`; false when there is nothing
+    /// to copy.
+    @discardableResult
+    private func queueCopy<T: BitwiseCopyable>(of values: [T], _ name: String) throws -> Bool {
         let bytes = values.count * MemoryLayout<T>.stride
-        require(bytes <= byteCount, "DeviceBuffer.enqueueUpload: \(bytes) bytes do not fit in a buffer of \(byteCount)")
-        guard bytes > 0 else { return }
+        require(bytes <= byteCount, "\(name): \(bytes) bytes do not fit in a buffer of \(byteCount)")
+        guard bytes > 0 else { return false }
         try context.makeCurrent()
         try values.withUnsafeBytes { source in
             try context.driver.check(context.driver.cuMemcpyHtoDAsync(address, source.baseAddress!, bytes, context.stream),
                                      "cuMemcpyHtoDAsync_v2(\(bytes) bytes)")
         }
+        return true
     }
 
     /// The first `count` values of type `T` (all that fit when nil), after the stream's queued work.
