@@ -1,4 +1,5 @@
 import Foundation
+import PhalanxRuntime
 
 /// One GPU as a place where a model's tensors live and its layers run: the context (stream,
 /// memory, compiled modules), one cuBLAS handle, the kernel sets compiled for it, and the first
@@ -39,6 +40,13 @@ public final class CUDADevice: @unchecked Sendable, CustomStringConvertible {
 
     /// `cuda:0 (NVIDIA H200)`.
     public var description: String { "cuda:\(context.ordinal) (\(context.deviceName))" }
+
+    /// The device memory a run may plan to fill before it allocates: 90% of the total (the rest:
+    /// cuBLAS workspaces, kernels, the allocation cache's slack).
+    public var plannableBytes: Int { context.totalMemory / 10 * 9 }
+
+    /// `plannableBytes` in words, for refusals: `90% of cuda:0 (NVIDIA H200)'s 150.1 GB`.
+    public var plannableDescription: String { "90% of \(self)'s \(MemoryBudget.describe(context.totalMemory))" }
 
     /// Runs `body` (which queues work on the stream) unless an earlier call failed; records the
     /// first error. Returns whether `body` ran and succeeded.

@@ -179,9 +179,8 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
     }
 
     /// Throws unless scoring or decoding `batch` sequences of `positions` tokens fits where it
-    /// runs (see `inferenceBytes`): this machine's memory on the CPU; on a GPU, 90% of the
-    /// device's memory (the rest: cuBLAS workspaces, kernels, the allocation cache's slack). The
-    /// error's field is `batch`.
+    /// runs (see `inferenceBytes`): this machine's memory on the CPU, the device's plannable
+    /// memory on a GPU (`CUDADevice.plannableBytes`). The error's field is `batch`.
     ///
     /// - Throws: `ConfigurationError` with the bytes needed and the bytes available.
     public func checkInference(batch: Int, positions: Int, on placement: Placement = .cpu) throws {
@@ -196,9 +195,8 @@ public struct ModelConfiguration: Codable, Hashable, Sendable {
         let compute = placement.compute
         let bytes = inferenceBytes(batch: batch, positions: positions, weightBytes: 8 + (compute == .bfloat16 ? 2 : 0),
                                    activationBytes: compute.byteCount)
-        let available = gpu.context.totalMemory / 10 * 9
-        guard let bytes, bytes <= available else {
-            throw ConfigurationError("\(batch) sequences of \(positions) positions need about \(M.describe(bytes)) of device memory with this model in \(compute), more than 90% of \(gpu)'s \(M.describe(gpu.context.totalMemory))", field: "batch")
+        guard let bytes, bytes <= gpu.plannableBytes else {
+            throw ConfigurationError("\(batch) sequences of \(positions) positions need about \(M.describe(bytes)) of device memory with this model in \(compute), more than \(gpu.plannableDescription)", field: "batch")
         }
     }
 

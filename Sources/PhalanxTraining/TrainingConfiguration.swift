@@ -128,9 +128,8 @@ public struct TrainingConfiguration: Codable, Hashable, Sendable {
         let perToken = M.sum(M.product(2, model.vocabulary), M.product(model.depth, M.sum(M.product(12, model.dim), M.product(3, model.mlpHidden)) ?? -1))
         let bytes = M.sum(model.parameterCount.flatMap { M.product(16 + (compute == .bfloat16 ? 2 : 0), $0) },
                           perToken.flatMap { M.product(compute.byteCount, batchSize, contextLength, $0) })
-        let available = device.context.totalMemory / 10 * 9
-        guard let bytes, bytes <= available else {
-            throw TrainingError("batchSize \(batchSize) x contextLength \(contextLength) needs about \(M.describe(bytes)) of device memory per step with this model in \(compute), more than 90% of \(device)'s \(M.describe(device.context.totalMemory)); lower batchSize (and raise accumulation)", field: "batchSize")
+        guard let bytes, bytes <= device.plannableBytes else {
+            throw TrainingError("batchSize \(batchSize) x contextLength \(contextLength) needs about \(M.describe(bytes)) of device memory per step with this model in \(compute), more than \(device.plannableDescription); lower batchSize (and raise accumulation)", field: "batchSize")
         }
     }
 }
