@@ -246,10 +246,17 @@ def layers(arguments):
 
         results.append({"layer": name, "length": L, "forward_ms": 1e3 * forward,
                         "forward_backward_ms": 1e3 * median_seconds(both, arguments.repeats)})
-    q = torch.randn(1, arguments.heads, L, dim // arguments.heads)
+    q, k, v = (torch.randn(1, arguments.heads, L, dim // arguments.heads, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, arguments.heads, L, dim // arguments.heads)
     with torch.no_grad():
-        sdpa = median_seconds(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), arguments.repeats)
-    results.append({"layer": "sdpa kernel, causal", "length": L, "forward_ms": 1e3 * sdpa})
+        sdpa = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), arguments.repeats)
+
+    def sdpa_both():
+        q.grad = k.grad = v.grad = None
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+
+    results.append({"layer": "sdpa kernel, causal", "length": L, "forward_ms": 1e3 * sdpa,
+                    "forward_backward_ms": 1e3 * median_seconds(sdpa_both, arguments.repeats)})
     return results
 
 

@@ -38,7 +38,8 @@ extension AttentionLayout {
 /// that depends on it, so its last bits may.
 ///
 /// The tile products are register-blocked `SIMD16` loops (4 rows x 64 columns, 16 fused
-/// multiply-add accumulators), and the softmax uses a vector `exp2`. On the 2-core development
+/// multiply-add accumulators, with AVX-512; 6 x 16 with AVX2: see `multiplyTile`), and the
+/// softmax uses a vector `exp2`. On the 2-core development
 /// machine (AVX-512) one thread ran OpenBLAS's 64 x 64 x 64 products at 73-114 GFLOP/s (124 at
 /// 256 x 256 x 64; its kernels there are AVX2), and this whole forward, softmax included, at
 /// about 200 GFLOP/s per thread.
@@ -526,21 +527,39 @@ private struct Tiling {
 /// `C[64, columns] (+)= A[64, depth] B[depth, columns]`, `columns` a multiple of 16. Element
 /// `(r, d)` of `A` is `a[r * aRow + d * aDepth]` (so `aRow: 1, aDepth: 64` reads a stored
 /// `[depth, 64]` matrix transposed); rows of `B` and `C` are `bRow` and `cRow` apart.
+///
+/// Register blocks by instruction set: with 32 wide registers (AVX-512), 4 x 64 blocks (16
+/// accumulators); with 16 registers of 8 floats (AVX2), 6 x 16 blocks (12 accumulators, two
+/// operand vectors and a broadcast: 15 registers), whose 12 independent multiply-add chains cover
+/// the latency of two FMA pipes (4-5 cycles each needs at least 8-10 in flight), then a 4 x 16
+/// block for the last 4 of the 64 rows.
 @inline(__always)
 private func multiplyTile(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b: UnsafePointer<Float>, bRow: Int,
                           depth: Int, columns: Int, into c: UnsafeMutablePointer<Float>, cRow: Int, accumulate: Bool) {
-    for r in stride(from: 0, to: tileSize, by: 4) {
-        var column = 0
-        // 4 x 64 (16 accumulators) where 32 wide registers hold them; 4 x 16 elsewhere.
-        while PHALANX_WIDE_VECTORS == 1 && column + 64 <= columns {
-            block4x64(a + r * aRow, aRow: aRow, aDepth: aDepth, b + column, bRow: bRow, depth: depth,
-                      into: c + r * cRow + column, cRow: cRow, accumulate: accumulate)
-            column += 64
+    if PHALANX_WIDE_VECTORS == 1 {
+        for r in stride(from: 0, to: tileSize, by: 4) {
+            var column = 0
+            while column + 64 <= columns {
+                block4x64(a + r * aRow, aRow: aRow, aDepth: aDepth, b + column, bRow: bRow, depth: depth,
+                          into: c + r * cRow + column, cRow: cRow, accumulate: accumulate)
+                column += 64
+            }
+            while column < columns {
+                block4x16(a + r * aRow, aRow: aRow, aDepth: aDepth, b + column, bRow: bRow, depth: depth,
+                          into: c + r * cRow + column, cRow: cRow, accumulate: accumulate)
+                column += 16
+            }
         }
-        while column < columns {
+    } else {
+        for column in stride(from: 0, to: columns, by: 16) {
+            var r = 0
+            while r + 6 <= tileSize {
+                block6x16(a + r * aRow, aRow: aRow, aDepth: aDepth, b + column, bRow: bRow, depth: depth,
+                          into: c + r * cRow + column, cRow: cRow, accumulate: accumulate)
+                r += 6
+            }
             block4x16(a + r * aRow, aRow: aRow, aDepth: aDepth, b + column, bRow: bRow, depth: depth,
                       into: c + r * cRow + column, cRow: cRow, accumulate: accumulate)
-            column += 16
         }
     }
 }
@@ -577,7 +596,33 @@ private func block4x64(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b: U
     store16(s30, c3); store16(s31, c3 + 16); store16(s32, c3 + 32); store16(s33, c3 + 48)
 }
 
-/// 4 rows x 16 columns: the remainder when `columns` is not a multiple of 64.
+/// 6 rows x 16 columns, 6 vector accumulators (12 registers of 8 floats): the block of the
+/// 16-register path.
+@inline(__always)
+private func block6x16(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b: UnsafePointer<Float>, bRow: Int,
+                       depth: Int, into c: UnsafeMutablePointer<Float>, cRow: Int, accumulate: Bool) {
+    var s0 = SIMD16<Float>(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0
+    if accumulate {
+        s0 = load16(c); s1 = load16(c + cRow); s2 = load16(c + 2 * cRow)
+        s3 = load16(c + 3 * cRow); s4 = load16(c + 4 * cRow); s5 = load16(c + 5 * cRow)
+    }
+    var ap = a, bp = b
+    for _ in 0..<depth {
+        let bv = load16(bp)
+        s0 = s0.addingProduct(SIMD16(repeating: ap[0]), bv)
+        s1 = s1.addingProduct(SIMD16(repeating: ap[aRow]), bv)
+        s2 = s2.addingProduct(SIMD16(repeating: ap[2 * aRow]), bv)
+        s3 = s3.addingProduct(SIMD16(repeating: ap[3 * aRow]), bv)
+        s4 = s4.addingProduct(SIMD16(repeating: ap[4 * aRow]), bv)
+        s5 = s5.addingProduct(SIMD16(repeating: ap[5 * aRow]), bv)
+        ap += aDepth; bp += bRow
+    }
+    store16(s0, c); store16(s1, c + cRow); store16(s2, c + 2 * cRow)
+    store16(s3, c + 3 * cRow); store16(s4, c + 4 * cRow); store16(s5, c + 5 * cRow)
+}
+
+/// 4 rows x 16 columns: the wide path's remainder when `columns` is not a multiple of 64, and
+/// the narrow path's last 4 rows.
 @inline(__always)
 private func block4x16(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b: UnsafePointer<Float>, bRow: Int,
                        depth: Int, into c: UnsafeMutablePointer<Float>, cRow: Int, accumulate: Bool) {
@@ -604,8 +649,8 @@ private func hide(_ row: UnsafeMutablePointer<Float>, lo: Int, hi: Int) {
     }
 }
 
-/// Lane-wise maximum: one `vmaxps`. (The standard library's `pointwiseMax` is an out-of-line
-/// generic call, measured at 40% of the forward's time.)
+/// Lane-wise maximum: one `vmaxps` (and a NaN check) through `phalanx_max16`. (The standard
+/// library's `pointwiseMax` is an out-of-line generic call, measured at 40% of the forward's time;
+/// `replacing(with:where:)` compiles to masked 4-lane loads when an operand is a load.)
 @inline(__always)
-private func maximum(_ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> { a.replacing(with: b, where: a .< b) }
-
+private func maximum(_ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> { phalanx_max16(a, b) }
