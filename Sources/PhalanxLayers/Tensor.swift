@@ -320,7 +320,11 @@ public final class Tensor: @unchecked Sendable, CustomStringConvertible {
         require(other.count == count, "Tensor.add: shapes \(shape) and \(other.shape) differ in size")
         requireSameDevice("Tensor.add", other)
         switch device {
-        case .cpu: for i in 0..<count { buffer[i] += other.buffer[i] }
+        case .cpu:
+            // The pointers once, outside the loop: `buffer` is a switch over the storage (and a
+            // retain) per access, which kept this loop scalar at 6% of a training step.
+            let target = buffer, source = other.buffer
+            for i in 0..<count { target[i] += source[i] }
         case .cuda(let gpu): DeviceOps.add(other, into: self, on: gpu)
         }
     }
