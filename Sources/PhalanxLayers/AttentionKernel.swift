@@ -96,9 +96,11 @@ public struct AttentionKernel: Hashable, Sendable {
         let q = query.baseAddress!, k = key.baseAddress!, v = value.baseAddress!
         let out = output.baseAddress!, lse = logsumexp.baseAddress!
         let sequencesAndHeads = layout.batch * layout.heads
-        // The longest tasks (last query tiles, under causal masking) first, for balance.
+        // One (sequence, head) after another, so that the threads share its keys and values in
+        // the caches; within it the longest tasks (last query tiles, under causal masking) first,
+        // and the shortest last, for balance.
         pool.run(sequencesAndHeads * t.tiles) { index in
-            let tile = t.tiles - 1 - index / sequencesAndHeads, bh = index % sequencesAndHeads
+            let tile = t.tiles - 1 - index % t.tiles, bh = index / t.tiles
             t.forwardTile(query: q, key: k, value: v, output: out, logsumexp: lse,
                           batch: bh / layout.heads, head: bh % layout.heads, tile: tile)
         }
