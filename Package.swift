@@ -5,12 +5,14 @@ import PackageDescription
 // `SIMD16<Float>` fused multiply-adds to scalar `fmaf` calls (measured 40x slower). The default
 // build targets the host (`-march=native`); `PHALANX_PORTABLE=1` builds for x86-64-v3 (AVX2+FMA,
 // any x86 server of the last decade) instead, which is what the binary for another machine
-// (the GPU host) needs. These are `unsafeFlags`: fine for the root package, which is how Phalanx
+// (the GPU host) needs, and `PHALANX_MARCH=<cpu>` any other clang target (`x86-64-v4` for
+// AVX-512 machines of any vendor, `znver3`, `sapphirerapids`). These are `unsafeFlags`: fine for the root package, which is how Phalanx
 // is meant to be used (a tool and a library you vendor), but they stop SwiftPM from accepting it
 // as a versioned dependency. See README, "Build flags".
 let portable = Context.environment["PHALANX_PORTABLE"].map { $0 == "1" } ?? false
+let march = Context.environment["PHALANX_MARCH"] ?? (portable ? "x86-64-v3" : "native")
 let cpuFlags: [SwiftSetting] = [
-    .unsafeFlags(["-Xcc", portable ? "-march=x86-64-v3" : "-march=native"],
+    .unsafeFlags(["-Xcc", "-march=\(march)"],
                  .when(platforms: [.linux])),
 ]
 

@@ -20,9 +20,15 @@ public enum Gemm {
         case packed
     }
 
-    /// The kernel used unless a call names one: `PHALANX_GEMM=blas` or `packed` if set; else
-    /// `packed` where OpenBLAS runs narrower vectors than the processor has (its AVX2 kernels on
-    /// an AVX-512 processor: `PackedGemm` is then about 1.4x faster), `blas` everywhere else.
+    /// The kernel used unless a call names one: `PHALANX_GEMM=blas` or `packed` if set; else,
+    /// with OpenBLAS, the faster of the two, measured once per process (`measuredKernel`);
+    /// Accelerate's BLAS on Apple machines.
+    ///
+    /// Measured, not inferred from the processor: OpenBLAS picks its kernels when it loads, from
+    /// `OPENBLAS_CORETYPE` or the processor's identity, and gets it wrong in both directions
+    /// (AVX2 kernels on an AVX-512 processor when the environment says Haswell; its SSE3
+    /// "Prescott" fallback, at a fifth of the machine's rate, on a virtual machine whose processor
+    /// model it does not know).
     public static let kernel: Kernel = {
         if let name = ProcessInfo.processInfo.environment["PHALANX_GEMM"] {
             require(Kernel(rawValue: name) != nil, "PHALANX_GEMM must be blas or packed, got '\(name)'")
@@ -31,9 +37,34 @@ public enum Gemm {
         #if canImport(Accelerate)
         return .blas
         #else
-        return BLASKernels.wider != nil ? .packed : .blas
+        return measuredKernel()
         #endif
     }()
+
+    /// `packed` when its best of seven single-threaded products `[256, 1024] = [256, 256] [256,
+    /// 1024]` (the shape of one thread's share of a layer's products) is more than 25% faster
+    /// than the BLAS's best, else `blas`. The margin keeps the choice from flipping between
+    /// processes on a noisy machine when the two are close (with 10%, alternate runs on a shared
+    /// machine flipped; the kernels' results differ in the last bits); the cases that matter
+    /// differ by 1.4-2x. The whole measurement takes 5-30 ms.
+    static func measuredKernel() -> Kernel {
+        _ = singleThreadedBLAS
+        let m = 256, n = 1024, k = 256
+        let a = UnsafeMutablePointer<Float>.allocate(capacity: m * k + k * n + m * n)
+        defer { a.deallocate() }
+        for i in 0..<(m * k + k * n) { a[i] = Float(i % 7) * 0.01 }
+        let b = a + m * k, c = b + k * n
+        var best: [Kernel: UInt64] = [:]
+        for _ in 0..<7 {
+            for kernel in Kernel.allCases {
+                let start = DispatchTime.now().uptimeNanoseconds
+                product(kernel, m, n, k, a, false, k, b, false, n, c, n, 1, 0)
+                let elapsed = DispatchTime.now().uptimeNanoseconds - start
+                best[kernel] = min(best[kernel] ?? .max, elapsed)
+            }
+        }
+        return Double(best[.packed]!) * 1.25 < Double(best[.blas]!) ? .packed : .blas
+    }
 
     /// `C = alpha * op(A) * op(B) + beta * C` with `op(A)` `[m, k]`, `op(B)` `[k, n]`, `C` `[m, n]`,
     /// all row-major; leading dimensions default to the stored widths.

@@ -1,20 +1,28 @@
+import CPhalanxIntrinsics
 import PhalanxRuntime
 
-/// Single-precision matrix products on packed panels and a 16-lane register tile: the product
-/// this package runs where the platform BLAS would use narrower vectors than the processor has
-/// (see `Gemm.Kernel`). One thread; `Gemm.multiply` splits work over the pool.
+/// Single-precision matrix products on packed panels and a register tile sized for the compile
+/// target: the product this package runs where it measures faster than the platform BLAS (see
+/// `Gemm.kernel`). One thread; `Gemm.multiply` splits work over the pool.
 ///
 ///     C = alpha * op(A) op(B) + beta * C,   op(A) [m, k], op(B) [k, n], C [m, n], all row-major
 ///
 /// Blocking (Goto's scheme): `op(B)` is packed `kc` rows by `nc` columns at a time into
-/// micro-panels `[kc, 32]` (one stays in L1 while every row panel of A passes over it), `op(A)`
-/// `mc` rows by `kc` at a time into micro-panels `[kc, 8]` (the block stays in L2; a row-major
-/// `op(A)` whose rows come in whole panels of 8 is read in place instead), and each
-/// `8 x 32` tile of C is sixteen accumulators in registers for a whole `kc` stretch. Packing
-/// absorbs both transposes and zero-pads the edges, so the inner loop never branches; edge tiles
-/// go through a scratch tile. With `beta == 0`, `C` is never read (it may hold anything).
+/// micro-panels `[kc, nr]` (one stays in L1 while every row panel of A passes over it), `op(A)`
+/// `mc` rows by `kc` at a time into micro-panels `[kc, mr]` (the block stays in L2; a row-major
+/// `op(A)` whose rows come in whole panels of `mr` is read in place instead), and each
+/// `mr x nr` tile of C stays in registers for a whole `kc` stretch. Packing absorbs both
+/// transposes and zero-pads the edges, so the inner loop never branches; edge tiles go through a
+/// scratch tile. With `beta == 0`, `C` is never read (it may hold anything).
+///
+/// The tile by instruction set: with 32 wide registers (AVX-512), `8 x 32`, sixteen 16-lane
+/// accumulators; with 16 registers of 8 floats (AVX2), `6 x 16`, twelve 8-lane accumulators,
+/// two operand vectors and a broadcast (15 registers: the 8 x 32 tile would need 32 and spill).
 enum PackedGemm {
-    static let mr = 8, nr = 32, kc = 192, mc = 144, nc = 1024
+    static let kc = 192, mc = 144, nc = 1024
+    /// Rows and columns of the register tile (`mc` and `nc` are multiples of both choices).
+    @inline(__always) static var mr: Int { PHALANX_WIDE_VECTORS == 1 ? 8 : 6 }
+    @inline(__always) static var nr: Int { PHALANX_WIDE_VECTORS == 1 ? 32 : 16 }
 
     static func multiply(m: Int, n: Int, k: Int,
                          _ a: UnsafePointer<Float>, _ transposeA: Bool, _ lda: Int,
@@ -51,9 +59,9 @@ enum PackedGemm {
                             let rows = min(mr, mb - ir)
                             let ct = c + (ic + ir) * ldc + jc + jr
                             if rows == mr && columns == nr {
-                                microKernel(kb, ap, rowStride: rowStride, kStride: kStride, bp, ct, ldc, alpha: alpha, beta: blockBeta)
+                                tileProduct(kb, ap, rowStride: rowStride, kStride: kStride, bp, ct, ldc, alpha: alpha, beta: blockBeta)
                             } else {
-                                microKernel(kb, ap, rowStride: rowStride, kStride: kStride, bp, tile, nr, alpha: alpha, beta: 0)
+                                tileProduct(kb, ap, rowStride: rowStride, kStride: kStride, bp, tile, nr, alpha: alpha, beta: 0)
                                 for i in 0..<rows {
                                     for j in 0..<columns {
                                         ct[i * ldc + j] = blockBeta == 0 ? tile[i * nr + j] : blockBeta * ct[i * ldc + j] + tile[i * nr + j]
@@ -68,7 +76,7 @@ enum PackedGemm {
     }
 
     /// Rows `row..<row+mb`, columns `k..<k+kb` of `op(A)` as micro-panels: panel `p` holds
-    /// `out[(p * kb + kk) * 8 + i] = op(A)[row + 8p + i, k + kk]`, rows past `mb` zero.
+    /// `out[(p * kb + kk) * mr + i] = op(A)[row + p mr + i, k + kk]`, rows past `mb` zero.
     private static func packA(_ a: UnsafePointer<Float>, _ transposed: Bool, _ lda: Int, rows row: Int, _ mb: Int,
                               k: Int, _ kb: Int, into out: UnsafeMutablePointer<Float>) {
         for p in 0..<(mb + mr - 1) / mr {
@@ -94,7 +102,7 @@ enum PackedGemm {
     }
 
     /// Rows `k..<k+kb`, columns `column..<column+nb` of `op(B)` as micro-panels: panel `q` holds
-    /// `out[(q * kb + kk) * 32 + j] = op(B)[k + kk, column + 32q + j]`, columns past `nb` zero.
+    /// `out[(q * kb + kk) * nr + j] = op(B)[k + kk, column + q nr + j]`, columns past `nb` zero.
     private static func packB(_ b: UnsafePointer<Float>, _ transposed: Bool, _ ldb: Int, k: Int, _ kb: Int,
                               columns column: Int, _ nb: Int, into out: UnsafeMutablePointer<Float>) {
         for q in 0..<(nb + nr - 1) / nr {
@@ -112,8 +120,7 @@ enum PackedGemm {
             } else if valid == nr {
                 for kk in 0..<kb {
                     let source = b + (k + kk) * ldb + first, target = panel + kk * nr
-                    store16(load16(source), target)
-                    store16(load16(source + 16), target + 16)
+                    for j in stride(from: 0, to: nr, by: 16) { store16(load16(source + j), target + j) }
                 }
             } else {
                 for kk in 0..<kb {
@@ -125,14 +132,33 @@ enum PackedGemm {
         }
     }
 
-    /// The `8 x 32` tile `C[0..<8, 0..<32] (row stride ldc) = beta * C + alpha * sum_k A[k] (x) Bp[k]`
-    /// with `Bp` a packed panel `[kc, 32]` and `A[k][i] = ap[i * rowStride + k * kStride]`: a
-    /// packed panel `[kc, 8]` (`rowStride` 1, `kStride` 8) or eight rows of a row-major `A`
-    /// read in place (`rowStride` lda, `kStride` 1). Sixteen 16-lane accumulators stay in
-    /// registers; each k is two loads, eight broadcasts, sixteen FMAs.
+    /// `C[0..<mr, 0..<nr] (row stride ldc) = beta * C + alpha * sum_k A[k] (x) Bp[k]` with `Bp` a
+    /// packed panel `[kc, nr]` and `A[k][i] = ap[i * rowStride + k * kStride]`: a packed panel
+    /// `[kc, mr]` (`rowStride` 1, `kStride` mr) or `mr` rows of a row-major `A` read in place
+    /// (`rowStride` lda, `kStride` 1).
     @inline(__always)
-    static func microKernel(_ kc: Int, _ ap: UnsafePointer<Float>, rowStride: Int, kStride: Int, _ bp: UnsafePointer<Float>,
+    static func tileProduct(_ kc: Int, _ ap: UnsafePointer<Float>, rowStride: Int, kStride: Int, _ bp: UnsafePointer<Float>,
                             _ c: UnsafeMutablePointer<Float>, _ ldc: Int, alpha: Float, beta: Float) {
+        if PHALANX_WIDE_VECTORS == 1 {
+            tile8x32(kc, ap, rowStride: rowStride, kStride: kStride, bp, c, ldc, alpha: alpha, beta: beta)
+        } else {
+            tile6x16(kc, ap, rowStride: rowStride, kStride: kStride, bp, c, ldc, alpha: alpha, beta: beta)
+        }
+    }
+
+    /// `C[i, j] = alpha * sum + beta * C[i, j]` for one 16-wide row segment of the tile (`C` not
+    /// read when `beta == 0`).
+    @inline(__always)
+    private static func store(_ sum: SIMD16<Float>, _ c: UnsafeMutablePointer<Float>, alpha: Float, beta: Float) {
+        let va = SIMD16<Float>(repeating: alpha)
+        store16(beta == 0 ? va * sum : (SIMD16(repeating: beta) * load16(c)).addingProduct(va, sum), c)
+    }
+
+    /// The 8 x 32 tile: sixteen 16-lane accumulators; each k is two loads, eight broadcasts,
+    /// sixteen FMAs.
+    @inline(__always)
+    private static func tile8x32(_ kc: Int, _ ap: UnsafePointer<Float>, rowStride: Int, kStride: Int, _ bp: UnsafePointer<Float>,
+                                 _ c: UnsafeMutablePointer<Float>, _ ldc: Int, alpha: Float, beta: Float) {
         var c00 = SIMD16<Float>.zero, c01 = SIMD16<Float>.zero
         var c10 = SIMD16<Float>.zero, c11 = SIMD16<Float>.zero
         var c20 = SIMD16<Float>.zero, c21 = SIMD16<Float>.zero
@@ -162,34 +188,35 @@ enum PackedGemm {
             c70 = c70.addingProduct(a7, b0); c71 = c71.addingProduct(a7, b1)
             a += kStride; b += 32
         }
-        let va = SIMD16<Float>(repeating: alpha)
-        if beta == 0 {
-            store16(va * c00, c + 0 * ldc); store16(va * c01, c + 0 * ldc + 16)
-            store16(va * c10, c + 1 * ldc); store16(va * c11, c + 1 * ldc + 16)
-            store16(va * c20, c + 2 * ldc); store16(va * c21, c + 2 * ldc + 16)
-            store16(va * c30, c + 3 * ldc); store16(va * c31, c + 3 * ldc + 16)
-            store16(va * c40, c + 4 * ldc); store16(va * c41, c + 4 * ldc + 16)
-            store16(va * c50, c + 5 * ldc); store16(va * c51, c + 5 * ldc + 16)
-            store16(va * c60, c + 6 * ldc); store16(va * c61, c + 6 * ldc + 16)
-            store16(va * c70, c + 7 * ldc); store16(va * c71, c + 7 * ldc + 16)
-        } else {
-            let vb = SIMD16<Float>(repeating: beta)
-            store16((vb * load16(c + 0 * ldc)).addingProduct(va, c00), c + 0 * ldc)
-            store16((vb * load16(c + 0 * ldc + 16)).addingProduct(va, c01), c + 0 * ldc + 16)
-            store16((vb * load16(c + 1 * ldc)).addingProduct(va, c10), c + 1 * ldc)
-            store16((vb * load16(c + 1 * ldc + 16)).addingProduct(va, c11), c + 1 * ldc + 16)
-            store16((vb * load16(c + 2 * ldc)).addingProduct(va, c20), c + 2 * ldc)
-            store16((vb * load16(c + 2 * ldc + 16)).addingProduct(va, c21), c + 2 * ldc + 16)
-            store16((vb * load16(c + 3 * ldc)).addingProduct(va, c30), c + 3 * ldc)
-            store16((vb * load16(c + 3 * ldc + 16)).addingProduct(va, c31), c + 3 * ldc + 16)
-            store16((vb * load16(c + 4 * ldc)).addingProduct(va, c40), c + 4 * ldc)
-            store16((vb * load16(c + 4 * ldc + 16)).addingProduct(va, c41), c + 4 * ldc + 16)
-            store16((vb * load16(c + 5 * ldc)).addingProduct(va, c50), c + 5 * ldc)
-            store16((vb * load16(c + 5 * ldc + 16)).addingProduct(va, c51), c + 5 * ldc + 16)
-            store16((vb * load16(c + 6 * ldc)).addingProduct(va, c60), c + 6 * ldc)
-            store16((vb * load16(c + 6 * ldc + 16)).addingProduct(va, c61), c + 6 * ldc + 16)
-            store16((vb * load16(c + 7 * ldc)).addingProduct(va, c70), c + 7 * ldc)
-            store16((vb * load16(c + 7 * ldc + 16)).addingProduct(va, c71), c + 7 * ldc + 16)
+        store(c00, c, alpha: alpha, beta: beta); store(c01, c + 16, alpha: alpha, beta: beta)
+        store(c10, c + ldc, alpha: alpha, beta: beta); store(c11, c + ldc + 16, alpha: alpha, beta: beta)
+        store(c20, c + 2 * ldc, alpha: alpha, beta: beta); store(c21, c + 2 * ldc + 16, alpha: alpha, beta: beta)
+        store(c30, c + 3 * ldc, alpha: alpha, beta: beta); store(c31, c + 3 * ldc + 16, alpha: alpha, beta: beta)
+        store(c40, c + 4 * ldc, alpha: alpha, beta: beta); store(c41, c + 4 * ldc + 16, alpha: alpha, beta: beta)
+        store(c50, c + 5 * ldc, alpha: alpha, beta: beta); store(c51, c + 5 * ldc + 16, alpha: alpha, beta: beta)
+        store(c60, c + 6 * ldc, alpha: alpha, beta: beta); store(c61, c + 6 * ldc + 16, alpha: alpha, beta: beta)
+        store(c70, c + 7 * ldc, alpha: alpha, beta: beta); store(c71, c + 7 * ldc + 16, alpha: alpha, beta: beta)
+    }
+
+    /// The 6 x 16 tile: six 16-lane accumulators (twelve 8-lane registers); each k is one load
+    /// (two 8-lane), six broadcasts, six FMAs (twelve 8-lane).
+    @inline(__always)
+    private static func tile6x16(_ kc: Int, _ ap: UnsafePointer<Float>, rowStride: Int, kStride: Int, _ bp: UnsafePointer<Float>,
+                                 _ c: UnsafeMutablePointer<Float>, _ ldc: Int, alpha: Float, beta: Float) {
+        var c0 = SIMD16<Float>.zero, c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0
+        var a = ap, b = bp
+        for _ in 0..<kc {
+            let bv = load16(b)
+            c0 = c0.addingProduct(SIMD16(repeating: a[0]), bv)
+            c1 = c1.addingProduct(SIMD16(repeating: a[rowStride]), bv)
+            c2 = c2.addingProduct(SIMD16(repeating: a[2 * rowStride]), bv)
+            c3 = c3.addingProduct(SIMD16(repeating: a[3 * rowStride]), bv)
+            c4 = c4.addingProduct(SIMD16(repeating: a[4 * rowStride]), bv)
+            c5 = c5.addingProduct(SIMD16(repeating: a[5 * rowStride]), bv)
+            a += kStride; b += 16
         }
+        store(c0, c, alpha: alpha, beta: beta); store(c1, c + ldc, alpha: alpha, beta: beta)
+        store(c2, c + 2 * ldc, alpha: alpha, beta: beta); store(c3, c + 3 * ldc, alpha: alpha, beta: beta)
+        store(c4, c + 4 * ldc, alpha: alpha, beta: beta); store(c5, c + 5 * ldc, alpha: alpha, beta: beta)
     }
 }

@@ -26,7 +26,10 @@ struct GemmTests {
     @Test("every kernel, transpose and edge shape matches the reference", arguments: Gemm.Kernel.allCases)
     func matchesReference(kernel: Gemm.Kernel) {
         var rng = SeededGenerator(seed: 11)
-        let shapes = [(1, 1, 1), (7, 33, 5), (8, 32, 192), (9, 31, 193), (40, 70, 400), (200, 37, 64), (3, 1100, 17), (150, 150, 150)]
+        // Whole and ragged register tiles of both instruction sets (8 x 32 and 6 x 16), and blocks
+        // that cross the kc, mc and nc boundaries.
+        let shapes = [(1, 1, 1), (7, 33, 5), (8, 32, 192), (9, 31, 193), (6, 16, 192), (12, 48, 385), (13, 17, 7),
+                      (40, 70, 400), (200, 37, 64), (3, 1100, 17), (150, 150, 150), (288, 64, 20)]
         for (m, n, k) in shapes {
             for (transposeA, transposeB) in [(false, false), (false, true), (true, false), (true, true)] {
                 for (alpha, beta) in [(Float(1), Float(0)), (0.5, 1), (-2, 0.25)] {
