@@ -67,7 +67,7 @@ let package = Package(
             name: "PhalanxBench",
             dependencies: [
                 "SWR", "PhalanxLayers", "PhalanxModels", "PhalanxTraining", "PhalanxRuntime", "PhalanxCUDA", "PhalanxCUDAChecks",
-                .target(name: "CBLAS", condition: .when(platforms: [.linux])),
+                "CPhalanxIntrinsics", .target(name: "CBLAS", condition: .when(platforms: [.linux])),
             ], swiftSettings: cpuFlags),
         .executableTarget(
             name: "phalanx",

@@ -68,18 +68,15 @@ public struct OperatorBenchmark {
 
         var results: [Result] = []
         // The machine is shared and its bandwidth drifts: every repeat times a copy of the same
-        // number of bytes right before the operator, and the ratio is taken pairwise.
+        // number of bytes right before the operator (the faster of `MachineCeilings.copy`'s two
+        // ways), and the ratio is taken pairwise.
         let copySource = BenchBuffer(count: backwardBytes / 8) { Float($0 & 1023) }
         let copyDestination = BenchBuffer(count: backwardBytes / 8) { _ in 0 }
         func copy(_ bytes: Int) -> Double {
-            let count = bytes / 8, parts = pool.threadCount
             let src = copySource.pointer.baseAddress!, dst = copyDestination.pointer.baseAddress!
-            return Timing.seconds {
-                pool.run(parts) { p in
-                    let begin = p * count / parts, end = (p + 1) * count / parts
-                    (dst + begin).update(from: src + begin, count: end - begin)
-                }
-            }
+            return [false, true].map { streaming in
+                Timing.seconds { MachineCeilings.copy(src, dst, count: bytes / 8, streaming: streaming, pool: pool) }
+            }.min()!
         }
         func measure(_ name: String, bytes: Int, _ body: () -> Void) {
             if let only = c.only, !name.contains(only) { return }

@@ -40,7 +40,7 @@ extension OperatorBenchmark {
         for r in results {
             json[jsonKey(r.name)] = ["ms": r.seconds * 1e3, "gbps": r.bandwidth / 1e9, "fraction_of_copy": r.fractionOfCopy]
         }
-        return ceilings.finish(json, rates: [])
+        return ceilings.finish(json, rates: [], fractionsOfCopy: results.map { ($0.name, $0.fractionOfCopy) })
     }
 }
 

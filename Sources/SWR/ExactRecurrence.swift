@@ -62,13 +62,14 @@ public struct ExactRecurrence: Hashable, Sendable {
                                  heads: H, headRange: item.heads, headDim: D, x: v, product: c)
             }
         }
+        let output = OutputStreaming(y, count: layout.elementCount, headDim: D)
         state.x.withUnsafeMutableBufferPointer { x0 in
             let x0 = x0.baseAddress!
             pool.run(items.count) { index in
                 let item = items[index]
                 let n = item.heads.count
                 let x = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
-                defer { x.deallocate() }
+                defer { x.deallocate(); output.finish() }
                 x.update(from: x0 + (item.sequence * H + item.heads.lowerBound) * D, count: n * D)
                 if !item.isFirstChunk {
                     // Carrier scan over the earlier chunks of this sequence: S = c * S + v.
@@ -86,7 +87,7 @@ public struct ExactRecurrence: Hashable, Sendable {
                 let row = starts[item.sequence] + item.rows.lowerBound
                 exactForwardRows(a: a + row * H, u: u + row * H * D, y: y + row * H * D,
                                  rows: item.rows.count, heads: H, headRange: item.heads, headDim: D,
-                                 x: x, product: nil)
+                                 x: x, product: nil, output: output)
                 if item.isLastChunk {
                     (x0 + (item.sequence * H + item.heads.lowerBound) * D).update(from: x, count: n * D)
                 }
@@ -107,17 +108,19 @@ public struct ExactRecurrence: Hashable, Sendable {
 ///
 /// `x` holds the state of those heads (`headRange.count * headDim`), updated in place; `y == nil`
 /// only advances it. With `product` non-nil the running product of the gates is accumulated into
-/// it (one float per head): the compound gate of a chunk.
+/// it (one float per head): the compound gate of a chunk. `output` says how `y` is written
+/// (ordinary stores unless given).
 @inline(__always)
 func exactForwardRows(
     a: UnsafePointer<Float>, u: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>?,
     rows: Int, heads H: Int, headRange: Range<Int>, headDim D: Int,
-    x: UnsafeMutablePointer<Float>, product: UnsafeMutablePointer<Float>?
+    x: UnsafeMutablePointer<Float>, product: UnsafeMutablePointer<Float>?,
+    output: OutputStreaming = .ordinary
 ) {
     if D == 16 {
-        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: 16, x: x, product: product)
+        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: 16, x: x, product: product, output: output)
     } else {
-        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: D, x: x, product: product)
+        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: D, x: x, product: product, output: output)
     }
 }
 
@@ -125,7 +128,7 @@ func exactForwardRows(
 private func exactForwardRows(
     a: UnsafePointer<Float>, u: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>?,
     rows: Int, heads H: Int, headRange: Range<Int>, D: Int,
-    x: UnsafeMutablePointer<Float>, product: UnsafeMutablePointer<Float>?
+    x: UnsafeMutablePointer<Float>, product: UnsafeMutablePointer<Float>?, output: OutputStreaming
 ) {
     let h0 = headRange.lowerBound
     for i in 0..<rows {
@@ -139,7 +142,7 @@ private func exactForwardRows(
                 forEachChannelChunk(D, vector: { c in
                     let v = load16(uh + c).addingProduct(SIMD16(repeating: ah), load16(xh + c))
                     store16(v, xh + c)
-                    store16(v, yh + c)
+                    output.store(v, yh + c)
                 }, scalar: { c in
                     let v = (uh + c).pointee + ah * (xh + c).pointee
                     (xh + c).pointee = v

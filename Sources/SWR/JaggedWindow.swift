@@ -71,13 +71,14 @@ public struct JaggedWindow: Hashable, Sendable {
         let H = layout.heads, D = layout.headDim, l = blockLength, neighbour = seesNeighbour
         let a = gates.baseAddress!, u = inputs.baseAddress!, y = output.baseAddress!
         let starts = layout.starts
+        let output = OutputStreaming(y, count: layout.elementCount, headDim: D)
         // Items of one sequence run concurrently: all read the offsets as they were on entry.
         let initialOffsets = state.offset
         withStatePointers(&state) { st in
             pool.run(items.count) { index in
                 let item = items[index]
                 let scratch = ScratchState(heads: item.heads, headDim: D)
-                defer { scratch.deallocate() }
+                defer { scratch.deallocate(); output.finish() }
                 var offset: Int
                 if item.isFirstChunk {
                     offset = initialOffsets[item.sequence]
@@ -104,7 +105,7 @@ public struct JaggedWindow: Hashable, Sendable {
                 jaggedForwardRows(
                     a: a + row * H, u: u + row * H * D, y: y + row * H * D,
                     rows: item.rows.count, heads: H, headRange: item.heads, headDim: D,
-                    state: scratch, offset: &offset, blockLength: l, neighbour: neighbour)
+                    state: scratch, offset: &offset, blockLength: l, neighbour: neighbour, output: output)
                 if item.isLastChunk {
                     // Items of one sequence that write its state own disjoint head ranges.
                     scratch.store(to: st, sequence: item.sequence, heads: H, headDim: D)
@@ -130,18 +131,20 @@ public struct JaggedWindow: Hashable, Sendable {
 ///
 /// `a`, `u`, `y` point at the first row (row strides `heads` and `heads * headDim`); `y == nil`
 /// only advances the state (a halo). At each block end the local state becomes the carrier.
+/// `output` says how `y` is written (ordinary stores unless given).
 @inline(__always)
 func jaggedForwardRows(
     a: UnsafePointer<Float>, u: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>?,
     rows: Int, heads H: Int, headRange: Range<Int>, headDim D: Int,
-    state: ScratchState, offset: inout Int, blockLength l: Int, neighbour: Bool
+    state: ScratchState, offset: inout Int, blockLength l: Int, neighbour: Bool,
+    output: OutputStreaming = .ordinary
 ) {
     if D == 16 {
         jaggedForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: 16,
-                          state: state, offset: &offset, blockLength: l, neighbour: neighbour)
+                          state: state, offset: &offset, blockLength: l, neighbour: neighbour, output: output)
     } else {
         jaggedForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: D,
-                          state: state, offset: &offset, blockLength: l, neighbour: neighbour)
+                          state: state, offset: &offset, blockLength: l, neighbour: neighbour, output: output)
     }
 }
 
@@ -149,7 +152,7 @@ func jaggedForwardRows(
 private func jaggedForwardRows(
     a: UnsafePointer<Float>, u: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>?,
     rows: Int, heads H: Int, headRange: Range<Int>, D: Int,
-    state: ScratchState, offset: inout Int, blockLength l: Int, neighbour: Bool
+    state: ScratchState, offset: inout Int, blockLength l: Int, neighbour: Bool, output: OutputStreaming
 ) {
     let h0 = headRange.lowerBound
     let w = state.local, g = state.gateProduct, v = state.carrier
@@ -169,7 +172,7 @@ private func jaggedForwardRows(
                     forEachChannelChunk(D, vector: { c in
                         let wc = load16(uh + c).addingProduct(SIMD16(repeating: ah), load16(wh + c))
                         store16(wc, wh + c)
-                        store16(neighbour ? wc.addingProduct(SIMD16(repeating: gh), load16(vh + c)) : wc, yh + c)
+                        output.store(neighbour ? wc.addingProduct(SIMD16(repeating: gh), load16(vh + c)) : wc, yh + c)
                     }, scalar: { c in
                         let wc = (uh + c).pointee + ah * (wh + c).pointee
                         (wh + c).pointee = wc
