@@ -643,29 +643,13 @@ private func block4x64(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b: U
     store16(s30, c3); store16(s31, c3 + 16); store16(s32, c3 + 32); store16(s33, c3 + 48)
 }
 
-/// 6 rows x 16 columns, 6 vector accumulators (12 registers of 8 floats): the block of the
-/// 16-register path.
+/// 6 rows x 16 columns (`Block6x16`): the block of the 16-register path.
 @inline(__always)
 private func block6x16(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b: UnsafePointer<Float>, bRow: Int,
                        depth: Int, into c: UnsafeMutablePointer<Float>, cRow: Int, accumulate: Bool) {
-    var s0 = SIMD16<Float>(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0
-    if accumulate {
-        s0 = load16(c); s1 = load16(c + cRow); s2 = load16(c + 2 * cRow)
-        s3 = load16(c + 3 * cRow); s4 = load16(c + 4 * cRow); s5 = load16(c + 5 * cRow)
-    }
-    var ap = a, bp = b
-    for _ in 0..<depth {
-        let bv = load16(bp)
-        s0 = s0.addingProduct(SIMD16(repeating: ap[0]), bv)
-        s1 = s1.addingProduct(SIMD16(repeating: ap[aRow]), bv)
-        s2 = s2.addingProduct(SIMD16(repeating: ap[2 * aRow]), bv)
-        s3 = s3.addingProduct(SIMD16(repeating: ap[3 * aRow]), bv)
-        s4 = s4.addingProduct(SIMD16(repeating: ap[4 * aRow]), bv)
-        s5 = s5.addingProduct(SIMD16(repeating: ap[5 * aRow]), bv)
-        ap += aDepth; bp += bRow
-    }
-    store16(s0, c); store16(s1, c + cRow); store16(s2, c + 2 * cRow)
-    store16(s3, c + 3 * cRow); store16(s4, c + 4 * cRow); store16(s5, c + 5 * cRow)
+    var block = accumulate ? Block6x16(loading: c, cRow: cRow) : Block6x16()
+    block.add(a, aRow: aRow, aDepth: aDepth, b, bRow: bRow, depth: depth)
+    block.forEachRow { r, sum in store16(sum, c + r * cRow) }
 }
 
 /// 4 rows x 16 columns: the wide path's remainder when `columns` is not a multiple of 64, and

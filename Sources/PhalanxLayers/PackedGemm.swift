@@ -198,25 +198,13 @@ enum PackedGemm {
         store(c70, c + 7 * ldc, alpha: alpha, beta: beta); store(c71, c + 7 * ldc + 16, alpha: alpha, beta: beta)
     }
 
-    /// The 6 x 16 tile: six 16-lane accumulators (twelve 8-lane registers); each k is one load
-    /// (two 8-lane), six broadcasts, six FMAs (twelve 8-lane).
+    /// The 6 x 16 tile (`Block6x16`): each k is one load (two 8-lane), six broadcasts, six
+    /// FMAs (twelve 8-lane).
     @inline(__always)
     private static func tile6x16(_ kc: Int, _ ap: UnsafePointer<Float>, rowStride: Int, kStride: Int, _ bp: UnsafePointer<Float>,
                                  _ c: UnsafeMutablePointer<Float>, _ ldc: Int, alpha: Float, beta: Float) {
-        var c0 = SIMD16<Float>.zero, c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0
-        var a = ap, b = bp
-        for _ in 0..<kc {
-            let bv = load16(b)
-            c0 = c0.addingProduct(SIMD16(repeating: a[0]), bv)
-            c1 = c1.addingProduct(SIMD16(repeating: a[rowStride]), bv)
-            c2 = c2.addingProduct(SIMD16(repeating: a[2 * rowStride]), bv)
-            c3 = c3.addingProduct(SIMD16(repeating: a[3 * rowStride]), bv)
-            c4 = c4.addingProduct(SIMD16(repeating: a[4 * rowStride]), bv)
-            c5 = c5.addingProduct(SIMD16(repeating: a[5 * rowStride]), bv)
-            a += kStride; b += 16
-        }
-        store(c0, c, alpha: alpha, beta: beta); store(c1, c + ldc, alpha: alpha, beta: beta)
-        store(c2, c + 2 * ldc, alpha: alpha, beta: beta); store(c3, c + 3 * ldc, alpha: alpha, beta: beta)
-        store(c4, c + 4 * ldc, alpha: alpha, beta: beta); store(c5, c + 5 * ldc, alpha: alpha, beta: beta)
+        var block = Block6x16()
+        block.add(ap, aRow: rowStride, aDepth: kStride, bp, bRow: 16, depth: kc)
+        block.forEachRow { r, sum in store(sum, c + r * ldc, alpha: alpha, beta: beta) }
     }
 }
