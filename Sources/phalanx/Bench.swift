@@ -28,8 +28,10 @@ struct BenchOperators: ParsableCommand {
         discussion: """
         Each operator's median time and effective bandwidth (bytes it must read and write / time) \
         as a fraction of the copy bandwidth: every repeat copies the same number of bytes with all \
-        threads right before the operator, and the median of those paired ratios is reported \
-        (the machine is shared; its bandwidth drifts). Ends with one JSON line.
+        threads right before the operator (the faster of memcpy and a copy with non-temporal \
+        stores), and the median of those paired ratios is reported (the machine is shared; its \
+        bandwidth drifts). A result above 110% of its copy is reported as a ceiling error. Ends \
+        with one JSON line.
         """)
 
     @Option(help: "Sequences per call.") var batch = 4
