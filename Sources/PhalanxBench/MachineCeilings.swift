@@ -59,6 +59,13 @@ public enum MachineCeilings {
         let b = BenchBuffer(count: n * n) { Float($0 % 5) * 0.01 }
         let c = BenchBuffer(count: n * n) { _ in 0 }
         let ap = a.pointer.baseAddress!, bp = b.pointer.baseAddress!, cp = c.pointer.baseAddress!
+        // OpenBLAS's own threading, on as many threads as the pool (with `PHALANX_THREADS=1` on
+        // two cores it would otherwise use both, and the sgemm "ceiling" passed the one-thread FMA
+        // peak); then back to one thread, as `Gemm` runs it.
+        #if !canImport(Accelerate)
+        openblas_set_num_threads(Int32(WorkerPool.shared.threadCount))
+        defer { openblas_set_num_threads(1) }
+        #endif
         let blasThreads = Timing.median(repeats: repeats) {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(n), Int32(n), 1,
                         ap, Int32(n), bp, Int32(n), 0, cp, Int32(n))
