@@ -98,8 +98,8 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
     let rows: Int, H: Int, h0: Int, n: Int, headDim: Int, l: Int, neighbour: Bool
     /// Channels per head: a constant for `Sixteen`, so the channel loops unroll.
     var D: Int { Width.count(headDim) }
-    /// `du` is written with non-temporal stores when every head's vector is 64-byte aligned.
-    let streamsOutput: Bool
+    /// How `du` is written: non-temporal stores when its vectors are whole lines.
+    let output: OutputStreaming
 
     init(a: UnsafePointer<Float>, u: UnsafePointer<Float>, dy: UnsafePointer<Float>,
          du: UnsafeMutablePointer<Float>, da: UnsafeMutablePointer<Float>, rows: Int,
@@ -107,7 +107,7 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
         (self.a, self.u, self.dy, self.du, self.da) = (a, u, dy, du, da)
         (self.rows, H, h0, n, self.headDim, l) = (rows, heads, headRange.lowerBound, headRange.count, headDim, blockLength)
         self.neighbour = neighbour
-        streamsOutput = Width.count(headDim) == 16 && Int(bitPattern: du) % 64 == 0
+        output = OutputStreaming(wholeLines: du, headDim: headDim)
     }
 
     /// Per block: `W[j]` the local state before row `j` (`W[0]` the block's start), `G` likewise.
@@ -157,7 +157,7 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
             sweep(previous, carryIn: dp, carrier: carrier, lw: lw, lg: lg)
             if previous.first == 0 { writeInitialGradient(lw: lw, lg: lg, to: gradient, first: first) }
         }
-        if streamsOutput { phalanx_stream_fence() }
+        output.finish()
     }
 
     /// Ascending pass over a block: `W`, `G`, and `dp = sum g_i dy_i` (when the window reaches
@@ -181,7 +181,7 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
                     phalanx_prefetch(uh + l * H * D)
                     phalanx_prefetch(dyh + l * H * D)
                 }
-                if i >= l && !streamsOutput { phalanx_prefetch_for_write(du + ((i - l) * H + h) * D) }
+                if i >= l && !output.streams { phalanx_prefetch_for_write(du + ((i - l) * H + h) * D) }
                 forEachChannelChunk(D, vector: { c in
                     store16(load16(uh + c).addingProduct(SIMD16(repeating: ah), load16(wPrev + c)), wNext + c)
                     if neighbour { store16(load16(dpk + c).addingProduct(SIMD16(repeating: g), load16(dyh + c)), dpk + c) }
@@ -217,7 +217,7 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
                     let dyc = load16(dyh + c)
                     let lwc = dyc.addingProduct(SIMD16(repeating: aNext), load16(lwk + c))
                     store16(lwc, lwk + c)
-                    if streamsOutput { phalanx_stream16(duh + c, lwc) } else { store16(lwc, duh + c) }
+                    output.store(lwc, duh + c)
                     terms = terms.addingProduct(lwc, load16(wPrev + c))
                     if neighbour {
                         let lgc = (dyc * load16(pk + c)).addingProduct(SIMD16(repeating: aNext), load16(lgk + c))
@@ -325,8 +325,8 @@ private func exactBackwardSequence(
     let prefetchRows = max(8, 65536 / (H * D * MemoryLayout<Float>.stride))
     // du is written once and not read again here: non-temporal stores skip the read for
     // ownership that an ordinary store costs (a third of the traffic of a write stream).
-    let streamsOutput = D == 16 && Int(bitPattern: du) % 64 == 0
-    defer { if streamsOutput { phalanx_stream_fence() } }
+    let output = OutputStreaming(wholeLines: du, headDim: D)
+    defer { output.finish() }
     // lam lives in dx0 (this item's slice): it ends as lam_0, then scaled by a_0.
     let lam = dx0
     lam.update(repeating: 0, count: n * D)
@@ -344,7 +344,7 @@ private func exactBackwardSequence(
                 let ahead = ((i - prefetchRows) * H + h) * D
                 phalanx_prefetch(x + ahead)
                 phalanx_prefetch(dx + ahead)
-                if !streamsOutput { phalanx_prefetch_for_write(du + ahead) }
+                if !output.streams { phalanx_prefetch_for_write(du + ahead) }
             }
             return (i + 1 < rows ? a[(i + 1) * H + h] : 0, lam + k * D, dx + (i * H + h) * D, du + (i * H + h) * D,
                     i > 0 ? x + ((i - 1) * H + h) * D : x0 + k * D)
@@ -354,7 +354,7 @@ private func exactBackwardSequence(
             let o = operands(k)
             let v = load16(o.dx).addingProduct(SIMD16(repeating: o.aNext), load16(o.lam))
             store16(v, o.lam)
-            if streamsOutput { phalanx_stream16(o.du, v) } else { store16(v, o.du) }
+            output.store(v, o.du)
             return v * load16(o.xPrev)
         }
         if D == 16 {

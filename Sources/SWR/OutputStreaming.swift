@@ -16,18 +16,25 @@ struct OutputStreaming {
     static let threshold = 64 << 20
 
     /// Whether the stores stream.
-    let streams: Bool
+    private(set) var streams: Bool
 
     /// Ordinary stores.
     static let ordinary = OutputStreaming(streams: false)
 
     private init(streams: Bool) { self.streams = streams }
 
-    /// For an output `y` of `count` floats in vectors of `headDim`: streams when every vector
-    /// starts on a 64-byte line (`headDim` a multiple of 16, `y` aligned) and the output is at
-    /// least `threshold` bytes.
+    /// For an output `y` of `count` floats in vectors of `headDim`: streams when the vectors are
+    /// whole lines (see `init(wholeLines:headDim:)`) and the output is at least `threshold` bytes.
     init(_ y: UnsafeMutablePointer<Float>, count: Int, headDim: Int) {
-        streams = headDim % 16 == 0 && Int(bitPattern: y) % 64 == 0 && count * MemoryLayout<Float>.stride >= Self.threshold
+        self.init(wholeLines: y, headDim: headDim)
+        streams = streams && count * MemoryLayout<Float>.stride >= Self.threshold
+    }
+
+    /// Streams whenever every vector of `headDim` floats starts on a 64-byte line (`headDim` a
+    /// multiple of 16, `y` aligned), whatever the size: for outputs written once and not read
+    /// again by the pass that writes them (the backward passes' `du`).
+    init(wholeLines y: UnsafeMutablePointer<Float>, headDim: Int) {
+        streams = headDim % 16 == 0 && Int(bitPattern: y) % 64 == 0
     }
 
     /// Stores the 16 floats of `v` at `p` (64-byte aligned when streaming).
