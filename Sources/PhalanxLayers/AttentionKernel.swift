@@ -307,6 +307,23 @@ private struct Tiling {
         }
     }
 
+    /// One 64 x 64 tile of scores, `S = A B^T` with `A` a tile's rows and `B^T` a tile stored
+    /// transposed (`[Dp, 64]`); when `masked`, the entries of row `r` outside `visible(r)` (a lane
+    /// range) are set to `-inf`. The forward takes `S^T` (keys x queries, `visibleQueries`), the
+    /// backward `S` (queries x keys, `visibleKeys`). Masking is a pass of its own: a branch inside
+    /// the softmax loops that follow keeps the compiler from vectorising them cleanly.
+    @inline(__always)
+    func scores(_ a: TileRows, _ bTransposed: UnsafePointer<Float>, into s: UnsafeMutablePointer<Float>, masked: Bool,
+                visible: (Int) -> (lo: Int, hi: Int)) {
+        multiplyTile(a.rows, aRow: a.stride, aDepth: 1, bTransposed, bRow: tileSize, depth: paddedDim, columns: tileSize,
+                     into: s, cRow: tileSize, accumulate: false)
+        guard masked else { return }
+        for r in 0..<tileSize {
+            let (lo, hi) = visible(r)
+            hide(s + r * tileSize, lo: lo, hi: hi)
+        }
+    }
+
     // MARK: Forward
 
     /// Query tiles that one forward task serves together: each key and value tile it reads from
@@ -356,17 +373,10 @@ private struct Tiling {
             let values = rows(of: value, heads: KVH, batch: b, head: g, tile: u, scratch: valueCopy)
             for t in max(firstTile, u)...lastTile where u >= firstKeyTile(queryTile: t) {
                 let i0 = t * n, (qt, o, alpha, m, l) = state(t)
-                multiplyTile(keys.rows, aRow: keys.stride, aDepth: 1, qt, bRow: n, depth: Dp, columns: n,
-                             into: s, cRow: n, accumulate: false)
-                // Hide what this tile must not see (a pass of its own: a branch inside the loops
-                // below keeps the compiler from vectorising them cleanly), then take each query's
-                // maximum over the keys.
-                if needsMask(queryTile: t, keyTile: u) {
-                    for k in 0..<n {
-                        let (lo, hi) = visibleQueries(key: j0 + k, queryStart: i0)
-                        hide(s + k * n, lo: lo, hi: hi)
-                    }
+                scores(keys, qt, into: s, masked: needsMask(queryTile: t, keyTile: u)) { k in
+                    visibleQueries(key: j0 + k, queryStart: i0)
                 }
+                // Each query's maximum over the keys.
                 var x0 = SIMD16<Float>(repeating: -.infinity), x1 = x0, x2 = x0, x3 = x0
                 for k in 0..<n {
                     let row = s + k * n
@@ -495,13 +505,8 @@ private struct Tiling {
                         let j0 = u * n, kt = scratch + slot * perKeyTile, vt = kt + n * Dp, keys = keyRows[slot]
                         let dkAcc = vt + 2 * n * Dp, dvAcc = dkAcc + n * Dp
                         // P = exp2(c s - lse2), hidden pairs 0.
-                        multiplyTile(queries.rows, aRow: queries.stride, aDepth: 1, kt, bRow: n, depth: Dp, columns: n,
-                                     into: p, cRow: n, accumulate: false)
-                        if needsMask(queryTile: t, keyTile: u) {
-                            for r in 0..<n {
-                                let (lo, hi) = visibleKeys(query: i0 + r, keyStart: j0)
-                                hide(p + r * n, lo: lo, hi: hi)
-                            }
+                        scores(queries, kt, into: p, masked: needsMask(queryTile: t, keyTile: u)) { r in
+                            visibleKeys(query: i0 + r, keyStart: j0)
                         }
                         for r in 0..<n {
                             let row = p + r * n, negShift = SIMD16<Float>(repeating: -lse2[r])
@@ -583,7 +588,7 @@ private struct Tiling {
 @inline(__always)
 private func multiplyTile(_ a: UnsafePointer<Float>, aRow: Int, aDepth: Int, _ b: UnsafePointer<Float>, bRow: Int,
                           depth: Int, columns: Int, into c: UnsafeMutablePointer<Float>, cRow: Int, accumulate: Bool) {
-    if PHALANX_WIDE_VECTORS == 1 {
+    if hasWideRegisters {
         for r in stride(from: 0, to: tileSize, by: 4) {
             var column = 0
             while column + 64 <= columns {
