@@ -1,4 +1,3 @@
-import CPhalanxIntrinsics
 import PhalanxRuntime
 
 /// Single-precision matrix products on packed panels and a register tile sized for the compile
@@ -21,8 +20,8 @@ import PhalanxRuntime
 enum PackedGemm {
     static let kc = 192, mc = 144, nc = 1024
     /// Rows and columns of the register tile (`mc` and `nc` are multiples of both choices).
-    @inline(__always) static var mr: Int { PHALANX_WIDE_VECTORS == 1 ? 8 : 6 }
-    @inline(__always) static var nr: Int { PHALANX_WIDE_VECTORS == 1 ? 32 : 16 }
+    @inline(__always) static var mr: Int { hasWideRegisters ? 8 : 6 }
+    @inline(__always) static var nr: Int { hasWideRegisters ? 32 : 16 }
 
     static func multiply(m: Int, n: Int, k: Int,
                          _ a: UnsafePointer<Float>, _ transposeA: Bool, _ lda: Int,
@@ -139,7 +138,7 @@ enum PackedGemm {
     @inline(__always)
     static func tileProduct(_ kc: Int, _ ap: UnsafePointer<Float>, rowStride: Int, kStride: Int, _ bp: UnsafePointer<Float>,
                             _ c: UnsafeMutablePointer<Float>, _ ldc: Int, alpha: Float, beta: Float) {
-        if PHALANX_WIDE_VECTORS == 1 {
+        if hasWideRegisters {
             tile8x32(kc, ap, rowStride: rowStride, kStride: kStride, bp, c, ldc, alpha: alpha, beta: beta)
         } else {
             tile6x16(kc, ap, rowStride: rowStride, kStride: kStride, bp, c, ldc, alpha: alpha, beta: beta)
