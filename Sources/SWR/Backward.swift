@@ -124,7 +124,13 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
         let lw = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
         let lg = UnsafeMutablePointer<Float>.allocate(capacity: n * D)
-        defer { for p in [current.W, current.G, previous.W, previous.G, carrier, dp, lw, lg] { p.deallocate() } }
+        let scratch = SweepScratch(terms: .allocate(capacity: n * 16), ones: .allocate(capacity: n))
+        scratch.ones.initialize(repeating: 1, count: n)
+        defer {
+            for p in [current.W, current.G, previous.W, previous.G, carrier, dp, lw, lg, scratch.terms, scratch.ones] {
+                p.deallocate()
+            }
+        }
 
         current.W.update(from: initial.local + first * D, count: n * D)
         current.G.update(from: initial.gateProduct + first, count: n)
@@ -142,7 +148,7 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
             if start == 0 {
                 if neighbour { (gradient.carrier + first * D).update(from: dp, count: n * D) }
             } else {
-                sweep(previous, carryIn: dp, carrier: carrier, lw: lw, lg: lg)
+                sweep(previous, carryIn: dp, carrier: carrier, lw: lw, lg: lg, scratch: scratch)
                 if previous.first == 0 { writeInitialGradient(lw: lw, lg: lg, to: gradient, first: first) }
                 carrier.update(from: previous.W + previous.count * n * D, count: n * D)
             }
@@ -154,7 +160,7 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
         }
         if rows > 0 {
             dp.update(repeating: 0, count: n * D)
-            sweep(previous, carryIn: dp, carrier: carrier, lw: lw, lg: lg)
+            sweep(previous, carryIn: dp, carrier: carrier, lw: lw, lg: lg, scratch: scratch)
             if previous.first == 0 { writeInitialGradient(lw: lw, lg: lg, to: gradient, first: first) }
         }
         output.finish()
@@ -162,31 +168,41 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
 
     /// Ascending pass over a block: `W`, `G`, and `dp = sum g_i dy_i` (when the window reaches
     /// the previous block).
+    ///
+    /// Index arithmetic here and in `sweep` wraps (`&+`, `&*`): every offset lies inside arrays
+    /// whose sizes `backward` checked, and the overflow checks had cost more instructions per row
+    /// than the arithmetic itself.
     @inline(__always)
     func ascend(_ block: Block, dp: UnsafeMutablePointer<Float>) {
         dp.update(repeating: 0, count: n * D)
+        let ahead = 2 &* l &* H &* D
         for j in 0..<block.count {
-            let i = block.first + j
+            let i = block.first &+ j
+            let row = i &* H &+ h0
+            let aRow = a + row, uRow = u + row &* D, dyRow = dy + row &* D
+            let gPrev = block.G + j &* n, gNext = gPrev + n
+            let wPrev = block.W + j &* n &* D, wNext = wPrev + n &* D
+            // The hardware prefetchers alone left this pass waiting on memory (the sweep between
+            // two ascents issues no loads of its own): `u` is asked for two blocks ahead here and
+            // `dy` by the sweep, so that requests go out through both halves of the work. Also
+            // claim the lines the sweep of the block before will write, when they are not streamed.
+            let prefetchInputs = i &+ 2 &* l < rows
+            let claim: UnsafeMutablePointer<Float>? = i >= l && !output.streams ? du + (row &- l &* H) &* D : nil
             for k in 0..<n {
-                let h = h0 + k
-                let ah = a[i * H + h]
-                let g = ah * block.G[j * n + k]
-                block.G[(j + 1) * n + k] = g
-                let wPrev = block.W + (j * n + k) * D, wNext = block.W + ((j + 1) * n + k) * D
-                let uh = u + (i * H + h) * D, dyh = dy + (i * H + h) * D, dpk = dp + k * D
-                // The sweep that follows issues no loads of its own: keep the streams coming, one
-                // block ahead for the inputs, and claim the lines the sweep of the block before
-                // will write.
-                if i + l < rows {
-                    phalanx_prefetch(uh + l * H * D)
-                    phalanx_prefetch(dyh + l * H * D)
-                }
-                if i >= l && !output.streams { phalanx_prefetch_for_write(du + ((i - l) * H + h) * D) }
+                let o = k &* D
+                let ah = aRow[k]
+                let g = ah * gPrev[k]
+                gNext[k] = g
+                let uh = uRow + o, dyh = dyRow + o, dpk = dp + o, wp = wPrev + o, wn = wNext + o
                 forEachChannelChunk(D, vector: { c in
-                    store16(load16(uh + c).addingProduct(SIMD16(repeating: ah), load16(wPrev + c)), wNext + c)
+                    if prefetchInputs {
+                        phalanx_prefetch(uh + (c &+ ahead))
+                    }
+                    if let claim { phalanx_prefetch_for_write(claim + (o &+ c)) }
+                    store16(load16(uh + c).addingProduct(SIMD16(repeating: ah), load16(wp + c)), wn + c)
                     if neighbour { store16(load16(dpk + c).addingProduct(SIMD16(repeating: g), load16(dyh + c)), dpk + c) }
                 }, scalar: { c in
-                    wNext[c] = uh[c] + ah * wPrev[c]
+                    wn[c] = uh[c] + ah * wp[c]
                     if neighbour { dpk[c] += g * dyh[c] }
                 })
             }
@@ -197,47 +213,72 @@ private struct JaggedBackwardSweep<Width: ChannelWidth> {
     ///
     ///     lw_i = dy_i + a_{i+1} lw_{i+1},   lg_i = dy_i * p + a_{i+1} lg_{i+1}   (per channel)
     ///     du_i = lw_i,   da_i = sum_c (lw_i * W_{i-1} + lg_i * G_{i-1})
+    ///
+    /// Each head's 16 lane partial sums of `da` go to `scratch.terms` (`[n, 16]`); a row's heads
+    /// are then summed 16 at a time by one transposing tree.
     @inline(__always)
     func sweep(_ block: Block, carryIn: UnsafePointer<Float>, carrier p: UnsafePointer<Float>,
-               lw: UnsafeMutablePointer<Float>, lg: UnsafeMutablePointer<Float>) {
+               lw: UnsafeMutablePointer<Float>, lg: UnsafeMutablePointer<Float>, scratch: SweepScratch) {
         lw.update(from: carryIn, count: n * D)
         lg.update(repeating: 0, count: n * D)
         for j in stride(from: block.count - 1, through: 0, by: -1) {
-            let i = block.first + j
-            let isLast = j == block.count - 1
+            let i = block.first &+ j
+            let row = i &* H &+ h0
+            // The block's last row has no next gate inside the block: its carry-in enters unscaled.
+            let aNextRow = j == block.count - 1 ? UnsafePointer(scratch.ones) : a + (row &+ H)
+            let dyRow = dy + row &* D, duRow = du + row &* D
+            let wPrev = block.W + j &* n &* D, gPrev = block.G + j &* n
+            // `dy` three blocks ahead of this one: two ahead of the ascent that comes next.
+            let prefetchRow = i &+ 3 &* l < rows, dyAhead = 3 &* l &* H &* D
             for k in 0..<n {
-                let h = h0 + k
-                let aNext: Float = isLast ? 1 : a[(i + 1) * H + h]
-                let dyh = dy + (i * H + h) * D, duh = du + (i * H + h) * D
-                let lwk = lw + k * D, lgk = lg + k * D, pk = p + k * D, wPrev = block.W + (j * n + k) * D
-                let gPrev = block.G[j * n + k]
+                let o = k &* D
+                let aNext = aNextRow[k], gk = gPrev[k]
+                let dyh = dyRow + o, duh = duRow + o, lwk = lw + o, lgk = lg + o, pk = p + o, wp = wPrev + o
                 var terms = SIMD16<Float>.zero
                 var tail: Float = 0
                 forEachChannelChunk(D, vector: { c in
+                    if prefetchRow { phalanx_prefetch(dyh + (c &+ dyAhead)) }
                     let dyc = load16(dyh + c)
                     let lwc = dyc.addingProduct(SIMD16(repeating: aNext), load16(lwk + c))
                     store16(lwc, lwk + c)
                     output.store(lwc, duh + c)
-                    terms = terms.addingProduct(lwc, load16(wPrev + c))
+                    terms = terms.addingProduct(lwc, load16(wp + c))
                     if neighbour {
                         let lgc = (dyc * load16(pk + c)).addingProduct(SIMD16(repeating: aNext), load16(lgk + c))
                         store16(lgc, lgk + c)
-                        terms = terms.addingProduct(lgc, SIMD16(repeating: gPrev))
+                        terms = terms.addingProduct(lgc, SIMD16(repeating: gk))
                     }
                 }, scalar: { c in
                     let lwc = dyh[c] + aNext * lwk[c]
                     lwk[c] = lwc
                     duh[c] = lwc
-                    tail += lwc * wPrev[c]
+                    tail += lwc * wp[c]
                     if neighbour {
                         let lgc = dyh[c] * pk[c] + aNext * lgk[c]
                         lgk[c] = lgc
-                        tail += lgc * gPrev
+                        tail += lgc * gk
                     }
                 })
-                da[i * H + h] = horizontalSum(terms) + tail
+                if D % 16 != 0 { terms[0] += tail }
+                store16(terms, scratch.terms + k &* 16)
+            }
+            let daRow = da + row
+            var k = 0
+            while k &+ 16 <= n {
+                store16(phalanx_sums16x16(scratch.terms + k &* 16), daRow + k)
+                k &+= 16
+            }
+            while k < n {
+                daRow[k] = horizontalSum(load16(scratch.terms + k &* 16))
+                k &+= 1
             }
         }
+    }
+
+    /// Row-independent buffers of `sweep`: `terms` `[n, 16]` (a row's lane partial sums of `da`)
+    /// and `ones` `[n]` (the gates of the row after a block's last row, as seen from inside it).
+    struct SweepScratch {
+        let terms: UnsafeMutablePointer<Float>, ones: UnsafeMutablePointer<Float>
     }
 
     /// The first block continues from the initial state: `dw = a_0 lw_0`, `dg = a_0 lg_0`.

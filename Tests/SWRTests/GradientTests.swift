@@ -7,7 +7,7 @@ import Testing
 @Suite("Gradients against finite differences in double precision")
 struct GradientTests {
     @Test("jagged window: inputs, gates and every part of a mid-block initial state",
-          arguments: [1, 2], [5, 16])
+          arguments: [1, 2], [5, 16, 21])
     func jaggedWindow(blocksSeen: Int, headDim: Int) {
         var rng = SeededGenerator(seed: UInt64(blocksSeen * 100 + headDim))
         let window = JaggedWindow(blockLength: 8, blocksSeen: blocksSeen)
@@ -126,23 +126,44 @@ struct BackwardAlignmentTests {
         #expect(gradients(offset: 0) == gradients(offset: 1))
     }
 
-    @Test("exact backward over many 16-channel heads (their gate gradients summed 16 at a time) equals each head alone")
-    func exactBackwardHeadGroups() {
+    /// The operators whose backward passes are checked head by head below.
+    enum Operator: CaseIterable {
+        case exact, jaggedOneBlock, jaggedTwoBlocks
+    }
+
+    @Test("backward over many 16-channel heads (their gate gradients summed 16 at a time) equals each head alone",
+          arguments: Operator.allCases)
+    func backwardHeadGroups(_ op: Operator) {
         var rng = SeededGenerator(seed: 31)
-        let heads = 37, length = 41
+        // 37 heads: two full groups of 16 and a ragged rest; 75 rows: blocks of 16 and a partial one.
+        let heads = 37, length = 75
         let layout = SequenceLayout.batched(batch: 2, length: length, heads: heads, headDim: 16)
         let gates = (0..<layout.gateCount).map { _ in Float.random(in: 0.1...0.99, using: &rng) }
         let inputs = randomInputs(layout.elementCount, &rng), dy = randomInputs(layout.elementCount, &rng)
-        /// `(du, da)` of the exact recurrence over `layout`, from zero.
+        /// `(du, da)` of the operator over `layout`, from zero.
         func gradients(_ layout: SequenceLayout, _ a: [Float], _ u: [Float], _ dy: [Float]) -> ([Float], [Float]) {
-            var state = ExactState(for: layout)
-            let x = exact(gates: a, inputs: u, layout: layout, state: &state)
             var du = [Float](repeating: .nan, count: u.count), da = [Float](repeating: .nan, count: a.count)
-            a.withUnsafeBufferPointer { a in x.withUnsafeBufferPointer { x in dy.withUnsafeBufferPointer { dy in
-                du.withUnsafeMutableBufferPointer { du in da.withUnsafeMutableBufferPointer { da in
-                    _ = ExactRecurrence().backward(gates: a, outputs: x, outputGradient: dy, layout: layout,
-                                                   initialState: ExactState(for: layout), inputGradient: du, gateGradient: da)
-                } }
+            let x: [Float]
+            switch op {
+            case .exact:
+                var state = ExactState(for: layout)
+                x = exact(gates: a, inputs: u, layout: layout, state: &state)
+            case .jaggedOneBlock, .jaggedTwoBlocks: x = []
+            }
+            a.withUnsafeBufferPointer { a in u.withUnsafeBufferPointer { u in x.withUnsafeBufferPointer { x in
+                dy.withUnsafeBufferPointer { dy in
+                    du.withUnsafeMutableBufferPointer { du in da.withUnsafeMutableBufferPointer { da in
+                        switch op {
+                        case .exact:
+                            _ = ExactRecurrence().backward(gates: a, outputs: x, outputGradient: dy, layout: layout,
+                                                           initialState: ExactState(for: layout), inputGradient: du, gateGradient: da)
+                        case .jaggedOneBlock, .jaggedTwoBlocks:
+                            let window = JaggedWindow(blocksSeen: op == .jaggedOneBlock ? 1 : 2)
+                            _ = window.backward(gates: a, inputs: u, outputGradient: dy, layout: layout,
+                                                initialState: JaggedState(for: layout), inputGradient: du, gateGradient: da)
+                        }
+                    } }
+                }
             } } }
             return (du, da)
         }
@@ -155,8 +176,8 @@ struct BackwardAlignmentTests {
             let g = rows.flatMap { r in dy[((r * heads + h) * 16)..<((r * heads + h) * 16 + 16)] }
             let (duAlone, daAlone) = gradients(single, a, Array(u), Array(g))
             let duHere = rows.flatMap { r in du[((r * heads + h) * 16)..<((r * heads + h) * 16 + 16)] }
-            #expect(Array(duHere) == duAlone, "du of head \(h)")
-            expectClose(rows.map { da[$0 * heads + h] }, daAlone.map(Double.init), tolerance: .float32Kernel, "da of head \(h)")
+            #expect(Array(duHere) == duAlone, "du of head \(h), \(op)")
+            expectClose(rows.map { da[$0 * heads + h] }, daAlone.map(Double.init), tolerance: .float32Kernel, "da of head \(h), \(op)")
         }
     }
 }
