@@ -362,10 +362,10 @@ private func exactBackwardSequence(
     x0: UnsafePointer<Float>, dx0: UnsafeMutablePointer<Float>
 ) {
     let n = headRange.count, h0 = headRange.lowerBound
-    // Rows ahead (in the backward direction) to prefetch: 64 KiB of each stream. The hardware
-    // prefetchers follow a descending walk poorly, and at 8 rows (2 KiB here) the scan waited on
-    // memory: measured at 4 x 65536 rows of 16 heads x 16, 60-75 ms at 8 rows, 42 at 16, 37-41 at
-    // 64, no better at 128 or 256 (AMD EPYC, 2 threads).
+    // Rows ahead (in the backward direction) to prefetch: 64 KiB of each stream, into level 2.
+    // The hardware prefetchers follow a descending walk poorly: on one core of the AMD EPYC a
+    // scan like this one over 4 x 65536 rows of 16 heads x 16 took 72 ms without prefetches,
+    // 33-36 ms with them 32-256 rows ahead and 46-49 ms at 512-1024 rows.
     let prefetchRows = max(8, 65536 / (H * D * MemoryLayout<Float>.stride))
     // du is written once and not read again here: non-temporal stores skip the read for
     // ownership that an ordinary store costs (a third of the traffic of a write stream).
