@@ -1,6 +1,12 @@
 import CPhalanxIntrinsics
 import PhalanxRuntime
 
+/// Whether the backward passes sum the `da` lanes of 16 heads in one transposing tree
+/// (`phalanx_sums16x16`) rather than each head's alone. Only with 32 registers of 16 floats: with
+/// AVX2's 16 registers of 8 the tree's 16 vectors spill, and on one core of the AMD EPYC the AVX2
+/// build's jagged backward took 49-54 ms with the tree against 40-42 ms without.
+private let sumsHeadsTogether = PHALANX_WIDE_VECTORS == 1
+
 extension JaggedWindow {
     /// Gradients of the jagged window (SWR.md section 5), given the output's cotangent `dy`.
     ///
@@ -218,7 +224,8 @@ private struct JaggedBackwardSweep<Width: ChannelWidth, Heads: ChannelWidth> {
     ///     du_i = lw_i,   da_i = sum_c (lw_i * W_{i-1} + lg_i * G_{i-1})
     ///
     /// Each head's 16 lane partial sums of `da` go to `scratch.terms` (`[n, 16]`); a row's heads
-    /// are then summed 16 at a time by one transposing tree.
+    /// are then summed 16 at a time by one transposing tree (`sumsHeadsTogether`; otherwise each
+    /// head's lanes are summed alone).
     @inline(__always)
     func sweep(_ block: Block, carryIn: UnsafePointer<Float>, carrier p: UnsafePointer<Float>,
                lw: UnsafeMutablePointer<Float>, lg: UnsafeMutablePointer<Float>, scratch: SweepScratch) {
@@ -263,8 +270,13 @@ private struct JaggedBackwardSweep<Width: ChannelWidth, Heads: ChannelWidth> {
                     }
                 })
                 if D % 16 != 0 { terms[0] += tail }
-                store16(terms, scratch.terms + k &* 16)
+                if sumsHeadsTogether {
+                    store16(terms, scratch.terms + k &* 16)
+                } else {
+                    da[row &+ k] = horizontalSum(terms)
+                }
             }
+            guard sumsHeadsTogether else { continue }
             let daRow = da + row
             var k = 0
             while k &+ 16 <= n {
@@ -375,7 +387,8 @@ private func exactBackwardSequence(
     let lam = dx0
     lam.update(repeating: 0, count: n * D)
     // With 16-channel heads, the products of 16 heads are summed together (one tree for 16
-    // sums, and one vector store of their da) instead of one horizontal sum each.
+    // sums, and one vector store of their da) instead of one horizontal sum each, where the
+    // registers hold the tree (`sumsHeadsTogether`).
     let products = UnsafeMutablePointer<Float>.allocate(capacity: 16 * 16)
     defer { products.deallocate() }
     for i in stride(from: rows - 1, through: 0, by: -1) {
@@ -403,7 +416,7 @@ private func exactBackwardSequence(
         }
         if D == 16 {
             var k = 0
-            while k + 16 <= n {
+            while sumsHeadsTogether && k + 16 <= n {
                 for j in 0..<16 { store16(head16(k + j), products + 16 * j) }
                 store16(phalanx_sums16x16(products), da + i * H + h0 + k)
                 k += 16
