@@ -179,8 +179,8 @@ private struct JaggedBackwardSweep<Width: ChannelWidth, Heads: ChannelWidth> {
     /// the previous block).
     ///
     /// Index arithmetic here and in `sweep` wraps (`&+`, `&*`): every offset lies inside arrays
-    /// whose sizes `backward` checked, and the overflow checks had cost more instructions per row
-    /// than the arithmetic itself.
+    /// whose sizes `backward` checked, so overflow checks would only add instructions to the
+    /// innermost loops.
     @inline(__always)
     func ascend(_ block: Block, dp: UnsafeMutablePointer<Float>) {
         dp.update(repeating: 0, count: n * D)
