@@ -117,28 +117,40 @@ func exactForwardRows(
     x: UnsafeMutablePointer<Float>, product: UnsafeMutablePointer<Float>?,
     output: OutputStreaming = .ordinary
 ) {
-    if D == 16 {
-        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: 16, x: x, product: product, output: output)
-    } else {
-        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: D, x: x, product: product, output: output)
+    // Head widths and head counts of 16 (the default model's) known to the compiler unroll the
+    // loops over channels and heads: on one core of the Intel Xeon host 28-30 ms instead of 33-36
+    // at 4 x 65536 rows of 16 heads x 16 (2 cores: 94-96% of the copy bandwidth, from 87-88%).
+    switch (D == 16, headRange.count == 16) {
+    case (true, true):
+        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: 16, Sixteen.self,
+                         x: x, product: product, output: output)
+    case (true, false):
+        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: 16, AnyWidth.self,
+                         x: x, product: product, output: output)
+    default:
+        exactForwardRows(a: a, u: u, y: y, rows: rows, heads: H, headRange: headRange, D: D, AnyWidth.self,
+                         x: x, product: product, output: output)
     }
 }
 
+/// The scan of `exactForwardRows` with `Heads.count(headRange.count)` heads. Offsets wrap (`&+`,
+/// `&*`): they lie inside arrays whose sizes `forward` checked.
 @inline(__always)
-private func exactForwardRows(
+private func exactForwardRows<Heads: ChannelWidth>(
     a: UnsafePointer<Float>, u: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>?,
-    rows: Int, heads H: Int, headRange: Range<Int>, D: Int,
+    rows: Int, heads H: Int, headRange: Range<Int>, D: Int, _: Heads.Type,
     x: UnsafeMutablePointer<Float>, product: UnsafeMutablePointer<Float>?, output: OutputStreaming
 ) {
-    let h0 = headRange.lowerBound
+    let h0 = headRange.lowerBound, n = Heads.count(headRange.count)
     for i in 0..<rows {
-        let aRow = a + i * H, uRow = u + i * H * D
-        for h in headRange {
-            let ah = aRow[h]
-            let xh = x + (h - h0) * D, uh = uRow + h * D
-            if let product { product[h - h0] *= ah }
+        let row = i &* H &+ h0
+        let aRow = a + row, uRow = u + row &* D
+        for k in 0..<n {
+            let ah = aRow[k]
+            let xh = x + k &* D, uh = uRow + k &* D
+            if let product { product[k] *= ah }
             if let y {
-                let yh = y + i * H * D + h * D
+                let yh = y + (row &+ k) &* D
                 forEachChannelChunk(D, vector: { c in
                     let v = load16(uh + c).addingProduct(SIMD16(repeating: ah), load16(xh + c))
                     store16(v, xh + c)

@@ -25,6 +25,21 @@ struct ExactRecurrenceTests {
         }
     }
 
+    @Test("16 heads of 16 channels in one work item (the unrolled kernel) match the double reference")
+    func sixteenHeadsInOneItem() {
+        var rng = SeededGenerator(seed: 1616)
+        let layout = SequenceLayout.batched(batch: 2, length: 100, heads: 16, headDim: 16)
+        let gates = GateRegime.uniform.draw(layout.gateCount, &rng)
+        let inputs = randomInputs(layout.elementCount, &rng)
+        var state = ExactState(for: layout)
+        state.x = randomInputs(state.x.count, &rng)
+        let expected = Reference.exactRecurrence(gates: gates.map(Double.init), inputs: inputs.map(Double.init),
+                                                 layout: layout, initial: state.x.map(Double.init))
+        let y = exact(gates: gates, inputs: inputs, layout: layout, state: &state, pool: oneThread)
+        expectClose(y, expected.output, tolerance: .float32Kernel)
+        expectClose(state.x, expected.final, tolerance: .float32Kernel)
+    }
+
     @Test("the reference recurrence equals the full window sum")
     func referenceIsFullWindow() {
         var rng = SeededGenerator(seed: 3)

@@ -131,17 +131,20 @@ struct BackwardAlignmentTests {
         case exact, jaggedOneBlock, jaggedTwoBlocks
     }
 
-    @Test("backward over many 16-channel heads (their gate gradients summed 16 at a time) equals each head alone",
-          arguments: Operator.allCases)
-    func backwardHeadGroups(_ op: Operator) {
-        var rng = SeededGenerator(seed: 31)
-        // 37 heads: two full groups of 16 and a ragged rest; 75 rows: blocks of 16 and a partial one.
-        let heads = 37, length = 75
+    @Test("backward over many 16-channel heads in one work item equals each head alone",
+          arguments: Operator.allCases, [16, 37])
+    func backwardHeadGroups(_ op: Operator, heads: Int) {
+        var rng = SeededGenerator(seed: UInt64(31 + heads))
+        // One thread, so each sequence's heads form one work item: 16 heads take the unrolled
+        // 16-head kernel, 37 the general one with two groups of 16 for the gate gradients' sums and
+        // a ragged rest. 75 rows: blocks of 16 and a partial one.
+        let length = 75
         let layout = SequenceLayout.batched(batch: 2, length: length, heads: heads, headDim: 16)
         let gates = (0..<layout.gateCount).map { _ in Float.random(in: 0.1...0.99, using: &rng) }
         let inputs = randomInputs(layout.elementCount, &rng), dy = randomInputs(layout.elementCount, &rng)
         /// `(du, da)` of the operator over `layout`, from zero.
-        func gradients(_ layout: SequenceLayout, _ a: [Float], _ u: [Float], _ dy: [Float]) -> ([Float], [Float]) {
+        func gradients(_ layout: SequenceLayout, _ a: [Float], _ u: [Float], _ dy: [Float],
+                       pool: WorkerPool = .shared) -> ([Float], [Float]) {
             var du = [Float](repeating: .nan, count: u.count), da = [Float](repeating: .nan, count: a.count)
             let x: [Float]
             switch op {
@@ -156,20 +159,22 @@ struct BackwardAlignmentTests {
                         switch op {
                         case .exact:
                             _ = ExactRecurrence().backward(gates: a, outputs: x, outputGradient: dy, layout: layout,
-                                                           initialState: ExactState(for: layout), inputGradient: du, gateGradient: da)
+                                                           initialState: ExactState(for: layout), inputGradient: du, gateGradient: da,
+                                                           pool: pool)
                         case .jaggedOneBlock, .jaggedTwoBlocks:
                             let window = JaggedWindow(blocksSeen: op == .jaggedOneBlock ? 1 : 2)
                             _ = window.backward(gates: a, inputs: u, outputGradient: dy, layout: layout,
-                                                initialState: JaggedState(for: layout), inputGradient: du, gateGradient: da)
+                                                initialState: JaggedState(for: layout), inputGradient: du, gateGradient: da,
+                                                pool: pool)
                         }
                     } }
                 }
             } } }
             return (du, da)
         }
-        let (du, da) = gradients(layout, gates, inputs, dy)
+        let (du, da) = gradients(layout, gates, inputs, dy, pool: oneThread)
         let single = SequenceLayout.batched(batch: 2, length: length, heads: 1, headDim: 16)
-        for h in [0, 15, 16, 36] {
+        for h in Set([0, 15, 16, heads - 1]) where h < heads {
             let rows = 0..<(2 * length)
             let a = rows.map { gates[$0 * heads + h] }
             let u = rows.flatMap { r in inputs[((r * heads + h) * 16)..<((r * heads + h) * 16 + 16)] }

@@ -25,6 +25,21 @@ struct JaggedWindowTests {
         }
     }
 
+    @Test("16 heads of 16 channels in one work item (the unrolled kernel) match the double-precision definition",
+          arguments: [1, 2])
+    func sixteenHeadsInOneItem(blocksSeen: Int) {
+        var rng = SeededGenerator(seed: UInt64(1600 + blocksSeen))
+        let window = JaggedWindow(blockLength: 16, blocksSeen: blocksSeen)
+        let layout = SequenceLayout.batched(batch: 2, length: 100, heads: 16, headDim: 16)
+        let gates = GateRegime.uniform.draw(layout.gateCount, &rng)
+        let inputs = randomInputs(layout.elementCount, &rng)
+        let expected = Reference.jaggedWindow(
+            gates: gates.map(Double.init), inputs: inputs.map(Double.init), layout: layout, window: window)
+        var state = JaggedState(for: layout, blockLength: 16)
+        let y = jagged(window, gates: gates, inputs: inputs, layout: layout, state: &state, pool: oneThread)
+        expectClose(y, expected.output, tolerance: .float32Kernel, "k=\(blocksSeen)")
+    }
+
     @Test("any block length", arguments: [1, 4, 7, 32])
     func otherBlockLengths(blockLength: Int) {
         var rng = SeededGenerator(seed: UInt64(blockLength))

@@ -19,6 +19,10 @@ enum GateRegime: CaseIterable, CustomStringConvertible {
     }
 }
 
+/// A pool of one thread: every call is cut into the fewest work items, so all heads of a sequence
+/// land in one item (with 16 heads, the kernels' unrolled 16-head path).
+let oneThread = WorkerPool(threadCount: 1)
+
 /// Runs the jagged window on arrays (a fresh state unless one is given).
 func jagged(_ window: JaggedWindow, gates: [Float], inputs: [Float], layout: SequenceLayout,
             state: inout JaggedState, pool: WorkerPool = .shared) -> [Float] {
