@@ -52,18 +52,22 @@ public struct Ceilings: Sendable {
     }
 
     /// Ends a report: an error line for each rate (FLOP/s) above the FMA peak, the sgemm rate
-    /// included, and for each memory-bound result above 110% of its paired copy (a result above
+    /// included; for each memory-bound result above 110% of its paired copy; and for each
+    /// matrix-product-bound rate in `productRates` above 110% of the sgemm rate (a result above
     /// its ceiling means the ceiling was measured wrong, and every ratio to it with it; the 10%
-    /// allows for the machine's bandwidth moving between a pair's two timings), then the JSON line
-    /// with those errors under `ceiling_errors`.
+    /// allows for the machine moving between two timings). Then the JSON line with those errors
+    /// under `ceiling_errors`.
     /// - Returns: the error lines (empty when every result is below its ceiling).
     public func finish(_ json: [String: Any], rates: [(name: String, flops: Double)],
-                       fractionsOfCopy: [(name: String, fraction: Double)] = []) -> [String] {
+                       fractionsOfCopy: [(name: String, fraction: Double)] = [],
+                       productRates: [(name: String, flops: Double)] = []) -> [String] {
         let errors = ([("sgemm 1024^3", sgemm)] + rates).filter { $0.1 > peak }.map {
             String(format: "ERROR: %@ at %.1f GFLOP/s exceeds the measured FMA peak of %.1f GFLOP/s: that ceiling is not a ceiling",
                    $0.0, $0.1 / 1e9, peak / 1e9)
         } + fractionsOfCopy.filter { $0.fraction > 1.1 }.map {
             String(format: "ERROR: %@ at %.0f%% of the paired copy: that ceiling is not a ceiling", $0.name, 100 * $0.fraction)
+        } + productRates.filter { $0.flops > 1.1 * sgemm }.map {
+            String(format: "ERROR: %@ at %.0f%% of the sgemm rate: that ceiling is not a ceiling", $0.name, 100 * $0.flops / sgemm)
         }
         for line in errors { print(line) }
         var json = json

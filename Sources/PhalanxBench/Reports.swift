@@ -154,7 +154,9 @@ extension LayerBenchmark {
         if let pytorch = settings.pytorch {
             json["pytorch"] = compare(phalanx: t, attention: a, with: pytorch, settings, peak: ceilings.peak)
         }
-        return ceilings.finish(json, rates: rates)
+        // Every rate here is bound by matrix products (the layer's GEMM FLOPs over its time, each
+        // product alone, the attention kernel), so none may pass the sgemm rate either.
+        return ceilings.finish(json, rates: rates, productRates: rates)
     }
 }
 
@@ -265,7 +267,8 @@ extension TrainingBenchmark {
             compare(&rows, with: pytorch, settings)
         }
         json["results"] = rows
-        return ceilings.finish(json, rates: rates)
+        // Model FLOPs per second are bound by the matrix products too.
+        return ceilings.finish(json, rates: rates, productRates: rates)
     }
 
     /// Adds `speedup_vs_pytorch` to each row that PyTorch measured, printing the comparison.

@@ -19,4 +19,11 @@ struct CeilingTests {
         let errors = wrong.finish([:], rates: [])
         #expect(errors.count == 1 && errors[0].contains("sgemm 1024^3"))
     }
+
+    @Test("a matrix-product-bound rate more than 10% above the sgemm rate shows the sgemm rate was measured low")
+    func productAboveSgemm() {
+        let errors = ceilings.finish([:], rates: [], productRates: [("dx = dz W_in", 144e9), ("y = mixed W_out^T", 108e9)])
+        #expect(errors.count == 1)
+        #expect(errors.first?.contains("dx = dz W_in at 144% of the sgemm rate") == true)
+    }
 }
