@@ -10,7 +10,8 @@ struct ExactRecurrenceTests {
     func matchesReference(length: Int) {
         var rng = SeededGenerator(seed: UInt64(length))
         for regime in GateRegime.allCases {
-            for (heads, headDim) in [(3, 16), (2, 7)] {
+            // 16 heads of 16 on one thread: one work item per sequence, the unrolled 16-head kernel.
+            for (heads, headDim, pool) in [(3, 16, WorkerPool.shared), (2, 7, .shared), (16, 16, oneThread)] {
                 let layout = SequenceLayout.batched(batch: 2, length: length, heads: heads, headDim: headDim)
                 let gates = regime.draw(layout.gateCount, &rng)
                 let inputs = randomInputs(layout.elementCount, &rng)
@@ -18,26 +19,11 @@ struct ExactRecurrenceTests {
                 state.x = randomInputs(state.x.count, &rng)
                 let expected = Reference.exactRecurrence(gates: gates.map(Double.init), inputs: inputs.map(Double.init),
                                                          layout: layout, initial: state.x.map(Double.init))
-                let y = exact(gates: gates, inputs: inputs, layout: layout, state: &state)
+                let y = exact(gates: gates, inputs: inputs, layout: layout, state: &state, pool: pool)
                 expectClose(y, expected.output, tolerance: .float32Kernel, "\(regime) \(layout)")
                 expectClose(state.x, expected.final, tolerance: .float32Kernel)
             }
         }
-    }
-
-    @Test("16 heads of 16 channels in one work item (the unrolled kernel) match the double reference")
-    func sixteenHeadsInOneItem() {
-        var rng = SeededGenerator(seed: 1616)
-        let layout = SequenceLayout.batched(batch: 2, length: 100, heads: 16, headDim: 16)
-        let gates = GateRegime.uniform.draw(layout.gateCount, &rng)
-        let inputs = randomInputs(layout.elementCount, &rng)
-        var state = ExactState(for: layout)
-        state.x = randomInputs(state.x.count, &rng)
-        let expected = Reference.exactRecurrence(gates: gates.map(Double.init), inputs: inputs.map(Double.init),
-                                                 layout: layout, initial: state.x.map(Double.init))
-        let y = exact(gates: gates, inputs: inputs, layout: layout, state: &state, pool: oneThread)
-        expectClose(y, expected.output, tolerance: .float32Kernel)
-        expectClose(state.x, expected.final, tolerance: .float32Kernel)
     }
 
     @Test("the reference recurrence equals the full window sum")

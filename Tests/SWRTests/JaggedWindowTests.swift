@@ -13,31 +13,18 @@ struct JaggedWindowTests {
         var rng = SeededGenerator(seed: UInt64(length * 10 + blocksSeen))
         let window = JaggedWindow(blockLength: 16, blocksSeen: blocksSeen)
         for regime in GateRegime.allCases {
-            for (heads, headDim) in [(3, 16), (2, 5), (1, 33)] {
+            // 16 heads of 16 on one thread: one work item per sequence, the unrolled 16-head kernel.
+            for (heads, headDim, pool) in [(3, 16, WorkerPool.shared), (2, 5, .shared), (1, 33, .shared), (16, 16, oneThread)] {
                 let layout = SequenceLayout.batched(batch: 2, length: length, heads: heads, headDim: headDim)
                 let gates = regime.draw(layout.gateCount, &rng)
                 let inputs = randomInputs(layout.elementCount, &rng)
                 let expected = Reference.jaggedWindow(
                     gates: gates.map(Double.init), inputs: inputs.map(Double.init), layout: layout, window: window)
-                expectClose(jagged(window, gates: gates, inputs: inputs, layout: layout), expected.output, tolerance: .float32Kernel,
-                            "\(regime), \(layout)")
+                var state = JaggedState(for: layout, blockLength: window.blockLength)
+                expectClose(jagged(window, gates: gates, inputs: inputs, layout: layout, state: &state, pool: pool),
+                            expected.output, tolerance: .float32Kernel, "\(regime), \(layout)")
             }
         }
-    }
-
-    @Test("16 heads of 16 channels in one work item (the unrolled kernel) match the double-precision definition",
-          arguments: [1, 2])
-    func sixteenHeadsInOneItem(blocksSeen: Int) {
-        var rng = SeededGenerator(seed: UInt64(1600 + blocksSeen))
-        let window = JaggedWindow(blockLength: 16, blocksSeen: blocksSeen)
-        let layout = SequenceLayout.batched(batch: 2, length: 100, heads: 16, headDim: 16)
-        let gates = GateRegime.uniform.draw(layout.gateCount, &rng)
-        let inputs = randomInputs(layout.elementCount, &rng)
-        let expected = Reference.jaggedWindow(
-            gates: gates.map(Double.init), inputs: inputs.map(Double.init), layout: layout, window: window)
-        var state = JaggedState(for: layout, blockLength: 16)
-        let y = jagged(window, gates: gates, inputs: inputs, layout: layout, state: &state, pool: oneThread)
-        expectClose(y, expected.output, tolerance: .float32Kernel, "k=\(blocksSeen)")
     }
 
     @Test("any block length", arguments: [1, 4, 7, 32])
