@@ -1,10 +1,4 @@
-import CPhalanxIntrinsics
 import PhalanxRuntime
-
-/// Whether the compile target has 32 wide vector registers (AVX-512: `PHALANX_WIDE_VECTORS`, set
-/// from `__AVX512F__`), which the kernels' register blocks are sized by; else 16 registers of 8
-/// floats (AVX2). A constant of the build, so each branch on it folds away.
-let hasWideRegisters = PHALANX_WIDE_VECTORS == 1
 
 /// Six rows by 16 columns of a matrix product in registers: the register block of the
 /// 16-register (AVX2) path of both `PackedGemm` and the attention kernel's tile products.

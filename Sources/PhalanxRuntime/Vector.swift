@@ -1,5 +1,11 @@
 import CPhalanxIntrinsics
 
+/// Whether the compile target has 32 wide vector registers (AVX-512: `PHALANX_WIDE_VECTORS`, set
+/// from `__AVX512F__`), which the kernels' register blocks are sized by; else 16 registers of 8
+/// floats (AVX2). A constant of the build, inlined where it is read, so each branch on it folds away.
+@inlinable
+public var hasWideRegisters: Bool { PHALANX_WIDE_VECTORS == 1 }
+
 /// Unaligned 16-lane loads and stores: the channel vectors of the kernels. Inputs are rows of
 /// `heads * headDim` floats, so a head's channels start at any 4-byte boundary.
 @inlinable @inline(__always)

@@ -5,7 +5,7 @@ import PhalanxRuntime
 /// (`phalanx_sums16x16`) rather than each head's alone. Only with 32 registers of 16 floats: with
 /// AVX2's 16 registers of 8 the tree's 16 vectors spill, and on one core of the AMD EPYC the AVX2
 /// build's jagged backward took 49-54 ms with the tree against 40-42 ms without.
-private let sumsHeadsTogether = PHALANX_WIDE_VECTORS == 1
+private var sumsHeadsTogether: Bool { hasWideRegisters }
 
 extension JaggedWindow {
     /// Gradients of the jagged window (SWR.md section 5), given the output's cotangent `dy`.
