@@ -4,7 +4,7 @@ import PhalanxRuntime
 /// Whether the backward passes sum the `da` lanes of 16 heads in one transposing tree
 /// (`phalanx_sums16x16`) rather than each head's alone. Only with 32 registers of 16 floats: with
 /// AVX2's 16 registers of 8 the tree's 16 vectors spill, and on one core of the AMD EPYC the AVX2
-/// build's jagged backward took 49-54 ms with the tree against 40-42 ms without.
+/// build's jagged backward took 49-54 ms with the tree against 40-46 ms without.
 private var sumsHeadsTogether: Bool { hasWideRegisters }
 
 extension JaggedWindow {
@@ -375,9 +375,8 @@ private func exactBackwardSequence(
 ) {
     let n = headRange.count, h0 = headRange.lowerBound
     // Rows ahead (in the backward direction) to prefetch: 64 KiB of each stream, into level 2.
-    // The hardware prefetchers follow a descending walk poorly: on one core of the AMD EPYC a
-    // scan like this one over 4 x 65536 rows of 16 heads x 16 took 72 ms without prefetches,
-    // 33-36 ms with them 32-256 rows ahead and 46-49 ms at 512-1024 rows.
+    // The hardware prefetchers follow a descending walk poorly; in scans like this one, 32 to 256
+    // rows ahead did equally well and 512 or more worse.
     let prefetchRows = max(8, 65536 / (H * D * MemoryLayout<Float>.stride))
     // du is written once and not read again here: non-temporal stores skip the read for
     // ownership that an ordinary store costs (a third of the traffic of a write stream).
