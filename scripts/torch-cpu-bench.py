@@ -12,7 +12,8 @@ Usage:
     torch-cpu-bench.py layers --dim 256 --heads 4 --length 4096 --repeats 5 --threads 2
     torch-cpu-bench.py check      (the recurrence here against its definition, float64)
 
-Prints one JSON line: {"torch": version, "threads": n, "results": [...]}.
+Prints one JSON line: {"torch": version, "capability": the vector code ATen runs ("AVX512",
+"AVX2", ...), "threads": n, "results": [...]}.
 """
 import argparse
 import json
@@ -276,7 +277,8 @@ def main():
     if arguments.threads > 0:
         torch.set_num_threads(arguments.threads)
     results = {"train": train, "layers": layers, "check": check}[arguments.mode](arguments)
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}))
+    print(json.dumps({"torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
+                      "threads": torch.get_num_threads(), "results": results}))
 
 
 if __name__ == "__main__":

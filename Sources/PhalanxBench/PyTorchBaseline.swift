@@ -4,6 +4,11 @@ import PhalanxRuntime
 /// The PyTorch figures of `scripts/torch-cpu-bench.py` (the same models and layers, float32 on the
 /// CPU with this pool's thread count), measured in the same run as the Swift figures they are
 /// compared with. Optional: without Python or torch the reports say why and go on without them.
+///
+/// PyTorch picks its vector code at run time from the processor, while this binary's was fixed
+/// when it was built. An AVX2 build (`PHALANX_PORTABLE=1`) therefore limits PyTorch's CPU
+/// kernels to AVX2 as well (`cpuLimits`), so that on an AVX-512 processor the comparison is the
+/// one an AVX2-only processor would show; the report names the code PyTorch ran.
 public struct PyTorchBaseline: Sendable {
     /// The script's path.
     public var script: String
@@ -27,6 +32,9 @@ public struct PyTorchBaseline: Sendable {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = [python, script] + arguments + (threads ? ["--threads", "\(WorkerPool.shared.threadCount)"] : [])
+        if threads {
+            process.environment = ProcessInfo.processInfo.environment.merging(Self.cpuLimits) { _, limit in limit }
+        }
         let output = Pipe()
         process.standardOutput = output
         do { try process.run() } catch {
@@ -48,6 +56,19 @@ public struct PyTorchBaseline: Sendable {
             print("  PyTorch baseline: the JSON line has no results")
             return nil
         }
-        return (object["torch"] as? String ?? "?", results)
+        let capability = (object["capability"] as? String).map { ", CPU code \($0)" } ?? ""
+        return ((object["torch"] as? String ?? "?") + capability, results)
+    }
+
+    /// The environment that caps PyTorch's CPU kernels at this build's instruction set: ATen's
+    /// own kernels, MKL's and oneDNN's (each reads its variable when it loads). Empty for a build
+    /// with AVX-512 and off x86.
+    static var cpuLimits: [String: String] {
+        #if arch(x86_64)
+        if !hasWideRegisters {
+            return ["ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"]
+        }
+        #endif
+        return [:]
     }
 }

@@ -38,6 +38,30 @@ public func forEachChannelChunk(_ headDim: Int, vector: (Int) -> Void, scalar: (
 @inlinable @inline(__always)
 public func horizontalSum(_ v: SIMD16<Float>) -> Float { phalanx_sum16(v) }
 
+/// The lane sums of `count` vectors of 16 floats stored one after another at `terms`:
+/// `sums[h] = sum_c terms[16 h + c]`. Heads go through transposing trees as wide as the
+/// registers hold, 16 at a time with AVX-512 (`phalanx_sums16x16`) and 8 with AVX2
+/// (`phalanx_sums8x16`; the 16-wide tree spills there), and the rest one at a time.
+@inlinable @inline(__always)
+public func sumLanes(of terms: UnsafePointer<Float>, count: Int, into sums: UnsafeMutablePointer<Float>) {
+    var h = 0
+    if hasWideRegisters {
+        while h &+ 16 <= count {
+            store16(phalanx_sums16x16(terms + h &* 16), sums + h)
+            h &+= 16
+        }
+    } else {
+        while h &+ 8 <= count {
+            UnsafeMutableRawPointer(sums + h).storeBytes(of: phalanx_sums8x16(terms + h &* 16), as: SIMD8<Float>.self)
+            h &+= 8
+        }
+    }
+    while h < count {
+        sums[h] = horizontalSum(load16(terms + h &* 16))
+        h &+= 1
+    }
+}
+
 /// A head width known to the compiler: kernels generic over it are specialised, so that
 /// `Sixteen` (the default head dimension) becomes straight-line vector code.
 public protocol ChannelWidth {

@@ -1,12 +1,6 @@
 import CPhalanxIntrinsics
 import PhalanxRuntime
 
-/// Whether the backward passes sum the `da` lanes of 16 heads in one transposing tree
-/// (`phalanx_sums16x16`) rather than each head's alone. Only with 32 registers of 16 floats: with
-/// AVX2's 16 registers of 8 the tree's 16 vectors spill, and on one core of the AMD EPYC the AVX2
-/// build's jagged backward took 49-54 ms with the tree against 40-46 ms without.
-private var sumsHeadsTogether: Bool { hasWideRegisters }
-
 extension JaggedWindow {
     /// Gradients of the jagged window (SWR.md section 5), given the output's cotangent `dy`.
     ///
@@ -224,8 +218,7 @@ private struct JaggedBackwardSweep<Width: ChannelWidth, Heads: ChannelWidth> {
     ///     du_i = lw_i,   da_i = sum_c (lw_i * W_{i-1} + lg_i * G_{i-1})
     ///
     /// Each head's 16 lane partial sums of `da` go to `scratch.terms` (`[n, 16]`); a row's heads
-    /// are then summed 16 at a time by one transposing tree (`sumsHeadsTogether`; otherwise each
-    /// head's lanes are summed alone).
+    /// are then summed together by transposing trees (`sumLanes`).
     @inline(__always)
     func sweep(_ block: Block, carryIn: UnsafePointer<Float>, carrier p: UnsafePointer<Float>,
                lw: UnsafeMutablePointer<Float>, lg: UnsafeMutablePointer<Float>, scratch: SweepScratch) {
@@ -270,23 +263,9 @@ private struct JaggedBackwardSweep<Width: ChannelWidth, Heads: ChannelWidth> {
                     }
                 })
                 if D % 16 != 0 { terms[0] += tail }
-                if sumsHeadsTogether {
-                    store16(terms, scratch.terms + k &* 16)
-                } else {
-                    da[row &+ k] = horizontalSum(terms)
-                }
+                store16(terms, scratch.terms + k &* 16)
             }
-            guard sumsHeadsTogether else { continue }
-            let daRow = da + row
-            var k = 0
-            while k &+ 16 <= n {
-                store16(phalanx_sums16x16(scratch.terms + k &* 16), daRow + k)
-                k &+= 16
-            }
-            while k < n {
-                daRow[k] = horizontalSum(load16(scratch.terms + k &* 16))
-                k &+= 1
-            }
+            sumLanes(of: scratch.terms, count: n, into: da + row)
         }
     }
 
@@ -385,9 +364,10 @@ private func exactBackwardSequence(
     // lam lives in dx0 (this item's slice): it ends as lam_0, then scaled by a_0.
     let lam = dx0
     lam.update(repeating: 0, count: n * D)
-    // With 16-channel heads, the products of 16 heads are summed together (one tree for 16
-    // sums, and one vector store of their da) instead of one horizontal sum each, where the
-    // registers hold the tree (`sumsHeadsTogether`).
+    // With 16-channel heads and AVX-512, the products `lam * x` of 16 heads are summed together
+    // by one transposing tree (`sumLanes`) instead of one horizontal sum each. Not with AVX2: this
+    // scan waits on memory there, and on one core of the AMD EPYC (AVX2 build, `bench operators
+    // --only exact`) trees of 8 heads took 32-45 ms against 28-41 ms for sums one head at a time.
     let products = UnsafeMutablePointer<Float>.allocate(capacity: 16 * 16)
     defer { products.deallocate() }
     for i in stride(from: rows - 1, through: 0, by: -1) {
@@ -415,9 +395,9 @@ private func exactBackwardSequence(
         }
         if D == 16 {
             var k = 0
-            while sumsHeadsTogether && k + 16 <= n {
+            while hasWideRegisters && k + 16 <= n {
                 for j in 0..<16 { store16(head16(k + j), products + 16 * j) }
-                store16(phalanx_sums16x16(products), da + i * H + h0 + k)
+                sumLanes(of: products, count: 16, into: da + i * H + h0 + k)
                 k += 16
             }
             for k in k..<n { da[i * H + h0 + k] = horizontalSum(head16(k)) }

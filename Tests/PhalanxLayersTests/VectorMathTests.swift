@@ -64,4 +64,19 @@ struct VectorMathTests {
             for i in 0..<count { #expect(abs(Double(values[i]) - expected[i]) < 1e-6) }
         }
     }
+
+    @Test("sumLanes gives each head its own 16-lane sum, for counts that fill trees and leave rests")
+    func laneSumsOfHeads() {
+        // Integer values: every order of addition gives the exact sum, so a lane or head taken from
+        // the wrong place (not rounding) is what a mismatch means.
+        for count in [1, 7, 8, 9, 15, 16, 17, 24, 37] {
+            let terms = (0..<(count * 16)).map { Float(($0 * 7919) % 1013) - 500 }
+            var sums = [Float](repeating: .nan, count: count)
+            terms.withUnsafeBufferPointer { t in
+                sums.withUnsafeMutableBufferPointer { sumLanes(of: t.baseAddress!, count: count, into: $0.baseAddress!) }
+            }
+            let expected = (0..<count).map { h in terms[(16 * h)..<(16 * h + 16)].reduce(0, +) }
+            #expect(sums == expected, "count \(count)")
+        }
+    }
 }

@@ -78,6 +78,27 @@ static inline __attribute__((always_inline)) phalanx_float16 phalanx_sums16x16(c
          + __builtin_shufflevector(u[0], u[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+/// The lane sums of 8 vectors of 16 floats stored one after another at `values`: `result[h] =
+/// sum_k values[16 h + k]`, the tree of `phalanx_sums16x16` sized for 16 registers of 8 floats
+/// (AVX2): each vector's halves are added first, so the tree holds 8 registers, not 32.
+static inline __attribute__((always_inline)) phalanx_float8 phalanx_sums8x16(const float *values) {
+    phalanx_float8 f[8], s[4], t[2];
+    for (int i = 0; i < 8; i++) {
+        phalanx_float8 low, high;
+        __builtin_memcpy(&low, values + 16 * i, sizeof(low));
+        __builtin_memcpy(&high, values + 16 * i + 8, sizeof(high));
+        f[i] = low + high;
+    }
+    for (int i = 0; i < 4; i++)  // [f_{2i} halves folded | f_{2i+1} halves folded], 4 lanes each
+        s[i] = __builtin_shufflevector(f[2 * i], f[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+             + __builtin_shufflevector(f[2 * i], f[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; i++)  // 2 lanes per vector
+        t[i] = __builtin_shufflevector(s[2 * i], s[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13)
+             + __builtin_shufflevector(s[2 * i], s[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    return __builtin_shufflevector(t[0], t[1], 0, 2, 4, 6, 8, 10, 12, 14)
+         + __builtin_shufflevector(t[0], t[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
 /// Stores 16 floats at a 64-byte aligned address without reading the line first and without
 /// keeping it in cache (a non-temporal store): for outputs far larger than the caches, it saves
 /// the read that an ordinary store of a missing line costs.
