@@ -100,7 +100,8 @@ public struct AttentionKernel: Hashable, Sendable {
         // Tasks of `queryTilesPerTask` query tiles, one (sequence, head) after another, so that
         // the threads share its keys and values in the caches; within it the longest tasks (last
         // query tiles, under causal masking) first, and the shortest last, for balance.
-        let perTask = Tiling.queryTilesPerTask, tasks = (t.tiles + perTask - 1) / perTask
+        let perTask = Tiling.queryTilesPerTask(tiles: t.tiles, sequencesAndHeads: sequencesAndHeads, threads: pool.threadCount)
+        let tasks = (t.tiles + perTask - 1) / perTask
         pool.run(sequencesAndHeads * tasks) { index in
             let last = t.tiles - 1 - (index % tasks) * perTask, bh = index / tasks
             t.forwardTiles(query: q, key: k, value: v, output: out, logsumexp: lse,
@@ -329,9 +330,16 @@ private struct Tiling {
     /// Query tiles that one forward task serves together: each key and value tile it reads from
     /// memory is used by all of them while it is in the L1/L2 cache. Once a head's keys and
     /// values outgrow the caches (4 MiB of each at 16K) the forward waits on that traffic, which
-    /// this divides by the group size (measured at 32K, with the task order below: forward from
-    /// 62-66% to 77% of the FMA peak; 81-83% at 4K, unchanged).
-    static let queryTilesPerTask = 2
+    /// this divides by the group size. Up to 16 tiles, as long as every thread still gets at
+    /// least 4 tasks to balance the causal triangle with (`bench layers --length 32768`, AMD EPYC,
+    /// 2 threads: groups of 2, 8 and 16 tiles gave a forward of 3.29, 2.80 and 2.80 s on the
+    /// AVX-512 build and 3.6-3.9, 3.06 and 3.04 s on the AVX2 build; at 4096, 47.7-48.8 ms with
+    /// 16 against 55.6-56.8 ms with 2 on the AVX2 build).
+    static func queryTilesPerTask(tiles: Int, sequencesAndHeads: Int, threads: Int) -> Int {
+        var perTask = 16
+        while perTask > 1 && sequencesAndHeads * ((tiles + perTask - 1) / perTask) < 4 * threads { perTask /= 2 }
+        return perTask
+    }
 
     /// One (sequence, head) and the query tiles `firstTile...lastTile` (at most
     /// `queryTilesPerTask`): the online softmax of each over its key tiles.
@@ -455,10 +463,12 @@ private struct Tiling {
     }
 
     /// Key tiles that one backward pass serves together: each query and output-gradient tile
-    /// it reads from memory is used by all of them while it is in the L1/L2 cache (the
-    /// backward's counterpart of `queryTilesPerTask`; measured at 32K: forward+backward 11.2-11.6 s
-    /// down to 10.4-10.6 s, the backward from about 70% to 78% of the FMA peak).
-    static let keyTilesPerPass = 2
+    /// it reads from memory is used by all of them while it is in the caches (the backward's
+    /// counterpart of `queryTilesPerTask`; passes do not change how work is dealt to threads).
+    /// Measured with `bench layers --length 32768`, AMD EPYC, 2 threads, backward alone (the
+    /// forward+backward less the forward): 8.4 s with passes of 2 key tiles, 7.6 s with 8, 7.0 s
+    /// with 16 and 32 (AVX-512 build; AVX2 build 8.1-9.2 s with 2, 7.1 s with 16).
+    static let keyTilesPerPass = 16
 
     /// One (sequence, kv head, chunk): key tiles `firstTile, firstTile + tileStep, ...`, in
     /// passes of `keyTilesPerPass`, each against every query tile of every head of the group that
@@ -469,7 +479,9 @@ private struct Tiling {
                       queryGradient dq: QueryGradient, keyGradient: UnsafeMutablePointer<Float>,
                       valueGradient: UnsafeMutablePointer<Float>, batch b: Int, kvHead g: Int, firstTile: Int, tileStep: Int) {
         let L = layout.length, H = layout.heads, KVH = layout.kvHeads, D = layout.headDim
-        let Dp = paddedDim, Lp = paddedLength, n = tileSize, group = layout.groupSize, perPass = Self.keyTilesPerPass
+        let Dp = paddedDim, Lp = paddedLength, n = tileSize, group = layout.groupSize
+        let keyTiles = Array(stride(from: firstTile, to: tiles, by: tileStep))
+        let perPass = min(Self.keyTilesPerPass, max(keyTiles.count, 1))
         // Scratch: per key tile of a pass its keys and values transposed [Dp, 64], a key copy
         // [64, Dp] and dk and dv accumulators [64, Dp]; shared: query and output-gradient copies
         // [64, Dp] (partial tiles or padded widths only), probabilities (then dS) and dP [64, 64],
@@ -481,7 +493,6 @@ private struct Tiling {
         let dp = p + n * n, dqTile = dp + n * n
         let cv = SIMD16<Float>(repeating: scale2), scaleVector = SIMD16<Float>(repeating: scale)
 
-        let keyTiles = Array(stride(from: firstTile, to: tiles, by: tileStep))
         for pass in stride(from: 0, to: keyTiles.count, by: perPass) {
             let passTiles = keyTiles[pass..<min(pass + perPass, keyTiles.count)]
             // Per key tile of the pass: kt, vt, its rows, dk and dv accumulators.

@@ -176,11 +176,15 @@ struct AttentionKernelTests {
         }
     }
 
-    @Test("forward, dk and dv do not depend on the thread count; dq only in rounding")
-    func threadCounts() {
-        // 5 tiles: backward splits them into 4 chunks on one thread, 5 on three.
-        let layout = AttentionLayout(batch: 1, length: 300, heads: 2, kvHeads: 1, headDim: 16)
-        let kernel = AttentionKernel(window: 90), serial = WorkerPool(threadCount: 1), threaded = WorkerPool(threadCount: 3)
+    /// (length, window): 5 tiles under a window; 18 tiles of full attention, which one thread
+    /// serves in a forward group of 16 query tiles and backward passes of 16 and 2 key tiles, and
+    /// three threads in groups of 2 query tiles and 3 chunks of 6 key tiles (one pass each).
+    static let threadCountCases: [(Int, Int?)] = [(300, 90), (1100, nil)]
+
+    @Test("forward, dk and dv do not depend on the thread count; dq only in rounding", arguments: threadCountCases)
+    func threadCounts(length: Int, window: Int?) {
+        let layout = AttentionLayout(batch: 1, length: length, heads: 2, kvHeads: 1, headDim: 16)
+        let kernel = AttentionKernel(window: window), serial = WorkerPool(threadCount: 1), threaded = WorkerPool(threadCount: 3)
         var rng = SeededGenerator(seed: 2)
         let dy = randomTensor([layout.queryCount], &rng)
         let one = KernelRun(kernel, layout, seed: 4, pool: serial), many = KernelRun(kernel, layout, seed: 4, pool: threaded)
