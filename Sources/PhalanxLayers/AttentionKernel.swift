@@ -333,7 +333,7 @@ private struct Tiling {
     /// this divides by the group size. Up to 16 tiles, as long as every thread still gets at
     /// least 4 tasks to balance the causal triangle with (`bench layers --length 32768`, AMD EPYC,
     /// 2 threads: groups of 2, 8 and 16 tiles gave a forward of 3.29, 2.80 and 2.80 s on the
-    /// AVX-512 build and 3.6-3.9, 3.06 and 3.04 s on the AVX2 build; at 4096, 47.7-48.8 ms with
+    /// AVX-512 build and 3.6-4.0, 3.06 and 3.04 s on the AVX2 build; at 4096, 47.7-48.8 ms with
     /// 16 against 55.6-56.8 ms with 2 on the AVX2 build).
     static func queryTilesPerTask(tiles: Int, sequencesAndHeads: Int, threads: Int) -> Int {
         var perTask = 16
@@ -467,7 +467,7 @@ private struct Tiling {
     /// counterpart of `queryTilesPerTask`; passes do not change how work is dealt to threads).
     /// Measured with `bench layers --length 32768`, AMD EPYC, 2 threads, backward alone (the
     /// forward+backward less the forward): 8.4 s with passes of 2 key tiles, 7.6 s with 8, 7.0 s
-    /// with 16 and 32 (AVX-512 build; AVX2 build 8.1-9.2 s with 2, 7.1 s with 16).
+    /// with 16 and 32 (AVX-512 build; AVX2 build 8.2-9.2 s with 2, 7.1 s with 16).
     static let keyTilesPerPass = 16
 
     /// One (sequence, kv head, chunk): key tiles `firstTile, firstTile + tileStep, ...`, in
